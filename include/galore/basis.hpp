@@ -1,0 +1,71 @@
+// galore: the orthonormal factors a projector holds, and their canonical signs.
+#pragma once
+
+#include <cmath>
+
+#include "projection_type.hpp"
+#include "types.hpp"
+
+namespace galore {
+
+// Top-r singular vectors of a gradient, as float32. Which members are filled
+// depends on the side: Left -> left (m x r, columns), Right -> right (r x n, rows),
+// Both -> both.
+struct Basis {
+  Side side = Side::Right;
+  MatrixF left;
+  MatrixF right;
+
+  Index rank() const { return side == Side::Right ? right.rows() : left.cols(); }
+};
+
+// A read-only view of a basis, so that a projector holding float32 factors can
+// lend them without a copy and a quantizing one can lend dequantized scratch.
+struct BasisView {
+  Side side = Side::Right;
+  const MatrixF* left = nullptr;
+  const MatrixF* right = nullptr;
+
+  BasisView() = default;
+  explicit BasisView(const Basis& b) : side(b.side), left(&b.left), right(&b.right) {}
+  Index rank() const { return side == Side::Right ? right->rows() : left->cols(); }
+};
+
+namespace detail {
+
+// Flips v so that its entry of largest magnitude (the first one, on ties) is
+// positive. Singular vectors are defined up to sign; fixing it makes results
+// reproducible across SVD implementations and backends.
+template <class Vec>
+void make_largest_entry_positive(Vec&& v) {
+  Index best = 0;
+  float best_abs = -1.0f;
+  for (Index i = 0; i < v.size(); ++i) {
+    const float a = std::abs(v(i));
+    if (a > best_abs) {
+      best_abs = a;
+      best = i;
+    }
+  }
+  if (v.size() > 0 && v(best) < 0.0f) v = -v;
+}
+
+}  // namespace detail
+
+// Canonical signs for every singular vector in the basis (columns of `left`,
+// rows of `right`, each independently).
+inline void canonicalize_signs(Basis& b) {
+  if (b.side != Side::Right)
+    for (Index j = 0; j < b.left.cols(); ++j) detail::make_largest_entry_positive(b.left.col(j));
+  if (b.side != Side::Left)
+    for (Index i = 0; i < b.right.rows(); ++i) detail::make_largest_entry_positive(b.right.row(i));
+}
+
+// The first (dominant) singular vector: row 0 of `right` for Side::Right, column 0
+// of `left` otherwise (the vector Q-GaLore's lazy schedule compares).
+inline VectorF first_singular_vector(const BasisView& b) {
+  if (b.side == Side::Right) return b.right->row(0).transpose();
+  return b.left->col(0);
+}
+
+}  // namespace galore

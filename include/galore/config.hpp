@@ -1,0 +1,67 @@
+// galore: version, portability macros and the library's exception types.
+#pragma once
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#define GALORE_VERSION_MAJOR 0
+#define GALORE_VERSION_MINOR 1
+#define GALORE_VERSION_PATCH 0
+#define GALORE_VERSION_STRING "0.1.0"
+
+// Functions that the CUDA backend can also call from device code. Without nvcc
+// this is plain `inline`, so CPU users never need the CUDA toolkit.
+#if defined(__CUDACC__)
+#define GALORE_HOST_DEVICE __host__ __device__ inline
+#else
+#define GALORE_HOST_DEVICE inline
+#endif
+
+// What this translation unit can use. The backend itself follows from the types a
+// caller passes (Eigen matrices on the CPU); these macros only say what exists.
+#define GALORE_HAS_EIGEN_BACKEND 1
+#if defined(__CUDACC__) || defined(GALORE_ENABLE_CUDA)
+#define GALORE_HAS_CUDA_BACKEND 1
+#else
+#define GALORE_HAS_CUDA_BACKEND 0
+#endif
+
+namespace galore {
+
+struct Version {
+  int major, minor, patch;
+};
+inline constexpr Version version{GALORE_VERSION_MAJOR, GALORE_VERSION_MINOR,
+                                 GALORE_VERSION_PATCH};
+
+// A precondition broken by the caller (bad shape, rank out of range, unknown
+// option). The message says what to fix.
+class invalid_argument : public std::invalid_argument {
+ public:
+  using std::invalid_argument::invalid_argument;
+};
+
+namespace detail {
+
+template <class... Parts>
+std::string concat(Parts&&... parts) {
+  std::ostringstream os;
+  (os << ... << std::forward<Parts>(parts));
+  return os.str();
+}
+
+// Throws galore::invalid_argument with the parts of the message joined, only
+// when the condition fails (the message is not built on the happy path).
+template <class... Parts>
+void require(bool condition, Parts&&... parts) {
+  if (!condition) throw invalid_argument(concat("galore: ", std::forward<Parts>(parts)...));
+}
+
+// Lets a static_assert in a primary template fire only when it is instantiated.
+template <class...>
+inline constexpr bool dependent_false = false;
+
+}  // namespace detail
+}  // namespace galore

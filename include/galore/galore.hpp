@@ -1,0 +1,23 @@
+// galore: gradient low-rank projection (GaLore) and quantized GaLore (Q-GaLore)
+// for C++ trainers. This is the one header users include for the CPU backend.
+#pragma once
+
+#include "config.hpp"
+#include "types.hpp"
+
+#include "basis.hpp"
+#include "projection.hpp"
+#include "projection_type.hpp"
+#include "projector.hpp"
+
+#include "quant/bfloat16.hpp"
+#include "quant/none.hpp"
+#include "schedule/fixed_gap.hpp"
+#include "svd/exact.hpp"
+
+#include "optim/adam_config.hpp"
+#include "optim/dense_state.hpp"
+#include "optim/galore_optimizer.hpp"
+#include "optim/galore_step.hpp"
+#include "optim/low_rank_adam.hpp"
+#include "optim/step_result.hpp"

@@ -1,0 +1,245 @@
+// galore: Projector<SVDPolicy, QuantPolicy, SchedulePolicy>, one layer's gradient subspace.
+//
+// It chooses the side from the projection type and the shape, refreshes its basis
+// when the schedule says so (always when it has none), stores the basis through
+// the quantization policy and lends it back dequantized. DESIGN.md 2.1 and 2.3.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <type_traits>
+#include <utility>
+
+#include "basis.hpp"
+#include "projection.hpp"
+#include "projection_type.hpp"
+#include "quant/none.hpp"
+#include "schedule/fixed_gap.hpp"
+#include "svd/exact.hpp"
+#include "types.hpp"
+
+namespace galore {
+
+struct ProjectorOptions {
+  Index rank = 128;
+  ProjectionType type = ProjectionType::Std;
+  float scale = 0.25f;  // alpha: the back-projection is multiplied by it
+};
+
+namespace detail {
+
+template <class P, class = void>
+struct is_svd_policy : std::false_type {};
+template <class P>
+struct is_svd_policy<P, std::void_t<decltype(std::declval<const P&>().compute(
+                            std::declval<ConstMatrixRef<float>>(), Index{}, Side{},
+                            std::declval<const BasisView*>(), std::declval<Basis&>()))>>
+    : std::true_type {};
+
+template <class Q, class = void>
+struct is_quant_policy : std::false_type {};
+template <class Q>
+struct is_quant_policy<
+    Q, std::void_t<typename Q::Storage,
+                   decltype(std::declval<const Q&>().store(std::declval<const MatrixF&>(),
+                                                           std::declval<typename Q::Storage&>())),
+                   decltype(std::declval<const Q&>().load(std::declval<const typename Q::Storage&>(),
+                                                          std::declval<MatrixF&>()))>>
+    : std::true_type {};
+
+template <class S, class = void>
+struct is_schedule_policy : std::false_type {};
+template <class S>
+struct is_schedule_policy<
+    S, std::void_t<typename S::State, decltype(std::declval<const S&>().init()),
+                   decltype(std::declval<const S&>().due(std::declval<const typename S::State&>(),
+                                                         std::int64_t{}))>>
+    : std::true_type {};
+
+}  // namespace detail
+
+// Scratch a caller keeps between calls so that dequantizing a basis allocates nothing.
+struct BasisScratch {
+  MatrixF left, right;
+};
+
+template <class SVDPolicy = svd::Exact, class QuantPolicy = quant::None,
+          class SchedulePolicy = schedule::FixedGap>
+class Projector {
+  static_assert(detail::is_svd_policy<SVDPolicy>::value,
+                "SVDPolicy needs: void compute(ConstMatrixRef<float> G, Index rank, Side side, "
+                "const BasisView* previous, Basis& out) const");
+  static_assert(detail::is_quant_policy<QuantPolicy>::value,
+                "QuantPolicy needs: a nested Storage, store(const MatrixF&, Storage&) and "
+                "const MatrixF& load(const Storage&, MatrixF& scratch)");
+  static_assert(detail::is_schedule_policy<SchedulePolicy>::value,
+                "SchedulePolicy needs: a nested State, State init() and "
+                "bool due(const State&, std::int64_t step)");
+
+ public:
+  using svd_policy = SVDPolicy;
+  using quant_policy = QuantPolicy;
+  using schedule_policy = SchedulePolicy;
+  using Storage = typename QuantPolicy::Storage;
+  using ScheduleState = typename SchedulePolicy::State;
+
+  Projector(Shape shape, const ProjectorOptions& options, SchedulePolicy schedule = {},
+            SVDPolicy svd = {}, QuantPolicy quant = {})
+      : shape_(shape),
+        options_(options),
+        side_(resolve_side(options.type, shape.rows, shape.cols)),
+        svd_(std::move(svd)),
+        quant_(std::move(quant)),
+        schedule_(std::move(schedule)),
+        schedule_state_(schedule_.init()) {
+    validate(shape, options);
+  }
+
+  // Throws galore::invalid_argument if a projector of these options cannot exist.
+  static void validate(Shape shape, const ProjectorOptions& o) {
+    detail::require(shape.rows > 0 && shape.cols > 0, "a projected matrix needs a positive shape (got ",
+                    shape.rows, "x", shape.cols, ")");
+    const Index max_rank = std::min(shape.rows, shape.cols);
+    detail::require(o.rank >= 1 && o.rank <= max_rank, "rank ", o.rank, " is out of range for a ",
+                    shape.rows, "x", shape.cols, " matrix; choose 1 <= rank <= ", max_rank);
+    detail::require(std::isfinite(o.scale), "scale must be finite (got ", o.scale, ")");
+    (void)resolve_side(o.type, shape.rows, shape.cols);  // throws on an invalid enum value
+  }
+
+  Shape shape() const { return shape_; }
+  Side side() const { return side_; }
+  Index rank() const { return options_.rank; }
+  float scale() const { return options_.scale; }
+  const ProjectorOptions& options() const { return options_; }
+  Shape low_rank_shape() const { return galore::low_rank_shape(side_, shape_, options_.rank); }
+  bool has_basis() const { return has_basis_; }
+  std::int64_t svd_count() const { return svd_count_; }
+  std::int64_t update_gap() const { return schedule_.current_gap(schedule_state_); }
+  const SchedulePolicy& schedule() const { return schedule_; }
+  const ScheduleState& schedule_state() const { return schedule_state_; }
+  const QuantPolicy& quantizer() const { return quant_; }
+  const Storage& left_storage() const { return left_; }
+  const Storage& right_storage() const { return right_; }
+
+  // Would update_basis() refresh before this step?
+  bool refresh_due(std::int64_t step) const {
+    return !has_basis_ || schedule_.due(schedule_state_, step);
+  }
+
+  // Refreshes the basis from G if it is due at `step`; returns whether it did.
+  bool update_basis(ConstMatrixRef<float> G, std::int64_t step) {
+    if (!refresh_due(step)) return false;
+    refresh(G);
+    return true;
+  }
+
+  // Recomputes the basis from G now, whatever the schedule says.
+  void refresh(ConstMatrixRef<float> G) {
+    check_shape(G);
+    Basis fresh;
+    if (has_basis_) {
+      BasisScratch scratch;
+      const BasisView previous = basis(scratch);
+      svd_.compute(G, options_.rank, side_, &previous, fresh);
+    } else {
+      svd_.compute(G, options_.rank, side_, nullptr, fresh);
+    }
+    adopt(std::move(fresh));
+  }
+
+  // Installs a basis computed elsewhere (for example by a replay or a custom
+  // solver); it counts as a refresh for the schedule.
+  void adopt(Basis fresh) {
+    detail::require(fresh.side == side_, "basis side ", to_string(fresh.side),
+                    " does not match the projector's side ", to_string(side_));
+    if (side_ != Side::Right)
+      detail::require(fresh.left.rows() == shape_.rows && fresh.left.cols() == options_.rank,
+                      "left factor must be ", shape_.rows, "x", options_.rank, " (got ",
+                      fresh.left.rows(), "x", fresh.left.cols(), ")");
+    if (side_ != Side::Left)
+      detail::require(fresh.right.rows() == options_.rank && fresh.right.cols() == shape_.cols,
+                      "right factor must be ", options_.rank, "x", shape_.cols, " (got ",
+                      fresh.right.rows(), "x", fresh.right.cols(), ")");
+    ++svd_count_;
+    schedule_.on_refresh(schedule_state_, first_singular_vector(BasisView(fresh)));
+    if (side_ != Side::Right) quant_.store(fresh.left, left_);
+    if (side_ != Side::Left) quant_.store(fresh.right, right_);
+    has_basis_ = true;
+  }
+
+  // The basis in use, dequantized into `scratch` when the policy stores it quantized.
+  BasisView basis(BasisScratch& scratch) const {
+    detail::require(has_basis_, "the projector has no basis yet; call update_basis() or refresh() first");
+    BasisView v;
+    v.side = side_;
+    if (side_ != Side::Right) v.left = &quant_.load(left_, scratch.left);
+    if (side_ != Side::Left) v.right = &quant_.load(right_, scratch.right);
+    return v;
+  }
+
+  // The reference's project(G, step): refresh if due, then R = projection of G.
+  void project(ConstMatrixRef<float> G, std::int64_t step, MatrixF& R) {
+    update_basis(G, step);
+    project(G, R);
+  }
+
+  // R = projection of G with the basis in use.
+  void project(ConstMatrixRef<float> G, MatrixF& R) const {
+    check_shape(G);
+    BasisScratch scratch;
+    galore::project(basis(scratch), G, R);
+  }
+
+  // out = scale * back(N), the reference's project_back.
+  void project_back(const MatrixF& N, MatrixF& out) const {
+    const Shape lr = low_rank_shape();
+    detail::require(N.rows() == lr.rows && N.cols() == lr.cols, "low-rank matrix must be ", lr.rows,
+                    "x", lr.cols, " (got ", N.rows(), "x", N.cols(), ")");
+    BasisScratch scratch;
+    galore::project_back(basis(scratch), N, options_.scale, shape_.rows, shape_.cols, out);
+  }
+
+  // Bytes held: the stored factors and the schedule's state.
+  std::size_t bytes() const {
+    std::size_t b = 0;
+    if (has_basis_) {
+      if (side_ != Side::Right) b += left_.bytes();
+      if (side_ != Side::Left) b += right_.bytes();
+    }
+    return b + schedule_bytes();
+  }
+
+  // What bytes() will be once a basis exists, without building one.
+  std::size_t bytes_when_filled() const {
+    std::size_t b = 0;
+    if (side_ != Side::Right) b += quant_.storage_bytes({shape_.rows, options_.rank});
+    if (side_ != Side::Left) b += quant_.storage_bytes({options_.rank, shape_.cols});
+    return b + schedule_bytes();
+  }
+
+ private:
+  std::size_t schedule_bytes() const {
+    if constexpr (std::is_empty_v<ScheduleState>) return 0;
+    else return schedule_.state_bytes(schedule_state_);
+  }
+
+  void check_shape(const ConstMatrixRef<float>& G) const {
+    detail::require(G.rows() == shape_.rows && G.cols() == shape_.cols, "gradient is ", G.rows(), "x",
+                    G.cols(), " but the projector was built for ", shape_.rows, "x", shape_.cols);
+  }
+
+  Shape shape_;
+  ProjectorOptions options_;
+  Side side_;
+  SVDPolicy svd_;
+  QuantPolicy quant_;
+  SchedulePolicy schedule_;
+  ScheduleState schedule_state_;
+  Storage left_, right_;
+  bool has_basis_ = false;
+  std::int64_t svd_count_ = 0;
+};
+
+}  // namespace galore

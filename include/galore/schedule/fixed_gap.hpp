@@ -1,0 +1,33 @@
+// galore: the fixed refresh schedule of galore_torch (refresh when step % gap == 0).
+//
+// A schedule policy holds hyperparameters; its per-layer State is built by init():
+//
+//   State init() const;                                   // validates the hyperparameters
+//   bool due(const State&, std::int64_t step) const;      // refresh before this step?
+//   void on_refresh(State&, const VectorF& first_singular_vector) const;
+//   std::int64_t current_gap(const State&) const;
+//
+// The projector always refreshes when it has no basis yet, whatever due() says.
+#pragma once
+
+#include <cstdint>
+
+#include "../types.hpp"
+
+namespace galore::schedule {
+
+struct FixedGap {
+  std::int64_t gap = 200;  // update_proj_gap
+
+  struct State {};
+
+  State init() const {
+    detail::require(gap >= 1, "update gap must be at least 1 (got ", gap, ")");
+    return {};
+  }
+  bool due(const State&, std::int64_t step) const { return step % gap == 0; }
+  void on_refresh(State&, const VectorF&) const {}
+  std::int64_t current_gap(const State&) const { return gap; }
+};
+
+}  // namespace galore::schedule

@@ -1,0 +1,33 @@
+// galore: the exact SVD policy (Eigen's divide-and-conquer SVD in float32).
+//
+// An SVD policy fills a Basis with the top-`rank` singular vectors of G on the
+// requested side, sorted by singular value, with canonical signs:
+//
+//   void compute(ConstMatrixRef<float> G, Index rank, Side side,
+//                const BasisView* previous, Basis& out) const;
+//
+// `previous` is the basis in use before this refresh (null at the first one);
+// warm-started policies start from it, the exact one ignores it.
+#pragma once
+
+#include <Eigen/SVD>
+
+#include "../basis.hpp"
+
+namespace galore::svd {
+
+struct Exact {
+  void compute(ConstMatrixRef<float> G, Index rank, Side side, const BasisView* /*previous*/,
+               Basis& out) const {
+    const unsigned flags = (side != Side::Right ? Eigen::ComputeThinU : 0u) |
+                           (side != Side::Left ? Eigen::ComputeThinV : 0u);
+    // BDCSVD works column-major; it copies G once.
+    Eigen::BDCSVD<Eigen::MatrixXf> svd(G, flags);
+    out.side = side;
+    if (side != Side::Right) out.left = svd.matrixU().leftCols(rank);
+    if (side != Side::Left) out.right = svd.matrixV().leftCols(rank).transpose();
+    canonicalize_signs(out);
+  }
+};
+
+}  // namespace galore::svd
