@@ -19,8 +19,9 @@ namespace galore::svd {
 struct Exact {
   void compute(ConstMatrixRef<float> G, Index rank, Side side, const BasisView* /*previous*/,
                Basis& out) const {
-    const unsigned flags = (side != Side::Right ? Eigen::ComputeThinU : 0u) |
-                           (side != Side::Left ? Eigen::ComputeThinV : 0u);
+    unsigned flags = 0;
+    if (side != Side::Right) flags |= Eigen::ComputeThinU;
+    if (side != Side::Left) flags |= Eigen::ComputeThinV;
     // BDCSVD works column-major; it copies G once.
     Eigen::BDCSVD<Eigen::MatrixXf> svd(G, flags);
     out.side = side;
