@@ -1,6 +1,7 @@
 // galore: the orthonormal factors a projector holds, and their canonical signs.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 
 #include "projection_type.hpp"
@@ -59,6 +60,36 @@ inline void canonicalize_signs(Basis& b) {
     for (Index j = 0; j < b.left.cols(); ++j) detail::make_largest_entry_positive(b.left.col(j));
   if (b.side != Side::Left)
     for (Index i = 0; i < b.right.rows(); ++i) detail::make_largest_entry_positive(b.right.row(i));
+}
+
+// Orients each singular vector of `fresh` like the same-index vector of the
+// basis it replaces (flipped where their dot product is negative). The largest-
+// entry rule alone flips a vector whenever its two largest entries trade places
+// with opposite signs, which reads as a cosine of -1 for an unchanged subspace;
+// following the previous basis keeps signs continuous across refreshes (and
+// keeps the carried Adam moments meaningful). Deterministic given the previous
+// basis, so every backend agrees. Vectors nearly orthogonal to their
+// predecessor keep the canonical sign.
+inline void orient_like(Basis& fresh, const BasisView& previous) {
+  constexpr float kMinOverlap = 1e-3f;
+  if (fresh.side != previous.side) return;
+  if (fresh.side != Side::Right && previous.left && previous.left->rows() == fresh.left.rows())
+    for (Index j = 0; j < std::min(fresh.left.cols(), previous.left->cols()); ++j) {
+      const float dot = fresh.left.col(j).dot(previous.left->col(j));
+      if (dot < -kMinOverlap * fresh.left.col(j).norm() * previous.left->col(j).norm()) fresh.left.col(j) *= -1.0f;
+    }
+  if (fresh.side != Side::Left && previous.right && previous.right->cols() == fresh.right.cols())
+    for (Index i = 0; i < std::min(fresh.right.rows(), previous.right->rows()); ++i) {
+      const float dot = fresh.right.row(i).dot(previous.right->row(i));
+      if (dot < -kMinOverlap * fresh.right.row(i).norm() * previous.right->row(i).norm()) fresh.right.row(i) *= -1.0f;
+    }
+}
+
+// Canonical signs, then continuity with the previous basis when there is one:
+// what every built-in SVD policy applies to its result.
+inline void fix_signs(Basis& fresh, const BasisView* previous) {
+  canonicalize_signs(fresh);
+  if (previous) orient_like(fresh, *previous);
 }
 
 // The first (dominant) singular vector: row 0 of `right` for Side::Right, column 0

@@ -201,7 +201,8 @@ class Projector {
     galore::project_back(basis(scratch), N, options_.scale, shape_.rows, shape_.cols, out);
   }
 
-  // Bytes held: the stored factors and the schedule's state.
+  // Bytes held: the stored factors and the schedule's state (a schedule whose
+  // State is not empty provides state_bytes(State) and state_bytes_for(length)).
   std::size_t bytes() const {
     std::size_t b = 0;
     if (has_basis_) {
@@ -216,7 +217,9 @@ class Projector {
     std::size_t b = 0;
     if (side_ != Side::Right) b += quant_.storage_bytes({shape_.rows, options_.rank});
     if (side_ != Side::Left) b += quant_.storage_bytes({options_.rank, shape_.cols});
-    return b + schedule_bytes();
+    if constexpr (!std::is_empty_v<ScheduleState>)
+      b += schedule_.state_bytes_for(side_ == Side::Right ? shape_.cols : shape_.rows);
+    return b;
   }
 
  private:

@@ -15,30 +15,41 @@
 #include <vector>
 
 #include "../projector.hpp"
+#include "../quant/minmax.hpp"
+#include "../quantized_weight.hpp"
+#include "../rounding/stochastic_rounder.hpp"
+#include "../schedule/lazy.hpp"
 #include "../types.hpp"
+#include "blockwise8bit_state.hpp"
 #include "galore_step.hpp"
 #include "low_rank_adam.hpp"
 #include "step_result.hpp"
 
 namespace galore {
 
-template <class ProjectorT = Projector<>, class AdamT = LowRankAdam<>>
+// RounderT re-quantizes QuantizedWeight layers after their update (Q-GaLore); it
+// is unused for float and bf16 weights.
+template <class ProjectorT = Projector<>, class AdamT = LowRankAdam<>, class RounderT = StochasticRounder<8>>
 class GaLoreOptimizer {
  public:
   using projector_type = ProjectorT;
   using adam_type = AdamT;
+  using rounder_type = RounderT;
+  static constexpr int weight_bits = RounderT::bits;
   using Moments = typename AdamT::Moments;
   using SVDPolicy = typename ProjectorT::svd_policy;
   using QuantPolicy = typename ProjectorT::quant_policy;
   using SchedulePolicy = typename ProjectorT::schedule_policy;
 
   explicit GaLoreOptimizer(ProjectorOptions projection = {}, AdamT adam = AdamT{},
-                           SchedulePolicy schedule = {}, SVDPolicy svd = {}, QuantPolicy quant = {})
+                           SchedulePolicy schedule = {}, SVDPolicy svd = {}, QuantPolicy quant = {},
+                           RounderT rounder = RounderT{})
       : projection_(projection),
         adam_(std::move(adam)),
         schedule_(std::move(schedule)),
         svd_(std::move(svd)),
-        quant_(std::move(quant)) {
+        quant_(std::move(quant)),
+        rounder_(std::move(rounder)) {
     detail::require(projection.rank >= 1, "rank must be at least 1 (got ", projection.rank, ")");
     (void)schedule_.init();  // validates the schedule's hyperparameters now
   }
@@ -69,6 +80,16 @@ class GaLoreOptimizer {
   StepResult step(LayerId id, MatrixRef<bfloat16> W, ConstMatrixRef<bfloat16> G) {
     return step_impl<bfloat16>(id, W, G);
   }
+  // A weight held as Bits-bit codes (Q-GaLore): dequantized a panel at a time,
+  // updated, and re-quantized with the rounder; the rounding of element i is a
+  // function of (rounder seed, layer index, step, i). Projected layers only.
+  StepResult step(LayerId id, QuantizedWeight<weight_bits>& W, ConstMatrixRef<float> G) {
+    return step_quantized<float>(id, W, G);
+  }
+  StepResult step(LayerId id, QuantizedWeight<weight_bits>& W, ConstMatrixRef<bfloat16> G) {
+    return step_quantized<bfloat16>(id, W, G);
+  }
+
   // Contiguous row-major buffers of the registered shape.
   StepResult step(LayerId id, float* W, const float* G) { return step_raw(id, W, G); }
   StepResult step(LayerId id, bfloat16* W, const bfloat16* G) { return step_raw(id, W, G); }
@@ -77,6 +98,7 @@ class GaLoreOptimizer {
   void set_lr(double lr) { adam_.set_lr(lr); }
   const AdamConfig& adam_config() const { return adam_.config(); }
   const AdamT& adam() const { return adam_; }
+  const RounderT& rounder() const { return rounder_; }
   const ProjectorOptions& projection_options() const { return projection_; }
 
   std::size_t num_layers() const { return layers_.size(); }
@@ -164,6 +186,20 @@ class GaLoreOptimizer {
   }
 
   template <class T>
+  StepResult step_quantized(LayerId id, QuantizedWeight<weight_bits>& W, const ConstMatrixRef<T>& G) {
+    Layer& l = layer(id);
+    detail::require(l.projector.has_value(), "layer ", describe(l),
+                    " is dense; quantized weights are supported on projected layers only");
+    detail::require(W.shape() == l.shape && shape_of(G) == l.shape, "layer ", describe(l), " was registered as ",
+                    l.shape.rows, "x", l.shape.cols, " but got W ", W.rows(), "x", W.cols(), " and G ", G.rows(),
+                    "x", G.cols());
+    const auto encoder = rounder_.bind(static_cast<std::uint32_t>(id.index), static_cast<std::uint32_t>(l.step + 1));
+    const StepResult r = galore_step(*l.projector, adam_, l.moments, l.step, requantize_with(W, encoder), G);
+    if (!r.applied()) ++l.skipped;
+    return r;
+  }
+
+  template <class T>
   StepResult step_raw(LayerId id, T* W, const T* G) {
     detail::require(W != nullptr && G != nullptr, "step() got a null weight or gradient pointer");
     const Shape s = layer(id).shape;
@@ -177,11 +213,20 @@ class GaLoreOptimizer {
   SchedulePolicy schedule_;
   SVDPolicy svd_;
   QuantPolicy quant_;
+  RounderT rounder_;
   std::vector<Layer> layers_;
 };
 
 // The common combinations.
+// galore_torch's GaLoreAdamW: float32 basis and moments, fixed refresh gap.
 using GaLoreAdamW = GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::FixedGap>,
                                     LowRankAdam<state::Float32>>;
+// galore_torch's GaLoreAdamW8bit: bitsandbytes 8-bit blockwise moments.
+using GaLoreAdamW8bit = GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::FixedGap>,
+                                        LowRankAdam<state::Blockwise8bit>>;
+// q_galore_torch's QGaLoreAdamW8bit: INT4 basis, lazy layer-adaptive refresh,
+// 8-bit moments, and INT8 weights re-quantized with stochastic rounding.
+using QGaLoreAdamW8bit = GaLoreOptimizer<Projector<svd::Exact, quant::Int4, schedule::Lazy>,
+                                         LowRankAdam<state::Blockwise8bit>, StochasticRounder<8>>;
 
 }  // namespace galore

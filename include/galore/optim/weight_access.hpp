@@ -2,12 +2,31 @@
 //
 // The optimizers do their math in float32. A float matrix is used in place; a
 // bf16 one is converted a row panel at a time, so no m x n float temporary
-// exists. Later weight formats (INT8 with stochastic rounding) add overloads.
+// exists. A QuantizedWeight is dequantized a panel at a time, updated, and
+// re-quantized through an encoder (stochastic rounding), panels starting on
+// quantization-group boundaries.
 #pragma once
 
 #include "../detail/elementwise.hpp"
 #include "../projection.hpp"
+#include "../quantized_weight.hpp"
 #include "../types.hpp"
+
+namespace galore {
+
+// A quantized weight together with the encoder its update is re-quantized with.
+template <int Bits, class Encoder>
+struct QuantizedUpdate {
+  QuantizedWeight<Bits>& weight;
+  Encoder encode;
+};
+
+template <int Bits, class Encoder>
+QuantizedUpdate<Bits, Encoder> requantize_with(QuantizedWeight<Bits>& weight, Encoder encode) {
+  return {weight, std::move(encode)};
+}
+
+}  // namespace galore
 
 namespace galore::detail {
 
@@ -24,6 +43,18 @@ void update_in_float(MatrixRef<bfloat16> W, F&& f) {
     buf = W.middleRows(r0, k).template cast<float>();
     f(MatrixRef<float>(buf), r0);
     W.middleRows(r0, k) = buf.template cast<bfloat16>();
+  });
+}
+
+template <int Bits, class Encoder, class F>
+void update_in_float(QuantizedUpdate<Bits, Encoder> W, F&& f) {
+  QuantizedWeight<Bits>& q = W.weight;
+  MatrixF buf;
+  for_each_panel(q.rows(), panel_rows(q.cols(), q.row_alignment()), [&](Index r0, Index k) {
+    buf.resize(k, q.cols());
+    q.dequantize_rows(r0, buf);
+    f(MatrixRef<float>(buf), r0);
+    q.quantize_rows(r0, buf, W.encode);
   });
 }
 

@@ -7,7 +7,8 @@
 //                const BasisView* previous, Basis& out) const;
 //
 // `previous` is the basis in use before this refresh (null at the first one);
-// warm-started policies start from it, the exact one ignores it.
+// warm-started policies start from it, and every policy orients its vectors like
+// it (fix_signs in basis.hpp) so that signs stay continuous across refreshes.
 #pragma once
 
 #include <Eigen/SVD>
@@ -17,7 +18,7 @@
 namespace galore::svd {
 
 struct Exact {
-  void compute(ConstMatrixRef<float> G, Index rank, Side side, const BasisView* /*previous*/,
+  void compute(ConstMatrixRef<float> G, Index rank, Side side, const BasisView* previous,
                Basis& out) const {
     unsigned flags = 0;
     if (side != Side::Right) flags |= Eigen::ComputeThinU;
@@ -27,7 +28,7 @@ struct Exact {
     out.side = side;
     if (side != Side::Right) out.left = svd.matrixU().leftCols(rank);
     if (side != Side::Left) out.right = svd.matrixV().leftCols(rank).transpose();
-    canonicalize_signs(out);
+    fix_signs(out, previous);
   }
 };
 

@@ -1,0 +1,192 @@
+// galore: group-wise asymmetric min-max quantization (Q-GaLore, DESIGN.md 2.3),
+// with real packed storage, and the projector policies Int4 / Int8 built on it.
+//
+// Groups are consecutive runs of `group_size` elements of the row-major
+// flattening (-1: one group per row). Per group, in float32 as the reference:
+//   scale = max(max(w) - min(w), 1e-5) / (2^b - 1)
+//   zero  = clamp(round(-min(w) / scale), 0, 2^b - 1)
+//   q     = clamp(round(w / scale) + zero, 0, 2^b - 1)       (round half to even)
+//   w'    = scale * (q - zero)
+// Codes of fewer than 8 bits are packed, 8 / b per byte, lowest bits first. The
+// reference requires the element count to be a multiple of the group size; here
+// the last group may be shorter.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "../types.hpp"
+
+namespace galore::quant {
+
+// Group-wise quantized values of a matrix, packed.
+template <int Bits>
+struct GroupQuantized {
+  static_assert(Bits == 1 || Bits == 2 || Bits == 4 || Bits == 8, "codes of 1, 2, 4 or 8 bits pack into bytes");
+  static constexpr int bits = Bits;
+  static constexpr int per_byte = 8 / Bits;
+  static constexpr std::uint8_t mask = static_cast<std::uint8_t>((1u << Bits) - 1);
+  static constexpr float max_code = static_cast<float>((1 << Bits) - 1);
+
+  Shape shape_;
+  Index group_size = 0;              // resolved: always > 0
+  std::vector<std::uint8_t> codes;   // ceil(size * Bits / 8) bytes
+  std::vector<float> scales;         // one per group
+  std::vector<std::uint8_t> zeros;   // one per group; integers in [0, 2^Bits - 1]
+
+  Shape shape() const { return shape_; }
+  Index size() const { return shape_.size(); }
+  Index num_groups() const { return static_cast<Index>(scales.size()); }
+
+  static Index groups_for(Index size, Index group) { return (size + group - 1) / group; }
+  static std::size_t bytes_for(Shape s, Index group) {
+    const auto n = static_cast<std::size_t>(s.size());
+    const auto g = static_cast<std::size_t>(groups_for(s.size(), group));
+    return (n + per_byte - 1) / per_byte + g * (sizeof(float) + 1);
+  }
+  std::size_t bytes() const { return codes.size() + scales.size() * sizeof(float) + zeros.size(); }
+
+  void resize(Shape s, Index group) {
+    shape_ = s;
+    group_size = group;
+    codes.assign((static_cast<std::size_t>(s.size()) + per_byte - 1) / per_byte, 0);
+    scales.assign(static_cast<std::size_t>(groups_for(s.size(), group)), 0.0f);
+    zeros.assign(scales.size(), 0);
+  }
+
+  std::uint8_t code(Index i) const {
+    if constexpr (Bits == 8) return codes[static_cast<std::size_t>(i)];
+    else return (codes[static_cast<std::size_t>(i / per_byte)] >> ((i % per_byte) * Bits)) & mask;
+  }
+  void set_code(Index i, std::uint8_t c) {
+    if constexpr (Bits == 8) {
+      codes[static_cast<std::size_t>(i)] = c;
+    } else {
+      std::uint8_t& byte = codes[static_cast<std::size_t>(i / per_byte)];
+      const int shift = static_cast<int>(i % per_byte) * Bits;
+      byte = static_cast<std::uint8_t>((byte & ~(mask << shift)) | ((c & mask) << shift));
+    }
+  }
+};
+
+// -1 means one group per row; anything else must be positive.
+inline Index resolve_group_size(Index group_size, Shape s) {
+  if (group_size == -1) return s.cols;
+  detail::require(group_size > 0, "group size must be positive or -1 for one group per row (got ",
+                  group_size, ")");
+  return group_size;
+}
+
+// The reference's scale and zero point of a group with extremes lo <= hi.
+GALORE_HOST_DEVICE void minmax_scale_zero(float lo, float hi, float max_code, float& scale, float& zero) {
+  scale = std::max(hi - lo, 1e-5f) / max_code;
+  zero = std::min(std::max(std::nearbyint(-lo / scale), 0.0f), max_code);
+}
+
+// Round-to-nearest-even encoding, as torch.round: the quantizer's default.
+template <int Bits>
+struct NearestEncoder {
+  void operator()(const float* w, Index n, float scale, float zero, std::uint64_t /*first*/,
+                  std::uint8_t* codes) const {
+    constexpr float max_code = static_cast<float>((1 << Bits) - 1);
+    for (Index k = 0; k < n; ++k)
+      codes[k] = static_cast<std::uint8_t>(std::clamp(std::nearbyint(w[k] / scale) + zero, 0.0f, max_code));
+  }
+};
+
+// Quantizes w[0, n), which are elements [first, first + n) of `out` (first must
+// start a group; n must end one or reach the end), with fresh scales and zeros.
+// Encoder(w, len, scale, zero, first_index, codes) writes one code per element.
+template <int Bits, class Encoder>
+void quantize_range(const float* w, Index first, Index n, const Encoder& encode, GroupQuantized<Bits>& out) {
+  const Index g = out.group_size;
+  std::uint8_t buf[256];
+  for (Index k0 = 0; k0 < n; k0 += g) {
+    const Index len = std::min(g, n - k0);
+    const float* x = w + k0;
+    float lo = x[0], hi = x[0];
+    for (Index k = 1; k < len; ++k) {
+      lo = std::min(lo, x[k]);
+      hi = std::max(hi, x[k]);
+    }
+    float scale, zero;
+    minmax_scale_zero(lo, hi, GroupQuantized<Bits>::max_code, scale, zero);
+    const Index group = (first + k0) / g;
+    out.scales[static_cast<std::size_t>(group)] = scale;
+    out.zeros[static_cast<std::size_t>(group)] = static_cast<std::uint8_t>(zero);
+    if constexpr (Bits == 8) {
+      encode(x, len, scale, zero, static_cast<std::uint64_t>(first + k0), out.codes.data() + first + k0);
+    } else {
+      for (Index c0 = 0; c0 < len; c0 += 256) {
+        const Index clen = std::min<Index>(256, len - c0);
+        encode(x + c0, clen, scale, zero, static_cast<std::uint64_t>(first + k0 + c0), buf);
+        for (Index k = 0; k < clen; ++k) out.set_code(first + k0 + c0 + k, buf[k]);
+      }
+    }
+  }
+}
+
+// out[0, n) = dequantized elements [first, first + n).
+template <int Bits>
+void dequantize_range(const GroupQuantized<Bits>& q, Index first, Index n, float* out) {
+  const Index g = q.group_size;
+  for (Index k = 0; k < n;) {
+    const Index i = first + k;
+    const Index group = i / g;
+    const Index len = std::min(n - k, (group + 1) * g - i);
+    const float scale = q.scales[static_cast<std::size_t>(group)];
+    const float zero = q.zeros[static_cast<std::size_t>(group)];
+    if constexpr (Bits == 8) {
+      const std::uint8_t* c = q.codes.data() + i;
+      for (Index j = 0; j < len; ++j) out[k + j] = scale * (static_cast<float>(c[j]) - zero);
+    } else {
+      for (Index j = 0; j < len; ++j) out[k + j] = scale * (static_cast<float>(q.code(i + j)) - zero);
+    }
+    k += len;
+  }
+}
+
+// Quantizes a whole row-major matrix with round-to-nearest.
+template <int Bits>
+GroupQuantized<Bits> quantize_minmax(ConstMatrixRef<float> w, Index group_size) {
+  const Shape s = shape_of(w);
+  GroupQuantized<Bits> q;
+  q.resize(s, resolve_group_size(group_size, s));
+  if (w.outerStride() == w.cols() || w.rows() <= 1) {
+    quantize_range(w.data(), 0, s.size(), NearestEncoder<Bits>{}, q);
+  } else {
+    const MatrixF copy = w;
+    quantize_range(copy.data(), 0, s.size(), NearestEncoder<Bits>{}, q);
+  }
+  return q;
+}
+
+template <int Bits>
+MatrixF dequantize_minmax(const GroupQuantized<Bits>& q) {
+  MatrixF out(q.shape().rows, q.shape().cols);
+  dequantize_range(q, 0, q.size(), out.data());
+  return out;
+}
+
+// Projector quantization policy: the basis kept as Bits-bit min-max codes.
+template <int Bits>
+struct MinMax {
+  Index group_size = -1;  // -1: one group per row of the stored factor
+
+  using Storage = GroupQuantized<Bits>;
+  void store(const MatrixF& P, Storage& out) const { out = quantize_minmax<Bits>(P, group_size); }
+  const MatrixF& load(const Storage& s, MatrixF& scratch) const {
+    scratch.resize(s.shape().rows, s.shape().cols);
+    dequantize_range(s, 0, s.size(), scratch.data());
+    return scratch;
+  }
+  std::size_t storage_bytes(Shape s) const { return Storage::bytes_for(s, resolve_group_size(group_size, s)); }
+};
+
+using Int4 = MinMax<4>;
+using Int8 = MinMax<8>;
+
+}  // namespace galore::quant
