@@ -22,6 +22,9 @@
 #include "schedule/lazy.hpp"
 #include "svd/exact.hpp"
 
+#include "memory/llama.hpp"
+#include "memory/planner.hpp"
+
 #include "optim/adam_config.hpp"
 #include "optim/blockwise8bit_state.hpp"
 #include "optim/dense_state.hpp"

@@ -213,13 +213,28 @@ class Projector {
   }
 
   // What bytes() will be once a basis exists, without building one.
-  std::size_t bytes_when_filled() const {
+  std::size_t bytes_when_filled() const { return footprint(shape_, options_, quant_, schedule_); }
+
+  // The bytes a filled projector of this shape and these policies holds: the
+  // stored basis plus the schedule's state. Allocates nothing.
+  static std::size_t footprint(Shape shape, const ProjectorOptions& o, const QuantPolicy& quant,
+                               const SchedulePolicy& schedule) {
+    return basis_footprint(shape, o, quant) + schedule_footprint(shape, o, schedule);
+  }
+  static std::size_t basis_footprint(Shape shape, const ProjectorOptions& o, const QuantPolicy& quant) {
+    const Side side = resolve_side(o.type, shape.rows, shape.cols);
     std::size_t b = 0;
-    if (side_ != Side::Right) b += quant_.storage_bytes({shape_.rows, options_.rank});
-    if (side_ != Side::Left) b += quant_.storage_bytes({options_.rank, shape_.cols});
-    if constexpr (!std::is_empty_v<ScheduleState>)
-      b += schedule_.state_bytes_for(side_ == Side::Right ? shape_.cols : shape_.rows);
+    if (side != Side::Right) b += quant.storage_bytes({shape.rows, o.rank});
+    if (side != Side::Left) b += quant.storage_bytes({o.rank, shape.cols});
     return b;
+  }
+  static std::size_t schedule_footprint(Shape shape, const ProjectorOptions& o, const SchedulePolicy& schedule) {
+    if constexpr (std::is_empty_v<ScheduleState>) {
+      return 0;
+    } else {
+      const Side side = resolve_side(o.type, shape.rows, shape.cols);
+      return schedule.state_bytes_for(side == Side::Right ? shape.cols : shape.rows);
+    }
   }
 
  private:

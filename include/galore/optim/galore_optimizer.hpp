@@ -99,6 +99,9 @@ class GaLoreOptimizer {
   const AdamConfig& adam_config() const { return adam_.config(); }
   const AdamT& adam() const { return adam_; }
   const RounderT& rounder() const { return rounder_; }
+  const SchedulePolicy& schedule_policy() const { return schedule_; }
+  const SVDPolicy& svd_policy() const { return svd_; }
+  const QuantPolicy& quant_policy() const { return quant_; }
   const ProjectorOptions& projection_options() const { return projection_; }
 
   std::size_t num_layers() const { return layers_.size(); }
@@ -126,6 +129,22 @@ class GaLoreOptimizer {
     s.state_bytes = layer_bytes(l);
     return s;
   }
+
+  // Predictions, without allocating: what a layer registered with add_layer
+  // (projection options as given, default the optimizer's) or add_dense will
+  // hold once it has stepped. The memory planner is built on these.
+  std::size_t predict_moments_bytes(Shape s) const { return adam_.moments_bytes(s); }
+  std::size_t predict_projected_moments_bytes(Shape s, const ProjectorOptions& o) const {
+    return adam_.moments_bytes(galore::low_rank_shape(resolve_side(o.type, s.rows, s.cols), s, o.rank));
+  }
+  std::size_t predict_projector_bytes(Shape s, const ProjectorOptions& o) const {
+    return ProjectorT::footprint(s, o, quant_, schedule_);
+  }
+  std::size_t predict_layer_bytes(Shape s) const { return predict_layer_bytes(s, projection_); }
+  std::size_t predict_layer_bytes(Shape s, const ProjectorOptions& o) const {
+    return predict_projected_moments_bytes(s, o) + predict_projector_bytes(s, o);
+  }
+  std::size_t predict_dense_bytes(Shape s) const { return predict_moments_bytes(s); }
 
   // Bytes of optimizer state held now: moments and projectors of every layer.
   std::size_t state_bytes() const {
