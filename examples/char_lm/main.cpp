@@ -311,6 +311,7 @@ Result train(const Options& o, const char_lm::Corpus& corpus) {
       std::fprintf(csv, "%ld,%.6f,", step + 1, loss);
       if (eval) std::fprintf(csv, "%.6f", val);
       std::fprintf(csv, ",%.1f,%zu,%zu\n", tokens_per_s, opt->state_bytes(), peak);
+      if (eval) std::fflush(csv);  // a run stopped early keeps its curve
     }
     if (!o.quiet && ((step + 1) % o.log_every == 0 || eval)) {
       std::printf("step %5ld  loss %.4f", step + 1, loss);
