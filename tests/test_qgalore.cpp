@@ -51,17 +51,17 @@ TEST_CASE("the lazy schedule grows the gap when the queue of cosines is full and
   const schedule::Lazy lazy{4, 0.5, 1.5, 3};
   auto s = lazy.init();
   VectorF e0 = VectorF::Unit(6, 0), e1 = VectorF::Unit(6, 1);
-  lazy.on_refresh(s, e0);  // first refresh: nothing to compare with
+  lazy.on_refresh(s, 0, e0);  // first refresh: nothing to compare with
   CHECK(std::isnan(s.last_cosine));
   CHECK(s.queue.empty());
-  lazy.on_refresh(s, e0);
-  lazy.on_refresh(s, e0);
+  lazy.on_refresh(s, 0, e0);
+  lazy.on_refresh(s, 0, e0);
   CHECK(s.gap == 4);  // two cosines of 1: queue not full yet
-  lazy.on_refresh(s, e0);
+  lazy.on_refresh(s, 0, e0);
   CHECK(s.gap == 6);  // full queue, mean 1 >= 0.5: int(4 * 1.5)
-  lazy.on_refresh(s, e1);  // cosine 0 joins: mean 2/3, still >= 0.5
+  lazy.on_refresh(s, 0, e1);  // cosine 0 joins: mean 2/3, still >= 0.5
   CHECK(s.gap == 9);
-  lazy.on_refresh(s, e0);  // cosines 1, 0, 0: mean 1/3
+  lazy.on_refresh(s, 0, e0);  // cosines 1, 0, 0: mean 1/3
   CHECK(s.gap == 9);
   CHECK(s.queue.size() == 3);
   CHECK(lazy.due(s, 18));

@@ -18,9 +18,13 @@
 #include "quantized_weight.hpp"
 #include "rounding/philox.hpp"
 #include "rounding/stochastic_rounder.hpp"
+#include "schedule/drift.hpp"
 #include "schedule/fixed_gap.hpp"
 #include "schedule/lazy.hpp"
+#include "svd/energy.hpp"
 #include "svd/exact.hpp"
+#include "svd/randomized.hpp"
+#include "svd/warm_start.hpp"
 
 #include "memory/llama.hpp"
 #include "memory/planner.hpp"

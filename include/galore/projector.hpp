@@ -50,6 +50,13 @@ struct is_quant_policy<
     : std::true_type {};
 
 template <class S, class = void>
+struct watches_drift : std::false_type {};
+template <class S>
+struct watches_drift<S, std::void_t<decltype(std::declval<const S&>().wants_measurement(
+                            std::declval<const typename S::State&>(), std::int64_t{}, bool{}))>>
+    : std::true_type {};
+
+template <class S, class = void>
 struct is_schedule_policy : std::false_type {};
 template <class S>
 struct is_schedule_policy<
@@ -131,12 +138,28 @@ class Projector {
   // Refreshes the basis from G if it is due at `step`; returns whether it did.
   bool update_basis(ConstMatrixRef<float> G, std::int64_t step) {
     if (!refresh_due(step)) return false;
-    refresh(G);
+    refresh(G, step);
     return true;
   }
 
-  // Recomputes the basis from G now, whatever the schedule says.
-  void refresh(ConstMatrixRef<float> G) {
+  // Does the schedule watch drift (schedule/drift.hpp)?
+  static constexpr bool watches_drift = detail::watches_drift<SchedulePolicy>::value;
+
+  // For drift-watching schedules: should the caller measure, after projecting
+  // G at `step`, the fraction of G's energy the basis captured?
+  bool wants_measurement(std::int64_t step, bool just_refreshed) const {
+    if constexpr (watches_drift) return schedule_.wants_measurement(schedule_state_, step, just_refreshed);
+    else return false;
+  }
+  // Reports that fraction; true means the schedule asks for a refresh now.
+  bool report_captured(std::int64_t step, double captured, bool just_refreshed) {
+    if constexpr (watches_drift) return schedule_.on_measurement(schedule_state_, step, captured, just_refreshed);
+    else return false;
+  }
+
+  // Recomputes the basis from G now, whatever the schedule says (`step` is the
+  // layer's step, for schedules that keep time).
+  void refresh(ConstMatrixRef<float> G, std::int64_t step = 0) {
     check_shape(G);
     Basis fresh;
     if (has_basis_) {
@@ -146,12 +169,12 @@ class Projector {
     } else {
       svd_.compute(G, options_.rank, side_, nullptr, fresh);
     }
-    adopt(std::move(fresh));
+    adopt(std::move(fresh), step);
   }
 
   // Installs a basis computed elsewhere (for example by a replay or a custom
   // solver); it counts as a refresh for the schedule.
-  void adopt(Basis fresh) {
+  void adopt(Basis fresh, std::int64_t step = 0) {
     detail::require(fresh.side == side_, "basis side ", to_string(fresh.side),
                     " does not match the projector's side ", to_string(side_));
     if (side_ != Side::Right)
@@ -163,7 +186,7 @@ class Projector {
                       "right factor must be ", options_.rank, "x", shape_.cols, " (got ",
                       fresh.right.rows(), "x", fresh.right.cols(), ")");
     ++svd_count_;
-    schedule_.on_refresh(schedule_state_, first_singular_vector(BasisView(fresh)));
+    schedule_.on_refresh(schedule_state_, step, first_singular_vector(BasisView(fresh)));
     if (side_ != Side::Right) quant_.store(fresh.left, left_);
     if (side_ != Side::Left) quant_.store(fresh.right, right_);
     has_basis_ = true;

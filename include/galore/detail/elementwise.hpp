@@ -29,6 +29,22 @@ bool all_finite(const ConstMatrixRef<T>& A) {
   return true;
 }
 
+// Squared Frobenius norm, accumulated in double.
+template <class T>
+double squared_norm(const ConstMatrixRef<T>& A) {
+  double s = 0.0;
+  for (Index i = 0; i < A.rows(); ++i) {
+    const T* row = A.row(i).data();
+    float acc = 0.0f;
+    for (Index j = 0; j < A.cols(); ++j) {
+      const float x = static_cast<float>(row[j]);
+      acc += x * x;
+    }
+    s += acc;
+  }
+  return s;
+}
+
 // Rows per panel when a bf16 or quantized matrix is converted to float a panel
 // at a time: about 64 Ki elements (256 KiB of floats), at least one row.
 inline Index panel_rows(Index cols, Index multiple_of = 1) {

@@ -32,15 +32,31 @@ StepResult galore_step(ProjectorT& projector, const AdamT& adam, typename AdamT:
   if (projector.refresh_due(step)) {
     // A refresh must not see NaN: check G itself only then (the SVD costs far more).
     if (!detail::all_finite(G)) return {StepStatus::SkippedNonFinite, false};
-    detail::with_float(G, [&](ConstMatrixRef<float> Gf) { projector.refresh(Gf); });
+    detail::with_float(G, [&](ConstMatrixRef<float> Gf) { projector.refresh(Gf, step); });
     result.refreshed = true;
   }
   BasisScratch scratch;
-  const BasisView basis = projector.basis(scratch);
+  BasisView basis = projector.basis(scratch);
   MatrixF R;
   detail::project_gradient(basis, G, R);
   // NaN and Inf in G reach R through the product, so R's check covers G's.
   if (!detail::all_finite<float>(R)) return {StepStatus::SkippedNonFinite, result.refreshed};
+
+  // A drift-watching schedule sees the fraction of G's energy the basis captured
+  // (|R|^2 / |G|^2 for an orthonormal basis: one extra read of G) and may ask
+  // for a refresh now.
+  if constexpr (ProjectorT::watches_drift) {
+    if (projector.wants_measurement(step, result.refreshed)) {
+      const double g2 = detail::squared_norm(G);
+      auto captured = [&] { return g2 > 0.0 ? static_cast<double>(R.squaredNorm()) / g2 : 1.0; };
+      if (projector.report_captured(step, captured(), result.refreshed)) {
+        detail::with_float(G, [&](ConstMatrixRef<float> Gf) { projector.refresh(Gf, step); });
+        result.refreshed = true;
+        basis = projector.basis(scratch);
+        detail::project_gradient(basis, G, R);
+      }
+    }
+  }
 
   MatrixF D;
   adam.update(moments, R, step + 1, D);

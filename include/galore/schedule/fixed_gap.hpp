@@ -4,10 +4,15 @@
 //
 //   State init() const;                                   // validates the hyperparameters
 //   bool due(const State&, std::int64_t step) const;      // refresh before this step?
-//   void on_refresh(State&, const VectorF& first_singular_vector) const;
+//   void on_refresh(State&, std::int64_t step, const VectorF& first_singular_vector) const;
 //   std::int64_t current_gap(const State&) const;
 //
 // The projector always refreshes when it has no basis yet, whatever due() says.
+// A schedule that watches drift (schedule/drift.hpp) also provides
+//   bool wants_measurement(const State&, std::int64_t step, bool just_refreshed) const;
+//   bool on_measurement(State&, std::int64_t step, double captured, bool just_refreshed) const;
+// and is shown, after each projection it asks for, the fraction of the
+// gradient's energy the basis captured; returning true asks for a refresh now.
 #pragma once
 
 #include <cstdint>
@@ -26,7 +31,7 @@ struct FixedGap {
     return {};
   }
   bool due(const State&, std::int64_t step) const { return step % gap == 0; }
-  void on_refresh(State&, const VectorF&) const {}
+  void on_refresh(State&, std::int64_t, const VectorF&) const {}
   std::int64_t current_gap(const State&) const { return gap; }
 };
 

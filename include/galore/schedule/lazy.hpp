@@ -43,7 +43,7 @@ struct Lazy {
 
   bool due(const State& s, std::int64_t step) const { return step % s.gap == 0; }
 
-  void on_refresh(State& s, const VectorF& first) const {
+  void on_refresh(State& s, std::int64_t /*step*/, const VectorF& first) const {
     s.last_cosine = NAN;
     if (s.past.size() == first.size() && s.past.size() > 0) {
       s.last_cosine = cosine(s.past, first);
