@@ -1,59 +1,56 @@
 // BM_Step/<optimizer>/<model>/r<rank>: one optimizer step over all linear layers
-// of a LLaMA configuration; BM_Gemm/<model>/r<rank>: the two projection products
-// alone, the floor of the step.
+// of a LLaMA configuration (no refresh inside the timed region), float32 weights
+// and gradients (INT8 weights for qgalore). BM_Gemm/<model>/r<rank>: only the two
+// projection products of the same layers, the floor of a GaLore step.
 #include <benchmark/benchmark.h>
 
-#include <galore/galore.hpp>
-#include <random>
-#include <string>
-#include <vector>
-
-using namespace galore;
+#include "common.hpp"
 
 namespace {
 
-struct Model {
-  const char* name;
-  Index hidden, inter, layers;
-};
-const Model kModels[] = {{"llama60m", 512, 1376, 8}, {"llama130m", 768, 2048, 12}};
+using namespace galore_bench;
 
-std::vector<Shape> linear_shapes(const Model& m) {
-  std::vector<Shape> s;
-  for (Index l = 0; l < m.layers; ++l) {
-    for (int i = 0; i < 4; ++i) s.push_back({m.hidden, m.hidden});
-    s.push_back({m.inter, m.hidden});
-    s.push_back({m.inter, m.hidden});
-    s.push_back({m.hidden, m.inter});
-  }
-  return s;
-}
+constexpr std::int64_t kNoRefresh = std::int64_t{1} << 40;
 
-MatrixF random_matrix(Shape s, unsigned seed) {
-  std::mt19937 gen(seed);
-  std::normal_distribution<float> d;
-  MatrixF A(s.rows, s.cols);
-  for (Index i = 0; i < A.size(); ++i) A.data()[i] = d(gen);
-  return A;
-}
-
-void BM_StepGaLore(benchmark::State& state, Model model, Index rank) {
-  const auto shapes = linear_shapes(model);
-  GaLoreAdamW opt({rank, ProjectionType::Std, 0.25f}, LowRankAdam<>(), schedule::FixedGap{1 << 30});
+template <class Opt, class Weight>
+void run_steps(benchmark::State& state, Opt& opt, bool dense, const std::vector<Shape>& shapes) {
   std::vector<LayerId> ids;
-  std::vector<MatrixF> W, G;
+  std::vector<Weight> W;
+  std::vector<MatrixF> G;
   for (std::size_t i = 0; i < shapes.size(); ++i) {
-    ids.push_back(opt.add_layer(shapes[i]));
-    W.push_back(random_matrix(shapes[i], 2 * i));
-    G.push_back(random_matrix(shapes[i], 2 * i + 1) * 1e-3f);
-    opt.step(ids.back(), W.back(), G.back());  // the first step refreshes: keep it out of the timing
+    ids.push_back(dense ? opt.add_dense(shapes[i]) : opt.add_layer(shapes[i]));
+    const MatrixF w = random_matrix(shapes[i], 2 * i, 0.02f);
+    if constexpr (std::is_same_v<Weight, MatrixF>) W.push_back(w);
+    else W.emplace_back(w, 256);
+    G.push_back(random_matrix(shapes[i], 2 * i + 1, 1e-3f));
+    opt.step(ids.back(), W.back(), G.back());  // the first step refreshes: kept out of the timing
   }
   for (auto _ : state)
     for (std::size_t i = 0; i < ids.size(); ++i) opt.step(ids[i], W[i], G[i]);
-  state.counters["state_MiB"] = opt.state_bytes() / 1048576.0;
+  state.counters["state_MiB"] = static_cast<double>(opt.state_bytes()) / 1048576.0;
+  state.counters["layers"] = static_cast<double>(shapes.size());
 }
 
-void BM_Gemm(benchmark::State& state, Model model, Index rank) {
+void BM_Step(benchmark::State& state, std::string optimizer, std::string model, Index rank) {
+  const auto shapes = linear_shapes(model);
+  const ProjectorOptions proj{rank, ProjectionType::Std, 0.25f};
+  if (optimizer == "adamw") {
+    GaLoreAdamW opt(proj);
+    run_steps<GaLoreAdamW, MatrixF>(state, opt, true, shapes);
+  } else if (optimizer == "galore") {
+    GaLoreAdamW opt(proj, LowRankAdam<>(), schedule::FixedGap{kNoRefresh});
+    run_steps<GaLoreAdamW, MatrixF>(state, opt, false, shapes);
+  } else if (optimizer == "galore8bit") {
+    GaLoreAdamW8bit opt(proj, LowRankAdam<state::Blockwise8bit>(), schedule::FixedGap{kNoRefresh});
+    run_steps<GaLoreAdamW8bit, MatrixF>(state, opt, false, shapes);
+  } else {
+    QGaLoreAdamW8bit opt(proj, LowRankAdam<state::Blockwise8bit>(), schedule::Lazy{kNoRefresh, 0.4, 2, 5},
+                         svd::Exact{}, quant::Int4{256}, StochasticRounder<8>(1));
+    run_steps<QGaLoreAdamW8bit, QuantizedWeight<8>>(state, opt, false, shapes);
+  }
+}
+
+void BM_Gemm(benchmark::State& state, std::string model, Index rank) {
   const auto shapes = linear_shapes(model);
   std::vector<MatrixF> W, G, P;
   for (std::size_t i = 0; i < shapes.size(); ++i) {
@@ -63,7 +60,7 @@ void BM_Gemm(benchmark::State& state, Model model, Index rank) {
     P.push_back(right ? random_matrix({rank, shapes[i].cols}, 3 * i) : random_matrix({shapes[i].rows, rank}, 3 * i));
   }
   MatrixF R;
-  for (auto _ : state)
+  for (auto _ : state) {
     for (std::size_t i = 0; i < shapes.size(); ++i) {
       if (shapes[i].rows >= shapes[i].cols) {
         R.noalias() = G[i] * P[i].transpose();
@@ -73,16 +70,24 @@ void BM_Gemm(benchmark::State& state, Model model, Index rank) {
         W[i].noalias() -= 1e-3f * (P[i] * R);
       }
     }
+    benchmark::ClobberMemory();
+  }
+  double flops = 0;
+  for (Shape s : shapes) flops += 4.0 * static_cast<double>(rank) * static_cast<double>(s.size());
+  state.counters["GFLOP/s"] = benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
 }
 
 const int registered = [] {
-  for (const Model& m : kModels) {
-    const Index rank = m.hidden / 4;
-    const std::string suffix = std::string(m.name) + "/r" + std::to_string(rank);
-    benchmark::RegisterBenchmark(("BM_Step/galore/" + suffix).c_str(), BM_StepGaLore, m, rank)
-        ->Unit(benchmark::kMillisecond)->UseRealTime();
-    benchmark::RegisterBenchmark(("BM_Gemm/" + suffix).c_str(), BM_Gemm, m, rank)
-        ->Unit(benchmark::kMillisecond)->UseRealTime();
+  for (const BenchModel& m : bench_models()) {
+    const std::string suffix = std::string(m.name) + "/r" + std::to_string(m.rank);
+    for (const char* opt : {"adamw", "galore", "galore8bit", "qgalore"})
+      benchmark::RegisterBenchmark(("BM_Step/" + std::string(opt) + "/" + suffix).c_str(), BM_Step, opt, m.name,
+                                   m.rank)
+          ->Unit(benchmark::kMillisecond)
+          ;
+    benchmark::RegisterBenchmark(("BM_Gemm/" + suffix).c_str(), BM_Gemm, m.name, m.rank)
+        ->Unit(benchmark::kMillisecond)
+        ;
   }
   return 0;
 }();

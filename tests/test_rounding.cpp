@@ -28,9 +28,12 @@ TEST_CASE("Philox4x32-10 matches the Random123 known-answer vectors") {
 
 TEST_CASE("uniforms lie in [0, 1) and a batch equals the element-wise function at any offset") {
   const StochasticRounder<8> r(1234);
-  CHECK(uniform_from_bits(0) == 0.0f);
-  CHECK(uniform_from_bits(~0u) < 1.0f);
-  for (std::uint64_t first : {0ull, 1ull, 3ull, 4ull, 1001ull, (1ull << 33) + 2}) {
+  CHECK(StochasticRounder<8>::uniform16(0, 0) == 0.0f);
+  CHECK(StochasticRounder<8>::uniform16(~0u, 1) == 65535.0f / 65536.0f);
+  // Element i = 128 t + r reads counter 16 t + r % 16, word r / 32, half (r / 16) % 2.
+  const Philox4x32 p = philox4x32_10(16 * 3 + 5, 0, 9, 7, 1234, 0);
+  CHECK(r.uniform(7, 9, 128 * 3 + 64 + 16 + 5) == float(p.v[2] >> 16) / 65536.0f);
+  for (std::uint64_t first : {0ull, 1ull, 3ull, 7ull, 8ull, 1001ull, (1ull << 34) + 2}) {
     std::vector<float> u(37);
     r.fill_uniform(7, 9, first, 37, u.data());
     for (Index k = 0; k < 37; ++k) {

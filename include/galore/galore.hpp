@@ -6,6 +6,7 @@
 #include "types.hpp"
 
 #include "basis.hpp"
+#include "checkpoint.hpp"
 #include "projection.hpp"
 #include "projection_type.hpp"
 #include "projector.hpp"

@@ -224,6 +224,16 @@ class Projector {
     galore::project_back(basis(scratch), N, options_.scale, shape_.rows, shape_.cols, out);
   }
 
+  // Replaces the whole state at once (checkpoint loading; galore/checkpoint.hpp
+  // validates every piece first). Storages are ignored when has_basis is false.
+  void restore(bool has_basis, std::int64_t svd_count, ScheduleState schedule_state, Storage left, Storage right) {
+    has_basis_ = has_basis;
+    svd_count_ = svd_count;
+    schedule_state_ = std::move(schedule_state);
+    left_ = has_basis && side_ != Side::Right ? std::move(left) : Storage{};
+    right_ = has_basis && side_ != Side::Left ? std::move(right) : Storage{};
+  }
+
   // Bytes held: the stored factors and the schedule's state (a schedule whose
   // State is not empty provides state_bytes(State) and state_bytes_for(length)).
   std::size_t bytes() const {

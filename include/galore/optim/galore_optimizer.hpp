@@ -27,6 +27,10 @@
 
 namespace galore {
 
+namespace checkpoint {
+struct Access;  // galore/checkpoint.hpp: saves and restores a facade's layers
+}
+
 // RounderT re-quantizes QuantizedWeight layers after their update (Q-GaLore); it
 // is unused for float and bf16 weights.
 template <class ProjectorT = Projector<>, class AdamT = LowRankAdam<>, class RounderT = StochasticRounder<8>>
@@ -154,6 +158,8 @@ class GaLoreOptimizer {
   }
 
  private:
+  friend struct checkpoint::Access;
+
   struct Layer {
     std::string name;
     Shape shape;

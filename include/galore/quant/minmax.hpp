@@ -20,6 +20,31 @@
 
 #include "../types.hpp"
 
+namespace galore::detail {
+
+// x rounded half to even, in the default rounding mode, as a vectorizable
+// expression (adding and removing 1.5 * 2^23). Exact for |x| < 2^22; beyond, the
+// result stays beyond +-2^21, so a clamp to a code range gives the same code.
+inline float round_half_even(float x) {
+  constexpr float magic = 12582912.0f;  // 1.5 * 2^23
+  return (x + magic) - magic;
+}
+
+// codes[k] = clamp(v[k], 0, max_code) for integer-valued v, through int32 so the
+// conversion vectorizes.
+inline std::uint8_t to_code(float v, float max_code) {
+  return static_cast<std::uint8_t>(static_cast<std::int32_t>(std::min(std::max(v, 0.0f), max_code)));
+}
+
+// Smallest and largest of x[0, n) (n > 0), vectorized; the values are finite.
+inline void min_max(const float* x, Index n, float& lo, float& hi) {
+  const Eigen::Map<const Eigen::ArrayXf> a(x, n);
+  lo = a.minCoeff();
+  hi = a.maxCoeff();
+}
+
+}  // namespace galore::detail
+
 namespace galore::quant {
 
 // Group-wise quantized values of a matrix, packed.
@@ -86,14 +111,18 @@ GALORE_HOST_DEVICE void minmax_scale_zero(float lo, float hi, float max_code, fl
   zero = std::min(std::max(std::nearbyint(-lo / scale), 0.0f), max_code);
 }
 
+
 // Round-to-nearest-even encoding, as torch.round: the quantizer's default.
+// codes[k] = clamp(round(w[k] / scale) + zero, 0, 2^Bits - 1), with a true float
+// division (a reciprocal would change a few codes per thousand).
 template <int Bits>
 struct NearestEncoder {
   void operator()(const float* w, Index n, float scale, float zero, std::uint64_t /*first*/,
                   std::uint8_t* codes) const {
     constexpr float max_code = static_cast<float>((1 << Bits) - 1);
-    for (Index k = 0; k < n; ++k)
-      codes[k] = static_cast<std::uint8_t>(std::clamp(std::nearbyint(w[k] / scale) + zero, 0.0f, max_code));
+    const float* __restrict x = w;  // the byte-sized codes must not be taken to alias the floats
+    std::uint8_t* __restrict q = codes;
+    for (Index k = 0; k < n; ++k) q[k] = galore::detail::to_code(galore::detail::round_half_even(x[k] / scale) + zero, max_code);
   }
 };
 
@@ -103,15 +132,17 @@ struct NearestEncoder {
 template <int Bits, class Encoder>
 void quantize_range(const float* w, Index first, Index n, const Encoder& encode, GroupQuantized<Bits>& out) {
   const Index g = out.group_size;
-  std::uint8_t buf[256];
-  for (Index k0 = 0; k0 < n; k0 += g) {
+  const Index groups = (n + g - 1) / g;
+  // Groups are independent: with OpenMP they are spread over threads, unless
+  // sub-byte codes of two groups could share a byte.
+  const bool parallel = n >= (Index{1} << 16) && (Bits == 8 || (g * Bits) % 8 == 0);
+#pragma omp parallel for schedule(static) if (parallel)
+  for (Index gi = 0; gi < groups; ++gi) {
+    const Index k0 = gi * g;
     const Index len = std::min(g, n - k0);
     const float* x = w + k0;
-    float lo = x[0], hi = x[0];
-    for (Index k = 1; k < len; ++k) {
-      lo = std::min(lo, x[k]);
-      hi = std::max(hi, x[k]);
-    }
+    float lo, hi;
+    galore::detail::min_max(x, len, lo, hi);
     float scale, zero;
     minmax_scale_zero(lo, hi, GroupQuantized<Bits>::max_code, scale, zero);
     const Index group = (first + k0) / g;
@@ -120,6 +151,7 @@ void quantize_range(const float* w, Index first, Index n, const Encoder& encode,
     if constexpr (Bits == 8) {
       encode(x, len, scale, zero, static_cast<std::uint64_t>(first + k0), out.codes.data() + first + k0);
     } else {
+      std::uint8_t buf[256];
       for (Index c0 = 0; c0 < len; c0 += 256) {
         const Index clen = std::min<Index>(256, len - c0);
         encode(x + c0, clen, scale, zero, static_cast<std::uint64_t>(first + k0 + c0), buf);
@@ -129,9 +161,9 @@ void quantize_range(const float* w, Index first, Index n, const Encoder& encode,
   }
 }
 
-// out[0, n) = dequantized elements [first, first + n).
+// out[0, n) = dequantized elements [first, first + n), on this thread.
 template <int Bits>
-void dequantize_range(const GroupQuantized<Bits>& q, Index first, Index n, float* out) {
+void dequantize_serial(const GroupQuantized<Bits>& q, Index first, Index n, float* out) {
   const Index g = q.group_size;
   for (Index k = 0; k < n;) {
     const Index i = first + k;
@@ -148,6 +180,27 @@ void dequantize_range(const GroupQuantized<Bits>& q, Index first, Index n, float
     k += len;
   }
 }
+
+// out[0, n) = dequantized elements [first, first + n); large ranges are split
+// over the OpenMP threads.
+template <int Bits>
+void dequantize_range(const GroupQuantized<Bits>& q, Index first, Index n, float* out) {
+  const Index g = q.group_size;
+  if (n >= (Index{1} << 16)) {  // split into chunks of whole groups over the OpenMP threads
+    const Index chunk = g * std::max<Index>(1, (Index{1} << 14) / g);
+    const Index head = std::min(n, (g - first % g) % g);  // up to the first group boundary
+    if (head > 0) dequantize_range(q, first, head, out);
+    const Index rest = n - head, chunks = (rest + chunk - 1) / chunk;
+#pragma omp parallel for schedule(static)
+    for (Index c = 0; c < chunks; ++c) {
+      const Index off = head + c * chunk;
+      dequantize_serial(q, first + off, std::min(chunk, n - off), out + off);
+    }
+    return;
+  }
+  dequantize_serial(q, first, n, out);
+}
+
 
 // Quantizes a whole row-major matrix with round-to-nearest.
 template <int Bits>

@@ -1,0 +1,81 @@
+// BM_Quant/<kernel>/<elements>: the quantization kernels with the bytes they
+// read and write (bytes_per_second), next to BM_Memcpy/<elements>, the
+// bandwidth floor (a float copy: reads and writes 4 bytes per element), split
+// over the OpenMP threads as the kernels are.
+//   quantize            float32 -> INT8 min-max codes, groups of 256, round to nearest
+//   dequantize          INT8 codes -> float32
+//   stochastic_rounding float32 -> INT8 codes with Philox stochastic rounding
+#include <benchmark/benchmark.h>
+
+#include <cstring>
+
+#include "common.hpp"
+
+namespace {
+
+using namespace galore_bench;
+
+void BM_Memcpy(benchmark::State& state) {
+  const Index n = state.range(0);
+  const MatrixF a = random_matrix({1, n}, 1);
+  MatrixF b(1, n);
+  const Index chunk = 1 << 14, chunks = (n + chunk - 1) / chunk;
+  for (auto _ : state) {
+#pragma omp parallel for schedule(static)
+    for (Index c = 0; c < chunks; ++c)
+      std::memcpy(b.data() + c * chunk, a.data() + c * chunk,
+                  sizeof(float) * static_cast<std::size_t>(std::min(chunk, n - c * chunk)));
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * n * 8);
+}
+
+void BM_Quantize(benchmark::State& state) {
+  const Index n = state.range(0);
+  const MatrixF w = random_matrix({1, n}, 2);
+  quant::GroupQuantized<8> q;
+  q.resize({1, n}, 256);
+  for (auto _ : state) {
+    quant::quantize_range(w.data(), 0, n, quant::NearestEncoder<8>{}, q);
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * n * 5);
+}
+
+void BM_Dequantize(benchmark::State& state) {
+  const Index n = state.range(0);
+  const auto q = quant::quantize_minmax<8>(random_matrix({1, n}, 3), 256);
+  MatrixF out(1, n);
+  for (auto _ : state) {
+    quant::dequantize_range(q, 0, n, out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * n * 5);
+}
+
+void BM_StochasticRounding(benchmark::State& state) {
+  const Index n = state.range(0);
+  const MatrixF w = random_matrix({1, n}, 4);
+  quant::GroupQuantized<8> q;
+  q.resize({1, n}, 256);
+  const StochasticRounder<8> rounder(9);
+  std::uint32_t step = 0;
+  for (auto _ : state) {
+    quant::quantize_range(w.data(), 0, n, rounder.bind(3, ++step), q);
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * n * 5);
+}
+
+// 256 Ki elements (cache-resident) and 16 Mi (memory-bound).
+const int registered = [] {
+  for (Index n : {Index{1} << 18, Index{1} << 24}) {
+    benchmark::RegisterBenchmark("BM_Memcpy", BM_Memcpy)->Arg(n);
+    benchmark::RegisterBenchmark("BM_Quant/quantize", BM_Quantize)->Arg(n);
+    benchmark::RegisterBenchmark("BM_Quant/dequantize", BM_Dequantize)->Arg(n);
+    benchmark::RegisterBenchmark("BM_Quant/stochastic_rounding", BM_StochasticRounding)->Arg(n);
+  }
+  return 0;
+}();
+
+}  // namespace
