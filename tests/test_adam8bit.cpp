@@ -63,6 +63,23 @@ TEST_CASE("nearest_code finds the nearest value of the map") {
   }
 }
 
+TEST_CASE("the table-driven CodeIndex finds the same codes as bitsandbytes' binary search") {
+  std::mt19937 gen(2);
+  std::uniform_real_distribution<float> d(-1.0f, 1.0f);
+  for (bool is_signed : {true, false}) {
+    const auto& map = is_signed ? quant::dynamic_map_signed() : quant::dynamic_map_unsigned();
+    const auto& index = is_signed ? quant::signed_code_index() : quant::unsigned_code_index();
+    int differ = 0;
+    for (int k = 0; k < 200000; ++k) {
+      float x = d(gen) * std::pow(10.0f, -float(k % 8));  // every decade of the maps
+      if (!is_signed) x = std::abs(x);
+      differ += index.nearest(x) != quant::nearest_code(map.data(), x, is_signed);
+    }
+    for (int c = 0; c < 256; ++c) differ += index.nearest(map[c]) != c;  // the codes themselves
+    CHECK(differ == 0);
+  }
+}
+
 TEST_CASE("8-bit moments take one byte per element plus a float absmax per block; small tensors stay float32") {
   const state::Blockwise8bit st;
   for (Shape s : {Shape{64, 64}, Shape{100, 41}, Shape{4096, 1}}) {

@@ -8,7 +8,9 @@
 //   m = b1 m + (1 - b1) g,  v = b2 v + (1 - b2) g^2      (on the dequantized states)
 //   d = lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + sqrt(1 - b2^t) * eps)
 // then each block's new absmax is max |.| and the states are re-quantized to the
-// nearest code; an m whose code would flip its sign moves one code towards it.
+// nearest code (quant::CodeIndex: a table lookup and a few comparisons instead of
+// bitsandbytes' binary search, the same codes but for exact halfway ties); an m
+// whose code would flip its sign moves one code towards it.
 // An element whose gradient is NaN or Inf keeps its state and gets d = 0.
 // With correct_bias off, both corrections are 1.
 #pragma once
@@ -19,6 +21,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../detail/elementwise.hpp"
 #include "../quant/dynamic_map.hpp"
 #include "../types.hpp"
 #include "adam_config.hpp"
@@ -106,41 +109,58 @@ struct Blockwise8bit {
 
     const quant::CodeMap& qm = quant::dynamic_map_signed();
     const quant::CodeMap& qv = quant::dynamic_map_unsigned();
+    const quant::CodeIndex& im = quant::signed_code_index();
+    const quant::CodeIndex& iv = quant::unsigned_code_index();
     const Index bs = mo.block_size;
+    const Index blocks = (n + bs - 1) / bs;
+    // Blocks are independent: with OpenMP they are spread over threads (the sink
+    // receives disjoint ranges).
+#pragma omp parallel if (n >= (Index{1} << 16))
+    {
     std::vector<float> s1(static_cast<std::size_t>(bs)), s2(static_cast<std::size_t>(bs)),
         d(static_cast<std::size_t>(bs));
-    for (Index b = 0; b * bs < n; ++b) {
+#pragma omp for schedule(static)
+    for (Index b = 0; b < blocks; ++b) {
       const Index lo = b * bs, len = std::min(bs, n - lo);
       const float am = mo.m_absmax[static_cast<std::size_t>(b)], av = mo.v_absmax[static_cast<std::size_t>(b)];
+      const std::uint8_t* __restrict mc = mo.m_code.data() + lo;
+      const std::uint8_t* __restrict vc = mo.v_code.data() + lo;
+      const float* __restrict x = g + lo;
+      float* __restrict m1 = s1.data();
+      float* __restrict v1 = s2.data();
+      float* __restrict dd = d.data();
+      // Dequantize, update, and the step: one vectorizable pass (table gathers aside).
       float new_am = 0.0f, new_av = 0.0f;
       for (Index k = 0; k < len; ++k) {
-        const auto i = static_cast<std::size_t>(lo + k);
-        float m = qm[mo.m_code[i]] * am, v = qv[mo.v_code[i]] * av;
-        const float x = g[lo + k];
-        const bool finite = std::isfinite(x);
-        if (finite) {
-          m = m * b1 + a1 * x;
-          v = v * b2 + a2 * x * x;
-        }
-        s1[static_cast<std::size_t>(k)] = m;
-        s2[static_cast<std::size_t>(k)] = v;
-        d[static_cast<std::size_t>(k)] = finite ? step * (m / (std::sqrt(v) + eps)) : 0.0f;
-        new_am = std::max(new_am, std::abs(m));
-        new_av = std::max(new_av, std::abs(v));
+        const float m = qm[mc[k]] * am, v = qv[vc[k]] * av, gk = x[k];
+        const bool finite = galore::detail::is_finite_bits(gk);
+        const float gz = finite ? gk : 0.0f;
+        const float mn = finite ? m * b1 + a1 * gz : m;
+        const float vn = finite ? v * b2 + a2 * gz * gz : v;
+        m1[k] = mn;
+        v1[k] = vn;
+        dd[k] = finite ? step * (mn / (std::sqrt(vn) + eps)) : 0.0f;
+        new_am = std::max(new_am, std::abs(mn));
+        new_av = std::max(new_av, vn);
       }
       mo.m_absmax[static_cast<std::size_t>(b)] = new_am;
       mo.v_absmax[static_cast<std::size_t>(b)] = new_av;
+      std::uint8_t* mcw = mo.m_code.data() + lo;
+      std::uint8_t* vcw = mo.v_code.data() + lo;
       for (Index k = 0; k < len; ++k) {
-        const auto i = static_cast<std::size_t>(lo + k);
-        const float m = s1[static_cast<std::size_t>(k)], v = s2[static_cast<std::size_t>(k)];
         // An all-zero block (absmax 0) stores the zero codes instead of 0/0.
-        int cm = new_am > 0.0f ? quant::nearest_code(qm.data(), m / new_am, true) : 127;
-        if (new_am > 0.0f && std::signbit(qm[static_cast<std::size_t>(cm)]) != std::signbit(m))
-          cm += m > 0.0f ? 1 : -1;
-        mo.m_code[i] = static_cast<std::uint8_t>(cm);
-        mo.v_code[i] = new_av > 0.0f ? quant::nearest_code(qv.data(), v / new_av, false) : 0;
+        int cm = 127;
+        if (new_am > 0.0f) {
+          const float m = m1[k];
+          cm = im.nearest(m / new_am);
+          // As bitsandbytes: a state never changes sign through quantization.
+          if (std::signbit(qm[static_cast<std::size_t>(cm)]) != std::signbit(m)) cm += m > 0.0f ? 1 : -1;
+        }
+        mcw[k] = static_cast<std::uint8_t>(cm);
+        vcw[k] = new_av > 0.0f ? iv.nearest(v1[k] / new_av) : 0;
       }
       sink(lo, d.data(), len);
+    }
     }
   }
 };

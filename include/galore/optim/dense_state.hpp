@@ -12,7 +12,8 @@
 // update() advances the moments with the gradient g (flat, row-major, t 1-based)
 // and hands the descent step d in chunks to sink(offset, d, length); the caller
 // applies W -= d (after back-projection). Chunks keep d in cache, so a dense
-// (full-rank) update needs no temporary of W's size.
+// (full-rank) update needs no temporary of W's size. With OpenMP, large updates
+// call the sink from several threads at once, always for disjoint ranges.
 #pragma once
 
 #include <algorithm>
@@ -58,7 +59,12 @@ struct Dense {
     const float eps = static_cast<float>(c.eps);
     const float step = static_cast<float>(c.step_size(t));
     const Index n = mo.m.size();
-    for (Index off = 0; off < n; off += kChunk) {
+    const Index chunks = (n + kChunk - 1) / kChunk;
+    // Chunks are independent: with OpenMP they are spread over threads (the sink
+    // receives disjoint ranges).
+#pragma omp parallel for schedule(static) if (n >= (Index{1} << 16))
+    for (Index c = 0; c < chunks; ++c) {
+      const Index off = c * kChunk;
       const Index len = std::min(kChunk, n - off);
       const Eigen::Map<const Eigen::ArrayXf> ga(g + off, len);
       auto m = mo.m.segment(off, len);

@@ -6,6 +6,8 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "../config.hpp"
 
@@ -100,6 +102,57 @@ GALORE_HOST_DEVICE std::uint8_t nearest_code(const float* code, float x, bool is
   }
   const float midpoint = (lower + val) * 0.5f;
   return static_cast<std::uint8_t>(x < midpoint ? lower_pivot : pivot);
+}
+
+// Fast nearest-code search: a table over the top 17 bits of a float (sign,
+// exponent and 8 mantissa bits) gives the first code not below the start of the
+// float's bucket; the nearest code is then among a few around it (no bucket
+// holds more than two codes of these maps). Equal to nearest_code except where x
+// lies exactly halfway between two codes.
+class CodeIndex {
+ public:
+  explicit CodeIndex(const CodeMap& map) : map_(map), start_(std::size_t{1} << 17) {
+    for (std::uint32_t key = 0; key < (1u << 17); ++key) {
+      const std::uint32_t bits = key << 15;
+      float v;
+      std::memcpy(&v, &bits, sizeof v);
+      if (!std::isfinite(v)) v = std::signbit(v) ? -2.0f : 2.0f;
+      start_[key] = static_cast<std::uint8_t>(
+          std::min<std::ptrdiff_t>(255, std::lower_bound(map.begin(), map.end(), v) - map.begin()));
+    }
+  }
+
+  std::uint8_t nearest(float x) const {
+    std::uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const int c = start_[bits >> 15];
+    // A negative bucket lies below its start value (candidates c-3 .. c), a
+    // positive one above it (c-1 .. c+2).
+    const int lo = std::clamp((bits >> 31) ? c - 3 : c - 1, 0, 252);
+    int best = lo;
+    float best_d = std::abs(x - map_[static_cast<std::size_t>(lo)]);
+    for (int k = lo + 1; k <= lo + 3; ++k) {
+      const float d = std::abs(x - map_[static_cast<std::size_t>(k)]);
+      if (d < best_d) {
+        best_d = d;
+        best = k;
+      }
+    }
+    return static_cast<std::uint8_t>(best);
+  }
+
+ private:
+  const CodeMap& map_;
+  std::vector<std::uint8_t> start_;
+};
+
+inline const CodeIndex& signed_code_index() {
+  static const CodeIndex index(dynamic_map_signed());
+  return index;
+}
+inline const CodeIndex& unsigned_code_index() {
+  static const CodeIndex index(dynamic_map_unsigned());
+  return index;
 }
 
 }  // namespace galore::quant
