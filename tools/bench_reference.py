@@ -13,26 +13,15 @@ benchmark suite's workloads, so that the two can be compared on one machine:
 
 Prints one line per measurement: name, median milliseconds over the repeats.
 """
-import importlib.util
 import statistics
 import sys
 import time
-import types
 
 import torch
 
-_versions = types.ModuleType("transformers.utils.versions")
-_versions.require_version = lambda *a, **k: None
-for name, mod in [("transformers", types.ModuleType("transformers")),
-                  ("transformers.utils", types.ModuleType("transformers.utils")),
-                  ("transformers.utils.versions", _versions)]:
-    sys.modules.setdefault(name, mod)
-spec = importlib.util.find_spec("galore_torch")
-if spec is None:
-    sys.exit("galore_torch not found: see this script's docstring")
-pkg = types.ModuleType("galore_torch")
-pkg.__path__ = list(spec.submodule_search_locations)
-sys.modules["galore_torch"] = pkg
+from reference_env import bare_package  # noqa: E402
+
+bare_package("galore_torch")
 from galore_torch.adamw import AdamW as GaLoreAdamW  # noqa: E402
 
 

@@ -12,34 +12,14 @@ packages, which are not dependencies of galore:
     PYTHONPATH=/tmp/ref /usr/bin/python3 tools/make_golden.py OUT_DIR [--seed N]
 """
 import argparse
-import importlib.util
 import math
 import os
 import sys
-import types
 
 import numpy as np
 import torch
 
-# galore_torch.adamw imports transformers only for a version check.
-_versions = types.ModuleType("transformers.utils.versions")
-_versions.require_version = lambda *a, **k: None
-for name, mod in [("transformers", types.ModuleType("transformers")),
-                  ("transformers.utils", types.ModuleType("transformers.utils")),
-                  ("transformers.utils.versions", _versions)]:
-    sys.modules.setdefault(name, mod)
-
-
-
-def bare_package(name):
-    """Registers package `name` without running its __init__ (which imports bitsandbytes)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None:
-        sys.exit(f"{name} not found: see this script's docstring")
-    pkg = types.ModuleType(name)
-    pkg.__path__ = list(spec.submodule_search_locations)
-    sys.modules[name] = pkg
-
+from reference_env import bare_package  # noqa: E402
 
 bare_package("galore_torch")
 bare_package("q_galore_torch")
