@@ -28,6 +28,15 @@
 #define GALORE_HAS_CUDA_BACKEND 0
 #endif
 
+// OpenMP worksharing in the library's kernels. Without -fopenmp it expands to
+// nothing, so users who build without OpenMP and with -Wall -Werror see no
+// "unknown pragma" warning and get the same (serial) results.
+#if defined(_OPENMP)
+#define GALORE_OMP(directive) _Pragma(#directive)
+#else
+#define GALORE_OMP(directive)
+#endif
+
 namespace galore {
 
 struct Version {

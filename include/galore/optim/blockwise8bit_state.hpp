@@ -115,11 +115,11 @@ struct Blockwise8bit {
     const Index blocks = (n + bs - 1) / bs;
     // Blocks are independent: with OpenMP they are spread over threads (the sink
     // receives disjoint ranges).
-#pragma omp parallel if (n >= (Index{1} << 16))
+GALORE_OMP(omp parallel if (n >= (Index{1} << 16)))
     {
     std::vector<float> s1(static_cast<std::size_t>(bs)), s2(static_cast<std::size_t>(bs)),
         d(static_cast<std::size_t>(bs));
-#pragma omp for schedule(static)
+GALORE_OMP(omp for schedule(static))
     for (Index b = 0; b < blocks; ++b) {
       const Index lo = b * bs, len = std::min(bs, n - lo);
       const float am = mo.m_absmax[static_cast<std::size_t>(b)], av = mo.v_absmax[static_cast<std::size_t>(b)];

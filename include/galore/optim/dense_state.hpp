@@ -62,7 +62,7 @@ struct Dense {
     const Index chunks = (n + kChunk - 1) / kChunk;
     // Chunks are independent: with OpenMP they are spread over threads (the sink
     // receives disjoint ranges).
-#pragma omp parallel for schedule(static) if (n >= (Index{1} << 16))
+GALORE_OMP(omp parallel for schedule(static) if (n >= (Index{1} << 16)))
     for (Index c = 0; c < chunks; ++c) {
       const Index off = c * kChunk;
       const Index len = std::min(kChunk, n - off);

@@ -136,7 +136,7 @@ void quantize_range(const float* w, Index first, Index n, const Encoder& encode,
   // Groups are independent: with OpenMP they are spread over threads, unless
   // sub-byte codes of two groups could share a byte.
   const bool parallel = n >= (Index{1} << 16) && (Bits == 8 || (g * Bits) % 8 == 0);
-#pragma omp parallel for schedule(static) if (parallel)
+GALORE_OMP(omp parallel for schedule(static) if (parallel))
   for (Index gi = 0; gi < groups; ++gi) {
     const Index k0 = gi * g;
     const Index len = std::min(g, n - k0);
@@ -191,7 +191,7 @@ void dequantize_range(const GroupQuantized<Bits>& q, Index first, Index n, float
     const Index head = std::min(n, (g - first % g) % g);  // up to the first group boundary
     if (head > 0) dequantize_range(q, first, head, out);
     const Index rest = n - head, chunks = (rest + chunk - 1) / chunk;
-#pragma omp parallel for schedule(static)
+GALORE_OMP(omp parallel for schedule(static))
     for (Index c = 0; c < chunks; ++c) {
       const Index off = head + c * chunk;
       dequantize_serial(q, first + off, std::min(chunk, n - off), out + off);
