@@ -36,16 +36,24 @@ inline MatrixF random_matrix(Shape s, unsigned seed, float sigma = 1.0f) {
   return A;
 }
 
-// A gradient-like matrix: singular values decaying as 0.97^i plus noise, the
-// singular vectors drawn from `seed`.
-inline MatrixF gradient_like(Shape s, unsigned seed, float noise = 0.02f) {
+// A gradient-like matrix: singular values decaying as 0.97^i (the signal, with
+// its singular vectors drawn from `seed`) plus Gaussian noise whose Frobenius
+// norm is `noise` times the signal's. Gradients of trained layers have such
+// low stable rank; noise that swamps the signal would make "the top-r subspace"
+// meaningless.
+inline MatrixF gradient_like(Shape s, unsigned seed, float noise = 0.05f) {
   const Index k = std::min(s.rows, s.cols);
   MatrixF U = random_matrix({s.rows, k}, seed), V = random_matrix({s.cols, k}, seed + 1);
   U = Eigen::HouseholderQR<Eigen::MatrixXf>(U).householderQ() * Eigen::MatrixXf::Identity(s.rows, k);
   V = Eigen::HouseholderQR<Eigen::MatrixXf>(V).householderQ() * Eigen::MatrixXf::Identity(s.cols, k);
   Eigen::VectorXf sv(k);
   for (Index i = 0; i < k; ++i) sv(i) = std::pow(0.97f, static_cast<float>(i));
-  return U * sv.asDiagonal() * V.transpose() + random_matrix(s, seed + 2, noise);
+  MatrixF G = U * sv.asDiagonal() * V.transpose();
+  if (noise > 0.0f) {
+    const float sigma = noise * sv.norm() / std::sqrt(static_cast<float>(s.rows * s.cols));
+    G += random_matrix(s, seed + 2, sigma);
+  }
+  return G;
 }
 
 }  // namespace galore_bench
