@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include "../config.hpp"
@@ -104,46 +105,46 @@ GALORE_HOST_DEVICE std::uint8_t nearest_code(const float* code, float x, bool is
   return static_cast<std::uint8_t>(x < midpoint ? lower_pivot : pivot);
 }
 
-// Fast nearest-code search: a table over the top 17 bits of a float (sign,
-// exponent and 8 mantissa bits) gives the first code not below the start of the
-// float's bucket; the nearest code is then among a few around it (no bucket
-// holds more than two codes of these maps). Equal to nearest_code except where x
-// lies exactly halfway between two codes.
+// Fast nearest-code search. The nearest code of x is the number of midpoints
+// between neighbouring codes that lie below x (bitsandbytes decides with the
+// same midpoints). A table over the top 17 bits of a float (sign, exponent and 8
+// mantissa bits) holds, for each bucket of floats, the number of midpoints below
+// the bucket; no bucket of these maps holds more than one midpoint (the
+// constructor checks it), so one comparison finishes the search: a table load
+// and a compare, no branches. Equal to nearest_code except where x lies within
+// rounding of a midpoint (a few in a million random inputs).
 class CodeIndex {
  public:
-  explicit CodeIndex(const CodeMap& map) : map_(map), start_(std::size_t{1} << 17) {
+  explicit CodeIndex(const CodeMap& map) : midpoints_(257, INFINITY), base_(std::size_t{1} << 17) {
+    for (std::size_t k = 0; k + 1 < map.size(); ++k) midpoints_[k] = (map[k] + map[k + 1]) * 0.5f;
+    const auto mid_end = midpoints_.begin() + static_cast<std::ptrdiff_t>(map.size() - 1);
     for (std::uint32_t key = 0; key < (1u << 17); ++key) {
-      const std::uint32_t bits = key << 15;
-      float v;
-      std::memcpy(&v, &bits, sizeof v);
-      if (!std::isfinite(v)) v = std::signbit(v) ? -2.0f : 2.0f;
-      start_[key] = static_cast<std::uint8_t>(
-          std::min<std::ptrdiff_t>(255, std::lower_bound(map.begin(), map.end(), v) - map.begin()));
+      const float a = bucket_edge(key << 15), b = bucket_edge((key << 15) | 0x7fffu);
+      const float lo = std::min(a, b), hi = std::max(a, b);
+      const auto first = std::lower_bound(midpoints_.begin(), mid_end, lo);
+      const auto last = std::upper_bound(midpoints_.begin(), mid_end, hi);
+      if (last - first > 1) throw std::logic_error("galore: CodeIndex needs at most one midpoint per bucket");
+      base_[key] = static_cast<std::uint8_t>(first - midpoints_.begin());
     }
   }
 
   std::uint8_t nearest(float x) const {
     std::uint32_t bits;
     std::memcpy(&bits, &x, sizeof bits);
-    const int c = start_[bits >> 15];
-    // A negative bucket lies below its start value (candidates c-3 .. c), a
-    // positive one above it (c-1 .. c+2).
-    const int lo = std::clamp((bits >> 31) ? c - 3 : c - 1, 0, 252);
-    int best = lo;
-    float best_d = std::abs(x - map_[static_cast<std::size_t>(lo)]);
-    for (int k = lo + 1; k <= lo + 3; ++k) {
-      const float d = std::abs(x - map_[static_cast<std::size_t>(k)]);
-      if (d < best_d) {
-        best_d = d;
-        best = k;
-      }
-    }
-    return static_cast<std::uint8_t>(best);
+    const int b = base_[bits >> 15];
+    return static_cast<std::uint8_t>(b + (midpoints_[static_cast<std::size_t>(b)] < x));
   }
 
  private:
-  const CodeMap& map_;
-  std::vector<std::uint8_t> start_;
+  static float bucket_edge(std::uint32_t bits) {
+    float v;
+    std::memcpy(&v, &bits, sizeof v);
+    if (!std::isfinite(v)) v = std::signbit(v) ? -2.0f : 2.0f;  // beyond every code
+    return v;
+  }
+
+  std::vector<float> midpoints_;      // 255 midpoints, then +inf
+  std::vector<std::uint8_t> base_;    // midpoints below each bucket
 };
 
 inline const CodeIndex& signed_code_index() {
