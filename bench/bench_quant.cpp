@@ -21,7 +21,7 @@ void BM_Memcpy(benchmark::State& state) {
   MatrixF b(1, n);
   const Index chunk = 1 << 14, chunks = (n + chunk - 1) / chunk;
   for (auto _ : state) {
-#pragma omp parallel for schedule(static)
+GALORE_OMP(omp parallel for schedule(static))
     for (Index c = 0; c < chunks; ++c)
       std::memcpy(b.data() + c * chunk, a.data() + c * chunk,
                   sizeof(float) * static_cast<std::size_t>(std::min(chunk, n - c * chunk)));
@@ -30,16 +30,24 @@ void BM_Memcpy(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * n * 8);
 }
 
-void BM_Quantize(benchmark::State& state) {
+// Group-wise INT8 quantization of n floats with fresh scales and zeros; the
+// encoder for each iteration comes from encoder_at(iteration).
+template <class EncoderAt>
+void quantize_loop(benchmark::State& state, unsigned seed, EncoderAt encoder_at) {
   const Index n = state.range(0);
-  const MatrixF w = random_matrix({1, n}, 2);
+  const MatrixF w = random_matrix({1, n}, seed);
   quant::GroupQuantized<8> q;
   q.resize({1, n}, 256);
+  std::uint32_t iteration = 0;
   for (auto _ : state) {
-    quant::quantize_range(w.data(), 0, n, quant::NearestEncoder<8>{}, q);
+    quant::quantize_range(w.data(), 0, n, encoder_at(++iteration), q);
     benchmark::ClobberMemory();
   }
   state.SetBytesProcessed(state.iterations() * n * 5);
+}
+
+void BM_Quantize(benchmark::State& state) {
+  quantize_loop(state, 2, [](std::uint32_t) { return quant::NearestEncoder<8>{}; });
 }
 
 void BM_Dequantize(benchmark::State& state) {
@@ -53,18 +61,10 @@ void BM_Dequantize(benchmark::State& state) {
   state.SetBytesProcessed(state.iterations() * n * 5);
 }
 
+// Each iteration is a new optimizer step, so new random numbers.
 void BM_StochasticRounding(benchmark::State& state) {
-  const Index n = state.range(0);
-  const MatrixF w = random_matrix({1, n}, 4);
-  quant::GroupQuantized<8> q;
-  q.resize({1, n}, 256);
   const StochasticRounder<8> rounder(9);
-  std::uint32_t step = 0;
-  for (auto _ : state) {
-    quant::quantize_range(w.data(), 0, n, rounder.bind(3, ++step), q);
-    benchmark::ClobberMemory();
-  }
-  state.SetBytesProcessed(state.iterations() * n * 5);
+  quantize_loop(state, 4, [&](std::uint32_t step) { return rounder.bind(3, step); });
 }
 
 // 256 Ki elements (cache-resident) and 16 Mi (memory-bound).
