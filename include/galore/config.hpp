@@ -20,9 +20,11 @@
 #endif
 
 // What this translation unit can use. The backend itself follows from the types a
-// caller passes (Eigen matrices on the CPU); these macros only say what exists.
+// caller passes (Eigen matrices on the CPU, device views on the GPU); these macros
+// only say what can be compiled here. The CUDA backend needs a translation unit
+// that nvcc (or clang in CUDA mode) compiles, whatever the build options say.
 #define GALORE_HAS_EIGEN_BACKEND 1
-#if defined(__CUDACC__) || defined(GALORE_ENABLE_CUDA)
+#if defined(__CUDACC__)
 #define GALORE_HAS_CUDA_BACKEND 1
 #else
 #define GALORE_HAS_CUDA_BACKEND 0

@@ -10,10 +10,11 @@
 #include <cstdint>
 
 #include "config.hpp"
+#include "core/shape.hpp"
 
 namespace galore {
 
-using Index = Eigen::Index;
+static_assert(std::is_same_v<Index, Eigen::Index>, "galore::Index must be Eigen's index type");
 using bfloat16 = Eigen::bfloat16;
 
 template <class T>
@@ -28,16 +29,6 @@ using MatrixRef = Eigen::Ref<Matrix<T>>;
 // row-major storage of the right scalar to stay copy-free.
 template <class T>
 using ConstMatrixRef = Eigen::Ref<const Matrix<T>>;
-
-struct Shape {
-  Index rows = 0;
-  Index cols = 0;
-  Index size() const { return rows * cols; }
-  friend bool operator==(const Shape& a, const Shape& b) {
-    return a.rows == b.rows && a.cols == b.cols;
-  }
-  friend bool operator!=(const Shape& a, const Shape& b) { return !(a == b); }
-};
 
 template <class Derived>
 Shape shape_of(const Eigen::EigenBase<Derived>& m) {

@@ -1,0 +1,335 @@
+// galore_bench_cuda: the CUDA backend on LLaMA shapes, timed with CUDA events
+// (Google Benchmark's manual time). One benchmark iteration = one pass over
+// every linear layer of the model, per-layer calls on one stream.
+//
+//   BM_CudaStep/<galore|adamw>/<llama1b/r512|llama7b_8of32/r1024>   bf16 W and G, float32 moments
+//   BM_CudaGemmFloor/<model>      the same two projection GEMMs per layer, bare cuBLAS (the floor)
+//   BM_CudaCopy/<model>           a device copy of the weights (bytes moved = read + write)
+//   BM_CudaRefresh/<exact|randomized|warm|warm_subspace>/llama1b/r512
+//                                 a basis refresh of every matrix; counter `energy`: captured energy
+//                                 relative to the exact top-r, averaged over the first block's 7 matrices
+#include <benchmark/benchmark.h>
+
+#include <galore/cuda.hpp>
+
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+using namespace galore;
+using cuda::bf16;
+
+namespace {
+
+struct Model {
+  std::string name;
+  Index hidden, intermediate, layers, rank;
+};
+const Model kLlama1B{"llama1b/r512", 2048, 5461, 24, 512};
+const Model kLlama7B8{"llama7b_8of32/r1024", 4096, 11008, 8, 1024};
+
+std::vector<Shape> linear_shapes(const Model& m) {
+  std::vector<Shape> s;
+  for (Index l = 0; l < m.layers; ++l) {
+    for (int i = 0; i < 4; ++i) s.push_back({m.hidden, m.hidden});
+    s.push_back({m.intermediate, m.hidden});
+    s.push_back({m.intermediate, m.hidden});
+    s.push_back({m.hidden, m.intermediate});
+  }
+  return s;
+}
+
+void fill_gaussian(cuda::Context& ctx, bf16* out, std::size_t n, std::uint64_t seed) {
+  cuda::DeviceBuffer<float> tmp(n);
+  cuda::impl::gaussian<<<2048, 256, 0, ctx.stream()>>>(tmp.data(), 1, static_cast<std::int64_t>(n), seed);
+  cuda::check_launch("gaussian");
+  cuda::impl::convert<<<2048, 256, 0, ctx.stream()>>>(tmp.data(), out, static_cast<std::int64_t>(n));
+  cuda::check_launch("convert");
+  ctx.synchronize();
+}
+
+// A gradient-like matrix: rank-k signal with decaying spectrum plus 5% noise:
+// G = A diag(0.995^i) B + noise, A m x k, B k x n Gaussian.
+void fill_gradient(cuda::Context& ctx, bf16* G, Shape s, std::uint64_t seed, Index k = 1024) {
+  cuda::DeviceBuffer<float> A(static_cast<std::size_t>(s.rows * k)), B(static_cast<std::size_t>(k * s.cols)),
+      Gf(static_cast<std::size_t>(s.size()));
+  cuda::impl::gaussian<<<2048, 256, 0, ctx.stream()>>>(A.data(), s.rows, k, seed);
+  cuda::impl::gaussian<<<2048, 256, 0, ctx.stream()>>>(B.data(), k, s.cols, seed + 1);
+  cuda::impl::gaussian<<<2048, 256, 0, ctx.stream()>>>(Gf.data(), s.rows, s.cols, seed + 2);
+  cuda::check_launch("gaussian");
+  // Decay: scale row i of B by 0.995^i (a host-built diagonal applied by a tiny GEMM would cost more code).
+  std::vector<float> d(static_cast<std::size_t>(k * k), 0.0f);
+  for (Index i = 0; i < k; ++i) d[static_cast<std::size_t>(i * k + i)] = std::pow(0.995f, static_cast<float>(i));
+  cuda::DeviceBuffer<float> D(d.size()), DB(static_cast<std::size_t>(k * s.cols));
+  cuda::check(cudaMemcpy(D.data(), d.data(), sizeof(float) * d.size(), cudaMemcpyHostToDevice), "cudaMemcpy");
+  cuda::gemm(ctx, cuda::Op::N, cuda::Op::N, 1.0f, DeviceView<const float>(D.data(), k, k),
+             DeviceView<const float>(B.data(), k, s.cols), 0.0f, DeviceView<float>(DB.data(), k, s.cols));
+  // Signal Frobenius norm ~ sqrt(m * n * sum d^2); noise at 5% of it.
+  double sum_d2 = 0.0;
+  for (Index i = 0; i < k; ++i) sum_d2 += std::pow(0.995, 2.0 * static_cast<double>(i));
+  const float noise = 0.05f * static_cast<float>(std::sqrt(sum_d2));
+  cuda::gemm(ctx, cuda::Op::N, cuda::Op::N, 1.0f, DeviceView<const float>(A.data(), s.rows, k),
+             DeviceView<const float>(DB.data(), k, s.cols), noise, DeviceView<float>(Gf.data(), s.rows, s.cols));
+  cuda::impl::convert<<<2048, 256, 0, ctx.stream()>>>(Gf.data(), G, s.size());
+  cuda::check_launch("convert");
+  ctx.synchronize();
+}
+
+// Every linear layer's weight and gradient, allocated once per model.
+struct Weights {
+  std::vector<Shape> shapes;
+  std::vector<cuda::DeviceBuffer<bf16>> W, G;
+  std::size_t elements = 0;
+};
+Weights& weights_for(const Model& m, cuda::Context& ctx) {
+  static std::unique_ptr<Weights> held;
+  static std::string held_for;
+  if (!held || held_for != m.name) {
+    held.reset();
+    held = std::make_unique<Weights>();
+    held_for = m.name;
+    held->shapes = linear_shapes(m);
+    std::uint64_t seed = 1;
+    for (Shape s : held->shapes) {
+      held->W.emplace_back(static_cast<std::size_t>(s.size()));
+      held->G.emplace_back(static_cast<std::size_t>(s.size()));
+      fill_gaussian(ctx, held->W.back().data(), static_cast<std::size_t>(s.size()), seed++);
+      fill_gaussian(ctx, held->G.back().data(), static_cast<std::size_t>(s.size()), seed++);
+      held->elements += static_cast<std::size_t>(s.size());
+    }
+  }
+  return *held;
+}
+
+struct Timer {
+  cudaEvent_t start{}, stop{};
+  Timer() {
+    cuda::check(cudaEventCreate(&start), "cudaEventCreate");
+    cuda::check(cudaEventCreate(&stop), "cudaEventCreate");
+  }
+  ~Timer() {
+    cudaEventDestroy(start);
+    cudaEventDestroy(stop);
+  }
+  template <class F>
+  double seconds(cuda::Context& ctx, F&& f) {
+    cuda::check(cudaEventRecord(start, ctx.stream()), "cudaEventRecord");
+    f();
+    cuda::check(cudaEventRecord(stop, ctx.stream()), "cudaEventRecord");
+    cuda::check(cudaEventSynchronize(stop), "cudaEventSynchronize");
+    float ms = 0.0f;
+    cuda::check(cudaEventElapsedTime(&ms, start, stop), "cudaEventElapsedTime");
+    return ms * 1e-3;
+  }
+};
+
+double gemm_flops(const Model& m) {
+  double f = 0.0;
+  for (Shape s : linear_shapes(m)) f += 4.0 * static_cast<double>(m.rank) * static_cast<double>(s.size());
+  return f;
+}
+
+void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step) {
+  cuda::Context ctx;
+  Weights& w = weights_for(m, ctx);
+  cuda::GaLoreOptimizer<cuda::refresh::Randomized> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f},
+                                                       AdamConfig{}, schedule::FixedGap{1000000000});
+  std::vector<LayerId> ids;
+  for (Shape s : w.shapes)
+    ids.push_back(galore_step ? opt.add_layer(s, cuda::DType::BFloat16) : opt.add_dense(s, cuda::DType::BFloat16));
+  ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  auto pass = [&] {
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      opt.step(ids[i], w.W[i].data(), static_cast<const bf16*>(w.G[i].data()), ctx);
+  };
+  pass();  // the first step refreshes every basis
+  pass();
+  ctx.synchronize();
+  Timer timer;
+  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+  state.counters["layers"] = static_cast<double>(ids.size());
+  state.counters["state_MiB"] = static_cast<double>(opt.state_bytes()) / (1 << 20);
+  if (galore_step) state.counters["gemm_TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_CudaGemmFloor(benchmark::State& state, const Model& m) {
+  cuda::Context ctx;
+  Weights& w = weights_for(m, ctx);
+  // The step's two products for a right-sided layer: R = G P^T (float out), W = W - D P (bf16).
+  std::vector<cuda::DeviceBuffer<bf16>> P, D;
+  std::vector<cuda::DeviceBuffer<float>> R;
+  for (Shape s : w.shapes) {
+    const bool right = s.rows >= s.cols;
+    P.emplace_back(static_cast<std::size_t>(m.rank * (right ? s.cols : s.rows)));
+    D.emplace_back(static_cast<std::size_t>(m.rank * (right ? s.rows : s.cols)));
+    R.emplace_back(static_cast<std::size_t>(m.rank * (right ? s.rows : s.cols)));
+    fill_gaussian(ctx, P.back().data(), P.back().size(), 7);
+    fill_gaussian(ctx, D.back().data(), D.back().size(), 8);
+  }
+  auto pass = [&] {
+    for (std::size_t i = 0; i < w.shapes.size(); ++i) {
+      const Shape s = w.shapes[i];
+      const DeviceView<const bf16> G(w.G[i].data(), s.rows, s.cols);
+      const DeviceView<bf16> W(w.W[i].data(), s.rows, s.cols);
+      if (s.rows >= s.cols) {
+        cuda::gemm(ctx, cuda::Op::N, cuda::Op::T, 1.0f, G, DeviceView<const bf16>(P[i].data(), m.rank, s.cols), 0.0f,
+                   DeviceView<float>(R[i].data(), s.rows, m.rank));
+        cuda::gemm(ctx, cuda::Op::N, cuda::Op::N, -1e-9f, DeviceView<const bf16>(D[i].data(), s.rows, m.rank),
+                   DeviceView<const bf16>(P[i].data(), m.rank, s.cols), 1.0f, W);
+      } else {
+        cuda::gemm(ctx, cuda::Op::T, cuda::Op::N, 1.0f, DeviceView<const bf16>(P[i].data(), s.rows, m.rank), G, 0.0f,
+                   DeviceView<float>(R[i].data(), m.rank, s.cols));
+        cuda::gemm(ctx, cuda::Op::N, cuda::Op::N, -1e-9f, DeviceView<const bf16>(P[i].data(), s.rows, m.rank),
+                   DeviceView<const bf16>(D[i].data(), m.rank, s.cols), 1.0f, W);
+      }
+    }
+  };
+  pass();
+  ctx.synchronize();
+  Timer timer;
+  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+  state.counters["TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+void BM_CudaCopy(benchmark::State& state, const Model& m) {
+  cuda::Context ctx;
+  Weights& w = weights_for(m, ctx);
+  cuda::DeviceBuffer<bf16> dst(w.elements);
+  auto pass = [&] {
+    std::size_t at = 0;
+    for (std::size_t i = 0; i < w.W.size(); ++i) {
+      cuda::check(cudaMemcpyAsync(dst.data() + at, w.W[i].data(), w.W[i].bytes(), cudaMemcpyDeviceToDevice, ctx.stream()),
+                  "cudaMemcpyAsync");
+      at += w.W[i].size();
+    }
+  };
+  pass();
+  Timer timer;
+  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+  state.counters["GBps"] = benchmark::Counter(2.0 * sizeof(bf16) * static_cast<double>(w.elements) * 1e-9,
+                                              benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// Refresh of every matrix with one policy; gradients are gradient-like, and the
+// warm start starts from the randomized basis of a drifted earlier gradient.
+template <class Policy>
+void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm) {
+  const Model& m = kLlama1B;
+  cuda::Context ctx;
+  const std::vector<Shape> shapes = linear_shapes(m);
+  std::vector<cuda::DeviceBuffer<bf16>> G, P, Pnew;
+  std::size_t ws_bytes = 0;
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    const Shape s = shapes[i];
+    const Index side_len = s.rows >= s.cols ? s.cols : s.rows;
+    G.emplace_back(static_cast<std::size_t>(s.size()));
+    // Matrices of the same shape share signal and differ by noise: cheap to make, same spectrum.
+    fill_gradient(ctx, G.back().data(), s, 100 + 3 * (i % 7));
+    P.emplace_back(static_cast<std::size_t>(m.rank * side_len));
+    Pnew.emplace_back(static_cast<std::size_t>(m.rank * side_len));
+    ws_bytes = std::max({ws_bytes, cuda::compute_basis_bytes<bf16>(ctx, policy, s.rows, s.cols, m.rank, Side::Right),
+                         cuda::compute_basis_bytes<bf16>(ctx, cuda::refresh::Randomized{}, s.rows, s.cols, m.rank, Side::Right),
+                         cuda::compute_basis_bytes<bf16>(ctx, cuda::refresh::Exact{}, s.rows, s.cols, m.rank, Side::Right)});
+  }
+  ctx.reserve_workspace(ws_bytes);
+  auto basis_of = [&](std::size_t i, cuda::DeviceBuffer<bf16>& buf) {
+    const Shape s = shapes[i];
+    cuda::DeviceBasis<bf16> b;
+    b.rows = s.rows;
+    b.cols = s.cols;
+    b.rank = m.rank;
+    b.side = s.rows >= s.cols ? Side::Right : Side::Left;
+    (b.side == Side::Right ? b.right : b.left) = buf.data();
+    return b;
+  };
+  if (warm) {  // previous bases: the randomized basis of each gradient before a 2% drift
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+      auto ws = ctx.arena();
+      cuda::compute_basis(ctx, ws, cuda::refresh::Randomized{}, DeviceView<const bf16>(G[i].data(), shapes[i].rows, shapes[i].cols),
+                          m.rank, basis_of(i, P[i]), nullptr);
+    }
+    for (std::size_t i = 0; i < shapes.size(); ++i) {  // drift: G += 2% fresh noise (via a GEMM-free axpy in float)
+      cuda::DeviceBuffer<bf16> noise(G[i].size());
+      fill_gaussian(ctx, noise.data(), noise.size(), 900 + i);
+      cuda::DeviceBuffer<float> a(G[i].size()), b(G[i].size());
+      cuda::impl::convert<<<2048, 256, 0, ctx.stream()>>>(G[i].data(), a.data(), static_cast<std::int64_t>(G[i].size()));
+      cuda::impl::convert<<<2048, 256, 0, ctx.stream()>>>(noise.data(), b.data(), static_cast<std::int64_t>(G[i].size()));
+      const float alpha = 0.02f;
+      cuda::check(cublasSaxpy(ctx.blas(), static_cast<int>(G[i].size()), &alpha, b.data(), 1, a.data(), 1), "cublasSaxpy");
+      cuda::impl::convert<<<2048, 256, 0, ctx.stream()>>>(a.data(), G[i].data(), static_cast<std::int64_t>(G[i].size()));
+      ctx.synchronize();
+    }
+  }
+  auto pass = [&] {
+    for (std::size_t i = 0; i < shapes.size(); ++i) {
+      auto ws = ctx.arena();
+      const cuda::DeviceBasis<bf16> prev = basis_of(i, P[i]);
+      cuda::compute_basis(ctx, ws, policy, DeviceView<const bf16>(G[i].data(), shapes[i].rows, shapes[i].cols), m.rank,
+                          basis_of(i, Pnew[i]), warm ? &prev : nullptr);
+    }
+  };
+  pass();
+  ctx.synchronize();
+  Timer timer;
+  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+  // Captured energy of the refreshed basis against the exact one, over the first block (7 matrices).
+  double ratio = 0.0;
+  for (std::size_t i = 0; i < 7; ++i) {
+    const Shape s = shapes[i];
+    const bool right = s.rows >= s.cols;
+    cuda::DeviceBuffer<bf16> Pex(P[i].size());
+    {
+      auto ws = ctx.arena();
+      cuda::compute_basis(ctx, ws, cuda::refresh::Exact{}, DeviceView<const bf16>(G[i].data(), s.rows, s.cols), m.rank,
+                          basis_of(i, Pex), nullptr);
+    }
+    auto captured = [&](cuda::DeviceBuffer<bf16>& basis) {
+      const Index len = right ? s.rows : s.cols;
+      cuda::DeviceBuffer<float> R(static_cast<std::size_t>(len * m.rank));
+      const DeviceView<const bf16> Gv(G[i].data(), s.rows, s.cols);
+      if (right)
+        cuda::gemm(ctx, cuda::Op::N, cuda::Op::T, 1.0f, Gv, DeviceView<const bf16>(basis.data(), m.rank, s.cols), 0.0f,
+                   DeviceView<float>(R.data(), s.rows, m.rank));
+      else
+        cuda::gemm(ctx, cuda::Op::T, cuda::Op::N, 1.0f, DeviceView<const bf16>(basis.data(), s.rows, m.rank), Gv, 0.0f,
+                   DeviceView<float>(R.data(), m.rank, s.cols));
+      float nrm = 0.0f;
+      cuda::check(cublasSnrm2(ctx.blas(), static_cast<int>(R.size()), R.data(), 1, &nrm), "cublasSnrm2");
+      return static_cast<double>(nrm) * nrm;
+    };
+    ratio += captured(Pnew[i]) / captured(Pex);
+  }
+  state.counters["energy"] = ratio / 7.0;
+  state.counters["matrices"] = static_cast<double>(shapes.size());
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  int devices = 0;
+  if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
+    std::printf("galore_bench_cuda: no CUDA device, nothing to measure\n");
+    return 0;
+  }
+  for (const Model* m : {&kLlama1B, &kLlama7B8}) {
+    benchmark::RegisterBenchmark(("BM_CudaCopy/" + m->name).c_str(), BM_CudaCopy, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaGemmFloor/" + m->name).c_str(), BM_CudaGemmFloor, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/galore/" + m->name).c_str(), BM_CudaStep, *m, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep, *m, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+  }
+  benchmark::RegisterBenchmark("BM_CudaRefresh/exact/llama1b/r512", BM_CudaRefresh<cuda::refresh::Exact>, cuda::refresh::Exact{}, false)
+      ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);
+  benchmark::RegisterBenchmark("BM_CudaRefresh/randomized/llama1b/r512", BM_CudaRefresh<cuda::refresh::Randomized>, cuda::refresh::Randomized{}, false)
+      ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+  benchmark::RegisterBenchmark("BM_CudaRefresh/warm/llama1b/r512", BM_CudaRefresh<cuda::refresh::WarmStart>, cuda::refresh::WarmStart{}, true)
+      ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+  cuda::refresh::WarmStart subspace;
+  subspace.rayleigh_ritz = false;
+  benchmark::RegisterBenchmark("BM_CudaRefresh/warm_subspace/llama1b/r512", BM_CudaRefresh<cuda::refresh::WarmStart>, subspace, true)
+      ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+  benchmark::Initialize(&argc, argv);
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

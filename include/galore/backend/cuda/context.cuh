@@ -1,0 +1,120 @@
+// galore (CUDA backend): Context, what every GPU call runs with.
+//
+// A Context binds a stream (not owned: the caller's, or the legacy default
+// stream), a cuBLAS and a cuSOLVER handle on that stream, and a workspace for
+// the temporaries of a step or a refresh. Nothing is global: two contexts on
+// two streams step different layers concurrently. The workspace follows
+// CUTLASS's pattern: ask the optimizer for workspace_bytes(), then either let
+// the context allocate it (reserve) or hand it memory you own (attach).
+//
+// No member synchronizes the device except the destructor (cudaFree of an owned
+// workspace waits for work that uses it).
+#pragma once
+
+#include <cublas_v2.h>
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "device_buffer.cuh"
+#include "error.cuh"
+
+namespace galore::cuda {
+
+// A bump allocator over a workspace: take<T>(n) hands out 256-byte aligned
+// slices. Fresh for every call that uses it, so slices never outlive the call.
+class WorkspaceArena {
+ public:
+  WorkspaceArena(void* base, std::size_t bytes) : base_(static_cast<unsigned char*>(base)), bytes_(bytes) {}
+
+  template <class T>
+  T* take(std::size_t count) {
+    const std::size_t need = align(count * sizeof(T));
+    detail::require(used_ + need <= bytes_, "the CUDA workspace is too small (", bytes_, " bytes; this call needs at least ",
+                    used_ + need, "); size it with the optimizer's workspace_bytes()");
+    T* p = reinterpret_cast<T*>(base_ + used_);
+    used_ += need;
+    return p;
+  }
+  std::size_t used() const { return used_; }
+  static constexpr std::size_t align(std::size_t b) { return (b + 255) / 256 * 256; }
+
+ private:
+  unsigned char* base_;
+  std::size_t bytes_;
+  std::size_t used_ = 0;
+};
+
+class Context {
+ public:
+  explicit Context(cudaStream_t stream = nullptr) : stream_(stream) {
+    check(cublasCreate(&blas_), "cublasCreate");
+    try {
+      check(cublasSetStream(blas_, stream_), "cublasSetStream");
+      check(cusolverDnCreate(&solver_), "cusolverDnCreate");
+      check(cusolverDnSetStream(solver_, stream_), "cusolverDnSetStream");
+      check(cusolverDnCreateParams(&solver_params_), "cusolverDnCreateParams");
+    } catch (...) {
+      destroy();
+      throw;
+    }
+  }
+  ~Context() { destroy(); }
+  Context(const Context&) = delete;
+  Context& operator=(const Context&) = delete;
+
+  cudaStream_t stream() const { return stream_; }
+  cublasHandle_t blas() const { return blas_; }
+  cusolverDnHandle_t solver() const { return solver_; }
+  cusolverDnParams_t solver_params() const { return solver_params_; }
+
+  // Makes sure the workspace holds at least `bytes`, allocating it (owned by the
+  // context) if it does not. Reallocation changes its address.
+  void reserve_workspace(std::size_t bytes) {
+    if (workspace_bytes() >= bytes) return;
+    owned_ = DeviceBuffer<unsigned char>(bytes);
+    external_ = nullptr;
+    external_bytes_ = 0;
+  }
+  // Uses caller-owned device memory as the workspace (it must outlive its use).
+  void attach_workspace(void* device_memory, std::size_t bytes) {
+    detail::require(device_memory != nullptr || bytes == 0, "attach_workspace got a null pointer");
+    owned_ = DeviceBuffer<unsigned char>();
+    external_ = device_memory;
+    external_bytes_ = bytes;
+  }
+  std::size_t workspace_bytes() const { return external_ ? external_bytes_ : owned_.bytes(); }
+  WorkspaceArena arena() {
+    return external_ ? WorkspaceArena(external_, external_bytes_) : WorkspaceArena(owned_.data(), owned_.bytes());
+  }
+
+  // Host scratch for cuSOLVER's host workspace (usually empty).
+  std::vector<unsigned char>& host_scratch() { return host_scratch_; }
+
+  // Waits for everything queued on the stream. The only synchronizing member.
+  void synchronize() const { check(cudaStreamSynchronize(stream_), "cudaStreamSynchronize"); }
+
+ private:
+  void destroy() noexcept {
+    if (solver_params_) cusolverDnDestroyParams(solver_params_);
+    if (solver_) cusolverDnDestroy(solver_);
+    if (blas_) cublasDestroy(blas_);
+    solver_params_ = nullptr;
+    solver_ = nullptr;
+    blas_ = nullptr;
+  }
+
+  cudaStream_t stream_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
+  cusolverDnHandle_t solver_ = nullptr;
+  cusolverDnParams_t solver_params_ = nullptr;
+  DeviceBuffer<unsigned char> owned_;
+  void* external_ = nullptr;
+  std::size_t external_bytes_ = 0;
+  std::vector<unsigned char> host_scratch_;
+};
+
+}  // namespace galore::cuda

@@ -1,0 +1,505 @@
+// galore (CUDA backend): GaLoreOptimizer, the per-layer optimizer facade on the GPU.
+//
+// The same contract as the CPU facade (galore::GaLoreOptimizer): register every
+// parameter once, then call step(layer, W, G, ctx) as soon as a layer's
+// gradient exists. W and G are device views (float or bf16, the element type
+// chosen at registration); the step runs on ctx's stream and returns without
+// waiting for the device.
+//
+// What synchronizes the host, and nothing else does:
+//   - a step that may refresh the basis (its schedule says a refresh is due
+//     within the steps whose outcome the host does not know yet): it reads the
+//     layer's counters once before deciding, and once after projecting, so that
+//     a skipped refresh step leaves the basis and the schedule untouched;
+//   - status(), stats() and the checkpoint functions, which read device state.
+// A step that is skipped on the device (NaN or Inf in the gradient, or an update
+// that would not be finite) leaves W, the moments and the basis untouched, and
+// its counters say so; the host learns of it at the next synchronizing call.
+//
+// Memory: everything a layer holds (basis factors in the layer's element type,
+// both moments in MomentT, the step counters) is one device allocation made at
+// registration, so addresses never change. Temporaries live in the context's
+// workspace, sized by workspace_bytes().
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "../../core/matrix_view.hpp"
+#include "../../optim/adam_config.hpp"
+#include "../../optim/step_result.hpp"
+#include "../../projection_type.hpp"
+#include "../../projector_options.hpp"
+#include "../../schedule/fixed_gap.hpp"
+#include "adam.cuh"
+#include "context.cuh"
+#include "device_buffer.cuh"
+#include "gemm.cuh"
+#include "refresh.cuh"
+
+namespace galore::cuda {
+
+enum class DType : std::uint8_t { Float32, BFloat16 };
+
+template <class T>
+constexpr DType dtype_of() {
+  static_assert(is_device_scalar_v<T>, "galore: the CUDA backend steps float or __nv_bfloat16 weights");
+  return std::is_same_v<T, float> ? DType::Float32 : DType::BFloat16;
+}
+inline std::size_t size_of(DType t) { return t == DType::Float32 ? 4 : 2; }
+inline const char* to_string(DType t) { return t == DType::Float32 ? "float32" : "bfloat16"; }
+
+// What a GPU step knows when it returns. Unless the step synchronized (a
+// refresh step), the outcome is decided on the device later: status_known is
+// false and status() tells it.
+struct DeviceStepResult {
+  bool refreshed = false;
+  bool status_known = false;
+  StepStatus status = StepStatus::Applied;
+};
+
+template <class SVDPolicy = refresh::Exact, class MomentT = float, class SchedulePolicy = schedule::FixedGap>
+class GaLoreOptimizer {
+  static_assert(is_device_scalar_v<MomentT>, "galore: MomentT is float or __nv_bfloat16");
+  static_assert(std::is_same_v<SchedulePolicy, schedule::FixedGap>,
+                "galore: the CUDA backend supports schedule::FixedGap so far");
+
+ public:
+  using svd_policy = SVDPolicy;
+  using moment_type = MomentT;
+  using schedule_policy = SchedulePolicy;
+
+  explicit GaLoreOptimizer(ProjectorOptions projection = {}, AdamConfig adam = {}, SchedulePolicy schedule = {},
+                           SVDPolicy svd = {})
+      : projection_(projection), adam_(adam), schedule_(schedule), svd_(svd) {
+    adam_.validate();
+    validate_options(projection_);
+    (void)schedule_.init();
+  }
+
+  // A GaLore-projected matrix whose weight and gradient hold `dtype` elements.
+  LayerId add_layer(Shape shape, DType dtype, std::string name = {}) {
+    return add_layer(shape, dtype, projection_, std::move(name));
+  }
+  LayerId add_layer(Shape shape, DType dtype, const ProjectorOptions& options, std::string name = {}) {
+    check_shape(shape, name);
+    validate_options(options);
+    detail::require(options.rank <= std::min(shape.rows, shape.cols), "layer '", name, "': rank ", options.rank,
+                    " is out of range for a ", shape.rows, "x", shape.cols, " matrix");
+    Layer l;
+    l.name = std::move(name);
+    l.shape = shape;
+    l.dtype = dtype;
+    l.projected = true;
+    l.options = options;
+    l.side = resolve_side(options.type, shape.rows, shape.cols);
+    l.low_rank = low_rank_shape(l.side, shape, options.rank);
+    l.state = schedule_.init();
+    allocate(l);
+    return push(std::move(l));
+  }
+  // A parameter trained by plain AdamW.
+  LayerId add_dense(Shape shape, DType dtype, std::string name = {}) {
+    check_shape(shape, name);
+    Layer l;
+    l.name = std::move(name);
+    l.shape = shape;
+    l.dtype = dtype;
+    l.low_rank = shape;
+    allocate(l);
+    return push(std::move(l));
+  }
+
+  // One step of one layer on ctx's stream. W and G are device views of the
+  // registered shape and element type (G may be strided; W must be row-major
+  // with any leading dimension >= cols).
+  template <class T>
+  DeviceStepResult step(LayerId id, DeviceView<T> W, DeviceView<const T> G, Context& ctx) {
+    static_assert(!std::is_const_v<T>, "galore: W must be a view of mutable elements");
+    Layer& l = layer(id);
+    detail::require(l.dtype == dtype_of<T>(), "layer ", describe(l), " was registered with ", to_string(l.dtype),
+                    " elements but step() got ", to_string(dtype_of<T>()));
+    detail::require(W.shape() == l.shape && G.shape() == l.shape, "layer ", describe(l), " was registered as ",
+                    l.shape.rows, "x", l.shape.cols, " but got W ", W.rows, "x", W.cols, " and G ", G.rows, "x",
+                    G.cols);
+    detail::require(W.data != nullptr && G.data != nullptr, "step() got a null device pointer");
+    return l.projected ? galore_step(l, W, G, ctx) : dense_step(l, W, G, ctx);
+  }
+  template <class T>
+  DeviceStepResult step(LayerId id, DeviceView<T> W, DeviceView<T> G, Context& ctx) {
+    return step(id, W, DeviceView<const T>(G), ctx);
+  }
+  // Contiguous row-major device buffers of the registered shape.
+  template <class T>
+  DeviceStepResult step(LayerId id, T* W, const T* G, Context& ctx) {
+    const Shape s = layer(id).shape;
+    return step(id, DeviceView<T>(W, s.rows, s.cols), DeviceView<const T>(G, s.rows, s.cols), ctx);
+  }
+
+  // The outcome of the layer's latest step. Synchronizes ctx's stream.
+  StepStatus status(LayerId id, Context& ctx) {
+    const StepCounters c = read_counters(layer(id), ctx);
+    return c.last_skipped ? StepStatus::SkippedNonFinite : StepStatus::Applied;
+  }
+
+  // Synchronizes ctx's stream (the counters live on the device).
+  LayerStats stats(LayerId id, Context& ctx) {
+    Layer& l = layer(id);
+    const StepCounters c = read_counters(l, ctx);
+    LayerStats s;
+    s.name = l.name;
+    s.shape = l.shape;
+    s.projected = l.projected;
+    s.steps = c.applied;
+    s.skipped_steps = c.skipped;
+    if (l.projected) {
+      s.svd_count = l.svd_count;
+      s.update_gap = schedule_.current_gap(l.state);
+    }
+    s.state_bytes = l.storage.bytes();
+    return s;
+  }
+
+  void set_lr(double lr) {
+    AdamConfig c = adam_;
+    c.lr = lr;
+    c.validate();
+    adam_ = c;
+  }
+  const AdamConfig& adam_config() const { return adam_; }
+  const ProjectorOptions& projection_options() const { return projection_; }
+  std::size_t num_layers() const { return layers_.size(); }
+  bool is_projected(LayerId id) const { return layer(id).projected; }
+  std::int64_t svd_count(LayerId id) const { return layer(id).svd_count; }
+  Side side(LayerId id) const { return layer(id).side; }
+
+  // The layer's basis in device memory (left m x r, right r x n, row-major, in the
+  // layer's element type; null where the side has none). Valid once a step applied.
+  template <class T>
+  DeviceBasis<T> basis(LayerId id) const {
+    const Layer& l = layer(id);
+    detail::require(l.projected && l.dtype == dtype_of<T>(), "layer ", describe(l),
+                    " has no basis of that element type");
+    return basis_of<T>(l, const_cast<unsigned char*>(l.storage.data()));
+  }
+  // The moments (low-rank shape, MomentT), for inspection and checkpoints.
+  const MomentT* first_moment(LayerId id) const { return reinterpret_cast<const MomentT*>(layer(id).storage.data()); }
+  const MomentT* second_moment(LayerId id) const { return first_moment(id) + layer(id).low_rank.size(); }
+
+  // Device bytes of optimizer state: for every layer its one allocation (both
+  // moments, the basis, the counters, each piece aligned to 256 bytes).
+  std::size_t state_bytes() const {
+    std::size_t b = 0;
+    for (const Layer& l : layers_) b += l.storage.bytes();
+    return b;
+  }
+  // The same, predicted for a layer before registering it.
+  std::size_t predict_layer_bytes(Shape shape, DType dtype, const ProjectorOptions& o) const {
+    const Side side = resolve_side(o.type, shape.rows, shape.cols);
+    return layout(shape, low_rank_shape(side, shape, o.rank), dtype, true, side, o.rank).total;
+  }
+  std::size_t predict_dense_bytes(Shape shape, DType dtype) const {
+    return layout(shape, shape, dtype, false, Side::Right, 0).total;
+  }
+
+  // Workspace a context needs to step every registered layer (the largest
+  // single layer's need). Asks cuSOLVER for its buffer sizes through ctx.
+  std::size_t workspace_bytes(Context& ctx) const {
+    std::size_t b = 0;
+    for (const Layer& l : layers_) b = std::max(b, layer_workspace(l, ctx));
+    return b;
+  }
+
+ private:
+  using A = WorkspaceArena;
+
+  struct Layer {
+    std::string name;
+    Shape shape;
+    DType dtype = DType::Float32;
+    bool projected = false;
+    ProjectorOptions options;
+    Side side = Side::Right;
+    Shape low_rank;
+    typename SchedulePolicy::State state{};
+    DeviceBuffer<unsigned char> storage;
+    bool has_basis = false;
+    std::int64_t svd_count = 0;
+    // The host's knowledge of the device counters: `known_applied` was read at
+    // the last synchronization; `pending` steps were queued since.
+    std::int64_t known_applied = 0;
+    std::int64_t pending = 0;
+  };
+
+  struct Layout {
+    std::size_t m = 0, v = 0, left = 0, right = 0, counters = 0, total = 0;
+  };
+
+  static Layout layout(Shape shape, Shape low_rank, DType dtype, bool projected, Side side, Index rank) {
+    Layout o;
+    const std::size_t moments = A::align(sizeof(MomentT) * static_cast<std::size_t>(low_rank.size()));
+    o.m = 0;
+    o.v = moments;
+    std::size_t at = 2 * moments;
+    if (projected && side != Side::Right) {
+      o.left = at;
+      at += A::align(size_of(dtype) * static_cast<std::size_t>(shape.rows * rank));
+    }
+    if (projected && side != Side::Left) {
+      o.right = at;
+      at += A::align(size_of(dtype) * static_cast<std::size_t>(rank * shape.cols));
+    }
+    o.counters = at;
+    o.total = at + A::align(sizeof(StepCounters));
+    return o;
+  }
+  static Layout layout(const Layer& l) { return layout(l.shape, l.low_rank, l.dtype, l.projected, l.side, l.options.rank); }
+
+  static void validate_options(const ProjectorOptions& o) {
+    detail::require(o.rank >= 1, "rank must be at least 1 (got ", o.rank, ")");
+    detail::require(std::isfinite(o.scale), "scale must be finite (got ", o.scale, ")");
+    (void)resolve_side(o.type, 1, 1);  // throws on an invalid enum value
+  }
+  static void check_shape(Shape shape, const std::string& name) {
+    detail::require(shape.rows > 0 && shape.cols > 0, "layer '", name, "' needs a positive shape (got ", shape.rows,
+                    "x", shape.cols, ")");
+    detail::require(shape.rows <= INT32_MAX && shape.cols <= INT32_MAX, "layer '", name,
+                    "': cuBLAS takes dimensions below 2^31");
+  }
+
+  void allocate(Layer& l) {
+    const Layout o = layout(l);
+    l.storage = DeviceBuffer<unsigned char>(o.total);
+    // Zero moments and counters (the basis is written by the first refresh).
+    check(cudaMemset(l.storage.data(), 0, o.total), "cudaMemset");
+    const StepCounters init{};
+    check(cudaMemcpy(l.storage.data() + o.counters, &init, sizeof init, cudaMemcpyHostToDevice), "cudaMemcpy");
+  }
+
+  LayerId push(Layer&& l) {
+    layers_.push_back(std::move(l));
+    return LayerId{layers_.size() - 1};
+  }
+
+  static std::string describe(const Layer& l) { return l.name.empty() ? std::string("(unnamed)") : "'" + l.name + "'"; }
+
+  const Layer& layer(LayerId id) const {
+    detail::require(id.index < layers_.size(), "unknown layer id ", id.index, " (", layers_.size(),
+                    " layers registered)");
+    return layers_[id.index];
+  }
+  Layer& layer(LayerId id) { return const_cast<Layer&>(std::as_const(*this).layer(id)); }
+
+  static StepCounters* counters_of(Layer& l) {
+    return reinterpret_cast<StepCounters*>(l.storage.data() + layout(l).counters);
+  }
+  template <class T>
+  static DeviceBasis<T> basis_of(const Layer& l, unsigned char* base) {
+    const Layout o = layout(l);
+    DeviceBasis<T> b;
+    b.side = l.side;
+    b.rows = l.shape.rows;
+    b.cols = l.shape.cols;
+    b.rank = l.options.rank;
+    if (l.side != Side::Right) b.left = reinterpret_cast<T*>(base + o.left);
+    if (l.side != Side::Left) b.right = reinterpret_cast<T*>(base + o.right);
+    return b;
+  }
+
+  StepCounters read_counters(Layer& l, Context& ctx) {
+    StepCounters c;
+    check(cudaMemcpyAsync(&c, counters_of(l), sizeof c, cudaMemcpyDeviceToHost, ctx.stream()), "cudaMemcpyAsync");
+    ctx.synchronize();
+    l.known_applied = c.applied;
+    l.pending = 0;
+    return c;
+  }
+
+  AdamLaunch launch(float scale) const {
+    AdamLaunch p;
+    p.lr = adam_.lr;
+    p.beta1 = adam_.beta1;
+    p.beta2 = adam_.beta2;
+    p.correct_bias = adam_.correct_bias;
+    p.coeffs = {static_cast<float>(adam_.beta1), static_cast<float>(1.0 - adam_.beta1), static_cast<float>(adam_.beta2),
+                static_cast<float>(1.0 - adam_.beta2), static_cast<float>(adam_.eps)};
+    p.decay = adam_.decay_factor();
+    p.scale = scale;
+    return p;
+  }
+
+  // Could a refresh be due at any step count the layer may have reached?
+  bool refresh_may_be_due(const Layer& l) const {
+    if (!l.has_basis) return true;
+    const std::int64_t first = l.known_applied, last = l.known_applied + l.pending;
+    if constexpr (std::is_same_v<SchedulePolicy, schedule::FixedGap>) {
+      const std::int64_t next = (first + schedule_.gap - 1) / schedule_.gap * schedule_.gap;  // first multiple >= first
+      return next <= last;
+    } else {
+      for (std::int64_t s = first; s <= last; ++s)
+        if (schedule_.due(l.state, s)) return true;
+      return false;
+    }
+  }
+
+  // Workspace of one step: R (float), D (T), the both-sided intermediates,
+  // and for a refresh the candidate basis plus the policy's own needs.
+  std::size_t layer_workspace(const Layer& l, Context& ctx) const {
+    const std::size_t t = size_of(l.dtype);
+    const std::size_t lr = static_cast<std::size_t>(l.low_rank.size());
+    if (!l.projected) return 0;
+    std::size_t b = A::align(sizeof(float) * lr) + A::align(t * lr);
+    const std::size_t mr = static_cast<std::size_t>(l.shape.rows * l.options.rank);
+    const std::size_t rn = static_cast<std::size_t>(l.options.rank * l.shape.cols);
+    if (l.side == Side::Both) b += 2 * A::align(sizeof(float) * mr) + A::align(t * mr);
+    if (l.side != Side::Right) b += A::align(t * mr);
+    if (l.side != Side::Left) b += A::align(t * rn);
+    const std::size_t refresh = l.dtype == DType::Float32
+                                    ? compute_basis_bytes<float>(ctx, svd_, l.shape.rows, l.shape.cols, l.options.rank, l.side)
+                                    : compute_basis_bytes<bf16>(ctx, svd_, l.shape.rows, l.shape.cols, l.options.rank, l.side);
+    return b + refresh;
+  }
+
+  template <class T>
+  DeviceStepResult dense_step(Layer& l, DeviceView<T> W, DeviceView<const T> G, Context& ctx) {
+    detail::require(W.contiguous() && G.contiguous(), "dense layer ", describe(l),
+                    ": W and G must be contiguous row-major (leading dimension = cols)");
+    const std::int64_t n = l.shape.size();
+    MomentT* m = reinterpret_cast<MomentT*>(l.storage.data());
+    MomentT* v = reinterpret_cast<MomentT*>(l.storage.data() + layout(l).v);
+    const AdamLaunch p = launch(1.0f);
+    check_step(ctx, G.data, n, p, counters_of(l));
+    apply_adamw_dense(ctx, W.data, G.data, n, m, v, p, counters_of(l));
+    ++l.pending;
+    return {};
+  }
+
+  template <class T>
+  DeviceStepResult galore_step(Layer& l, DeviceView<T> W, DeviceView<const T> G, Context& ctx) {
+    DeviceStepResult result;
+    WorkspaceArena ws = ctx.arena();
+    const Index r = l.options.rank;
+    const Shape lr = l.low_rank;
+    float* R = ws.take<float>(static_cast<std::size_t>(lr.size()));
+    T* D = ws.take<T>(static_cast<std::size_t>(lr.size()));
+    // Both sides: G Q^T and P in float, so that the small off-diagonal entries of
+    // R are not lost to bf16 rounding of the m x r intermediate.
+    const bool both = l.side == Side::Both;
+    float* X = both ? ws.take<float>(static_cast<std::size_t>(l.shape.rows * r)) : nullptr;
+    float* Pf = both ? ws.take<float>(static_cast<std::size_t>(l.shape.rows * r)) : nullptr;
+    T* PN = both ? ws.take<T>(static_cast<std::size_t>(l.shape.rows * r)) : nullptr;
+    DeviceBasis<T> stored = basis_of<T>(l, l.storage.data());
+    DeviceBasis<T> use = stored;
+
+    bool refresh = false;
+    if (refresh_may_be_due(l)) {
+      if (l.has_basis) (void)read_counters(l, ctx);  // learn the exact step count (synchronizes)
+      refresh = !l.has_basis || schedule_.due(l.state, l.known_applied);
+    }
+    if (refresh) {
+      DeviceBasis<T> candidate = stored;
+      if (l.side != Side::Right) candidate.left = ws.take<T>(static_cast<std::size_t>(l.shape.rows * r));
+      if (l.side != Side::Left) candidate.right = ws.take<T>(static_cast<std::size_t>(r * l.shape.cols));
+      compute_basis(ctx, ws, svd_, G, r, candidate, l.has_basis ? &stored : nullptr);
+      use = candidate;
+    }
+
+    project(ctx, use, G, R, X, Pf, lr);
+    MomentT* m = reinterpret_cast<MomentT*>(l.storage.data());
+    MomentT* v = reinterpret_cast<MomentT*>(l.storage.data() + layout(l).v);
+    StepCounters* counters = counters_of(l);
+    const AdamLaunch p = launch(l.options.scale);
+    check_step(ctx, R, lr.size(), p, counters);
+
+    if (refresh) {
+      // Adopt the candidate only if the step is applied: a skipped refresh step
+      // leaves the basis, the SVD count and the schedule untouched.
+      const StepCounters c = read_counters(l, ctx);
+      result.status_known = true;
+      if (c.last_skipped) {
+        result.status = StepStatus::SkippedNonFinite;
+        return result;
+      }
+      const std::size_t t = sizeof(T);
+      if (l.side != Side::Right)
+        check(cudaMemcpyAsync(stored.left, use.left, t * l.shape.rows * r, cudaMemcpyDeviceToDevice, ctx.stream()),
+              "cudaMemcpyAsync");
+      if (l.side != Side::Left)
+        check(cudaMemcpyAsync(stored.right, use.right, t * r * l.shape.cols, cudaMemcpyDeviceToDevice, ctx.stream()),
+              "cudaMemcpyAsync");
+      l.has_basis = true;
+      ++l.svd_count;
+      result.refreshed = true;
+      l.known_applied = c.applied;
+    } else {
+      ++l.pending;
+    }
+
+    apply_adam(ctx, R, lr.size(), m, v, D, p, counters);
+    back_project(ctx, stored, D, PN, W, lr, counters);
+    return result;
+  }
+
+  // R = projection of G: right G P^T, left P^T G, both P^T (G Q^T) with the
+  // second product in float32.
+  template <class T>
+  static void project(Context& ctx, const DeviceBasis<T>& b, DeviceView<const T> G, float* R, float* X, float* Pf,
+                      Shape lr) {
+    const Index m = b.rows, n = b.cols, r = b.rank;
+    switch (b.side) {
+      case Side::Right:
+        gemm(ctx, Op::N, Op::T, 1.0f, G, DeviceView<const T>(b.right, r, n), 0.0f, DeviceView<float>(R, lr.rows, lr.cols));
+        break;
+      case Side::Left:
+        gemm(ctx, Op::T, Op::N, 1.0f, DeviceView<const T>(b.left, m, r), G, 0.0f, DeviceView<float>(R, lr.rows, lr.cols));
+        break;
+      case Side::Both: {
+        gemm(ctx, Op::N, Op::T, 1.0f, G, DeviceView<const T>(b.right, r, n), 0.0f, DeviceView<float>(X, m, r));
+        const float* P = Pf;
+        if constexpr (std::is_same_v<T, float>) P = b.left;
+        else impl::convert(ctx, b.left, Pf, m * r);
+        gemm(ctx, Op::T, Op::N, 1.0f, DeviceView<const float>(P, m, r), DeviceView<const float>(X, m, r), 0.0f,
+             DeviceView<float>(R, r, r));
+        break;
+      }
+    }
+  }
+
+  // W = beta * W + alpha * back(D), alpha and beta from the layer's counters:
+  // right D P, left P D, both (P D) Q.
+  template <class T>
+  static void back_project(Context& ctx, const DeviceBasis<T>& b, const T* D, T* PN, DeviceView<T> W, Shape lr,
+                           const StepCounters* c) {
+    const Index m = b.rows, n = b.cols, r = b.rank;
+    const float* alpha = &c->alpha;
+    const float* beta = &c->beta;
+    const DeviceView<const T> Dv(D, lr.rows, lr.cols);
+    switch (b.side) {
+      case Side::Right:
+        gemm_device_scalars(ctx, Op::N, Op::N, alpha, Dv, DeviceView<const T>(b.right, r, n), beta, W);
+        break;
+      case Side::Left:
+        gemm_device_scalars(ctx, Op::N, Op::N, alpha, DeviceView<const T>(b.left, m, r), Dv, beta, W);
+        break;
+      case Side::Both:
+        gemm(ctx, Op::N, Op::N, 1.0f, DeviceView<const T>(b.left, m, r), Dv, 0.0f, DeviceView<T>(PN, m, r));
+        gemm_device_scalars(ctx, Op::N, Op::N, alpha, DeviceView<const T>(PN, m, r),
+                            DeviceView<const T>(b.right, r, n), beta, W);
+        break;
+    }
+  }
+
+  ProjectorOptions projection_;
+  AdamConfig adam_;
+  SchedulePolicy schedule_;
+  SVDPolicy svd_;
+  std::vector<Layer> layers_;
+};
+
+}  // namespace galore::cuda

@@ -1,0 +1,412 @@
+// galore (CUDA backend): computing a layer's basis on the GPU with the three SVD
+// policies of the CPU backend.
+//
+// - Exact: the eigenvectors of the smaller Gram matrix (G^T G or G G^T, formed in
+//   float32 by cuBLAS) from cuSOLVER's syevd, in float64 by default (float32 on
+//   request); the other side's vectors are G v / |G v|. Relative to the CPU's
+//   float32 SVD the subspaces agree to about 1e-5 in float64 (the Gram matrix
+//   squares the condition number, so vectors of singular values below
+//   sqrt(float epsilon) * s_1 are not resolved; GaLore keeps the top ones).
+// - Randomized: the Gaussian sketch of the CPU policy (same Philox numbers),
+//   power iterations, then Rayleigh-Ritz.
+// - WarmStart: subspace iteration from the previous basis, then Rayleigh-Ritz.
+// Orthonormalization is CholeskyQR2 with a shifted first pass (the shift,
+// 1e-7 of the mean diagonal, keeps the Gram matrix positive definite when the
+// vectors are nearly dependent; two more passes restore orthonormality).
+// Signs are canonical and oriented like the previous basis, as on the CPU.
+//
+// Nothing here synchronizes the host. The result goes to `out` (which may be
+// the layer's own storage or a candidate buffer); `previous` may alias `out`.
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cusolverDn.h>
+
+#include <algorithm>
+#include <cstdint>
+
+#include "../../core/matrix_view.hpp"
+#include "../../projection_type.hpp"
+#include "../../rounding/philox.hpp"
+#include "basis_kernels.cuh"
+#include "context.cuh"
+#include "gemm.cuh"
+
+namespace galore::cuda {
+
+// A basis in device memory, in element type T (row-major): left m x r (column j
+// is singular vector j), right r x n (row i is singular vector i).
+template <class T>
+struct DeviceBasis {
+  Side side = Side::Right;
+  T* left = nullptr;
+  T* right = nullptr;
+  Index rows = 0, cols = 0, rank = 0;
+};
+
+// Hyperparameters of the GPU refresh, mirroring the CPU policies of the same names.
+namespace refresh {
+struct Exact {
+  bool float64 = true;  // the eigensolver's precision
+};
+struct Randomized {
+  Index oversample = 16;
+  int power_iterations = 2;
+  std::uint64_t seed = 0x67a1043eULL;
+};
+struct WarmStart {
+  int iterations = 1;
+  Randomized cold{};
+  // Rayleigh-Ritz sorts the vectors by singular value and rotates them to the
+  // singular vectors within the subspace, as the CPU policy does. Without it
+  // (one-sided bases only) the refreshed basis is the orthonormalized iterate:
+  // the same subspace, vectors near the previous ones, no r x r eigensolver.
+  bool rayleigh_ritz = true;
+};
+}  // namespace refresh
+
+namespace impl {
+
+inline int grid_for(std::int64_t n) { return blocks_for(n); }
+
+template <class In, class Out>
+void convert(Context& ctx, const In* in, Out* out, std::int64_t n) {
+  convert<<<grid_for(n), kThreads, 0, ctx.stream()>>>(in, out, n);
+  check_launch("galore::cuda::convert");
+}
+
+// Bytes of cuSOLVER device workspace for a k x k symmetric eigenproblem (E = float or double).
+template <class E>
+std::size_t syevd_bytes(Context& ctx, Index k, std::size_t* host_bytes = nullptr) {
+  std::size_t dev = 0, host = 0;
+  check(cusolverDnXsyevd_bufferSize(ctx.solver(), ctx.solver_params(), CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER,
+                                    k, data_type<E>(), nullptr, k, data_type<E>(), nullptr, data_type<E>(), &dev, &host),
+        "cusolverDnXsyevd_bufferSize");
+  if (host_bytes) *host_bytes = host;
+  return dev;
+}
+
+inline std::size_t potrf_bytes(Context& ctx, Index k, std::size_t* host_bytes = nullptr) {
+  std::size_t dev = 0, host = 0;
+  check(cusolverDnXpotrf_bufferSize(ctx.solver(), ctx.solver_params(), CUBLAS_FILL_MODE_LOWER, k, CUDA_R_64F, nullptr,
+                                    k, CUDA_R_64F, &dev, &host),
+        "cusolverDnXpotrf_bufferSize");
+  if (host_bytes) *host_bytes = host;
+  return dev;
+}
+
+// Top-r eigenvectors (largest first) of the k x k symmetric float matrix `gram`
+// (overwritten), vector-major into vecs (r x k float).
+inline void top_eigenvectors(Context& ctx, WorkspaceArena& ws, float* gram, Index k, Index r, bool float64,
+                             float* vecs) {
+  std::size_t host_bytes = 0;
+  int* info = ws.take<int>(1);
+  auto run = [&](auto* a, auto* w, std::size_t dev_bytes) {
+    void* dwork = ws.take<unsigned char>(dev_bytes);
+    auto& h = ctx.host_scratch();
+    if (h.size() < host_bytes) h.resize(host_bytes);
+    using E = std::remove_pointer_t<decltype(a)>;
+    check(cusolverDnXsyevd(ctx.solver(), ctx.solver_params(), CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, k,
+                           data_type<E>(), a, k, data_type<E>(), w, data_type<E>(), dwork, dev_bytes,
+                           host_bytes ? h.data() : nullptr, host_bytes, info),
+          "cusolverDnXsyevd");
+    top_eigenvectors<<<dim3(static_cast<unsigned>(std::max<Index>(1, std::min<Index>((k + 255) / 256, 64))),
+                            static_cast<unsigned>(r)),
+                       256, 0, ctx.stream()>>>(a, static_cast<int>(k), static_cast<int>(r), vecs);
+    check_launch("galore::cuda::top_eigenvectors");
+  };
+  if (float64) {
+    const std::size_t dev_bytes = syevd_bytes<double>(ctx, k, &host_bytes);
+    double* a = ws.take<double>(static_cast<std::size_t>(k * k));
+    double* w = ws.take<double>(static_cast<std::size_t>(k));
+    convert(ctx, gram, a, k * k);
+    run(a, w, dev_bytes);
+  } else {
+    const std::size_t dev_bytes = syevd_bytes<float>(ctx, k, &host_bytes);
+    float* w = ws.take<float>(static_cast<std::size_t>(k));
+    run(gram, w, dev_bytes);
+  }
+}
+
+inline std::size_t top_eigenvectors_bytes(Context& ctx, Index k, bool float64) {
+  std::size_t b = WorkspaceArena::align(sizeof(int));
+  if (float64)
+    b += WorkspaceArena::align(syevd_bytes<double>(ctx, k)) + WorkspaceArena::align(sizeof(double) * k * k) +
+         WorkspaceArena::align(sizeof(double) * k);
+  else
+    b += WorkspaceArena::align(syevd_bytes<float>(ctx, k)) + WorkspaceArena::align(sizeof(float) * k);
+  return b;
+}
+
+// Canonical signs, orientation and storage of vector-major vecs (r x len) as
+// the left (m x r) or right (r x n) factor.
+template <class T>
+void store(Context& ctx, const float* vecs, Index r, Index len, bool left, T* out, const T* previous) {
+  const std::int64_t vec_stride = left ? 1 : len, elem_stride = left ? r : 1;
+  store_vectors<<<static_cast<unsigned>(r), kVectorThreads, 0, ctx.stream()>>>(vecs, len, out, vec_stride, elem_stride,
+                                                                               previous);
+  check_launch("galore::cuda::store_vectors");
+}
+
+inline void normalize(Context& ctx, float* vecs, Index r, Index len) {
+  normalize_vectors<<<static_cast<unsigned>(r), kVectorThreads, 0, ctx.stream()>>>(vecs, len);
+  check_launch("galore::cuda::normalize_vectors");
+}
+
+// A device view of T elements, converted from float when T is not float (the
+// GEMMs with G need both operands in G's type).
+template <class T>
+const T* as_type(Context& ctx, WorkspaceArena& ws, const float* x, std::int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    T* y = ws.take<T>(static_cast<std::size_t>(n));
+    convert(ctx, x, y, n);
+    return y;
+  }
+}
+template <class T>
+std::size_t as_type_bytes(std::int64_t n) {
+  return std::is_same_v<T, float> ? 0 : WorkspaceArena::align(sizeof(T) * n);
+}
+
+// X (len x l, row-major float) <- an orthonormal basis of its columns by
+// CholeskyQR in float64, three passes (Gram DGEMM, Cholesky of l x l, triangular
+// solve). Each Gram matrix is shifted by 1e-12 of its mean diagonal (plus 1e-300,
+// for an all-zero X): that keeps the Cholesky factorization defined when the
+// columns are dependent (a gradient of rank below l), where the dependent
+// directions come out as an arbitrary orthonormal completion or as zero
+// vectors, never as NaN; on well-conditioned input the shift changes nothing
+// a float can hold.
+inline void orthonormalize(Context& ctx, WorkspaceArena& ws, float* X, Index len, Index l) {
+  double* xd = ws.take<double>(static_cast<std::size_t>(len * l));
+  double* c = ws.take<double>(static_cast<std::size_t>(l * l));
+  std::size_t host_bytes = 0;
+  const std::size_t dev_bytes = potrf_bytes(ctx, l, &host_bytes);
+  void* dwork = ws.take<unsigned char>(dev_bytes);
+  int* info = ws.take<int>(1);
+  auto& h = ctx.host_scratch();
+  if (h.size() < host_bytes) h.resize(host_bytes);
+  convert(ctx, X, xd, len * l);
+  const DeviceView<const double> Xv(xd, len, l);
+  for (int pass = 0; pass < 3; ++pass) {
+    gemm(ctx, Op::T, Op::N, 1.0, Xv, Xv, 0.0, DeviceView<double>(c, l, l));  // X^T X
+    shift_diagonal<<<1, kVectorThreads, 0, ctx.stream()>>>(c, static_cast<int>(l), 1e-12, 1e-300);
+    check_launch("galore::cuda::shift_diagonal");
+    check(cusolverDnXpotrf(ctx.solver(), ctx.solver_params(), CUBLAS_FILL_MODE_LOWER, l, CUDA_R_64F, c, l, CUDA_R_64F,
+                           dwork, dev_bytes, host_bytes ? h.data() : nullptr, host_bytes, info),
+          "cusolverDnXpotrf");
+    // X <- X L^{-T}: in column-major terms X^T <- L^{-1} X^T (X^T is X's memory).
+    const double one = 1.0;
+    check(cublasSetPointerMode(ctx.blas(), CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    check(cublasDtrsm(ctx.blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT,
+                      static_cast<int>(l), static_cast<int>(len), &one, c, static_cast<int>(l), xd, static_cast<int>(l)),
+          "cublasDtrsm");
+  }
+  convert(ctx, xd, X, len * l);
+}
+inline std::size_t orthonormalize_bytes(Context& ctx, Index l, Index len) {
+  return WorkspaceArena::align(sizeof(double) * len * l) + WorkspaceArena::align(sizeof(double) * l * l) +
+         WorkspaceArena::align(potrf_bytes(ctx, l)) + WorkspaceArena::align(sizeof(int));
+}
+
+// Rayleigh-Ritz from an orthonormal Q (len x l) spanning G's column space
+// (column_space, len = m) or row space (len = n): the top-r singular vectors
+// within the span, stored into `out` with canonical, oriented signs.
+template <class T>
+void finish_from_range(Context& ctx, WorkspaceArena& ws, DeviceView<const T> G, const float* Q, Index l,
+                       bool column_space, Index r, const DeviceBasis<T>& out, const DeviceBasis<T>* previous) {
+  const Index m = G.rows, n = G.cols, len = column_space ? m : n, other = column_space ? n : m;
+  const T* Qt = as_type<T>(ctx, ws, Q, len * l);
+  float* B = ws.take<float>(static_cast<std::size_t>(other * l));  // B^T as l x other, vector-major
+  // column space: B = Q^T G (l x n); row space: B^T = Q^T G^T (l x m).
+  if (column_space) gemm(ctx, Op::T, Op::N, 1.0f, DeviceView<const T>(Qt, m, l), G, 0.0f, DeviceView<float>(B, l, n));
+  else gemm(ctx, Op::T, Op::T, 1.0f, DeviceView<const T>(Qt, n, l), G, 0.0f, DeviceView<float>(B, l, m));
+  float* gram = ws.take<float>(static_cast<std::size_t>(l * l));
+  const DeviceView<const float> Bv(B, l, other);
+  gemm(ctx, Op::N, Op::T, 1.0f, Bv, Bv, 0.0f, DeviceView<float>(gram, l, l));
+  float* w = ws.take<float>(static_cast<std::size_t>(r * l));  // top-r eigenvectors of the l x l Gram, vector-major
+  top_eigenvectors(ctx, ws, gram, l, r, true, w);
+  const DeviceView<const float> Wv(w, r, l);
+  const bool want_in_span = column_space ? out.side != Side::Right : out.side != Side::Left;
+  const bool want_other = column_space ? out.side != Side::Left : out.side != Side::Right;
+  if (want_in_span) {  // vectors Q w_i: (r x len) = W (r x l) Q^T
+    float* v = ws.take<float>(static_cast<std::size_t>(r * len));
+    gemm(ctx, Op::N, Op::T, 1.0f, Wv, DeviceView<const float>(Q, len, l), 0.0f, DeviceView<float>(v, r, len));
+    store(ctx, v, r, len, column_space, column_space ? out.left : out.right,
+          previous ? (column_space ? previous->left : previous->right) : static_cast<const T*>(nullptr));
+  }
+  if (want_other) {  // vectors B^T w_i / |.|: (r x other) = W (r x l) B (l x other)
+    float* v = ws.take<float>(static_cast<std::size_t>(r * other));
+    gemm(ctx, Op::N, Op::N, 1.0f, Wv, Bv, 0.0f, DeviceView<float>(v, r, other));
+    normalize(ctx, v, r, other);
+    store(ctx, v, r, other, !column_space, column_space ? out.right : out.left,
+          previous ? (column_space ? previous->right : previous->left) : static_cast<const T*>(nullptr));
+  }
+}
+template <class T>
+std::size_t finish_from_range_bytes(Context& ctx, Index m, Index n, Index l, bool column_space, Index r) {
+  const Index len = column_space ? m : n, other = column_space ? n : m;
+  using A = WorkspaceArena;
+  return as_type_bytes<T>(len * l) + A::align(sizeof(float) * other * l) + A::align(sizeof(float) * l * l) +
+         A::align(sizeof(float) * r * l) + top_eigenvectors_bytes(ctx, l, true) + A::align(sizeof(float) * r * len) +
+         A::align(sizeof(float) * r * other);
+}
+
+}  // namespace impl
+
+// Each policy's compute_basis writes the top-r basis of G into `out`, with signs
+// oriented like `previous` (null at the first refresh; common_type_t keeps it
+// out of template deduction, so a plain nullptr works). compute_basis_bytes
+// is the workspace it takes.
+
+// ---- Exact -------------------------------------------------------------------------------------
+
+template <class T>
+void compute_basis(Context& ctx, WorkspaceArena& ws, const refresh::Exact& policy, DeviceView<const T> G, Index r,
+                   const DeviceBasis<T>& out, const DeviceBasis<std::common_type_t<T>>* previous) {
+  const Index m = G.rows, n = G.cols;
+  const bool rows_side = m >= n;  // eigenvectors of G^T G (right vectors) when m >= n
+  const Index k = rows_side ? n : m, other = rows_side ? m : n;
+  float* gram = ws.take<float>(static_cast<std::size_t>(k * k));
+  if (rows_side) gemm(ctx, Op::T, Op::N, 1.0f, G, G, 0.0f, DeviceView<float>(gram, k, k));
+  else gemm(ctx, Op::N, Op::T, 1.0f, G, G, 0.0f, DeviceView<float>(gram, k, k));
+  float* native = ws.take<float>(static_cast<std::size_t>(r * k));
+  impl::top_eigenvectors(ctx, ws, gram, k, r, policy.float64, native);
+  const bool want_right = out.side != Side::Left, want_left = out.side != Side::Right;
+  const bool want_native = rows_side ? want_right : want_left;
+  const bool want_other = rows_side ? want_left : want_right;
+  if (want_other) {
+    // rows_side: u_i = G v_i -> (r x m) = V (r x n) G^T; else v_i = G^T u_i -> (r x n) = U (r x m) G.
+    const T* nt = impl::as_type<T>(ctx, ws, native, r * k);
+    float* o = ws.take<float>(static_cast<std::size_t>(r * other));
+    gemm(ctx, Op::N, rows_side ? Op::T : Op::N, 1.0f, DeviceView<const T>(nt, r, k), G, 0.0f,
+         DeviceView<float>(o, r, other));
+    impl::normalize(ctx, o, r, other);
+    impl::store(ctx, o, r, other, rows_side, rows_side ? out.left : out.right,
+                previous ? (rows_side ? previous->left : previous->right) : static_cast<const T*>(nullptr));
+  }
+  if (want_native)
+    impl::store(ctx, native, r, k, !rows_side, rows_side ? out.right : out.left,
+                previous ? (rows_side ? previous->right : previous->left) : static_cast<const T*>(nullptr));
+}
+
+template <class T>
+std::size_t compute_basis_bytes(Context& ctx, const refresh::Exact& policy, Index m, Index n, Index r, Side) {
+  const Index k = std::min(m, n), other = std::max(m, n);
+  using A = WorkspaceArena;
+  return A::align(sizeof(float) * k * k) + A::align(sizeof(float) * r * k) +
+         impl::top_eigenvectors_bytes(ctx, k, policy.float64) + impl::as_type_bytes<T>(r * k) +
+         A::align(sizeof(float) * r * other);
+}
+
+// ---- Randomized ----------------------------------------------------------------------------------
+
+template <class T>
+void compute_basis(Context& ctx, WorkspaceArena& ws, const refresh::Randomized& p, DeviceView<const T> G, Index r,
+                   const DeviceBasis<T>& out, const DeviceBasis<std::common_type_t<T>>* previous) {
+  const Index m = G.rows, n = G.cols;
+  const Index l = std::min(r + std::max<Index>(p.oversample, 0), std::min(m, n));
+  const bool column_space = out.side == Side::Left || (out.side == Side::Both && m <= n);
+  const Index len = column_space ? m : n, other = column_space ? n : m;
+  float* omega = ws.take<float>(static_cast<std::size_t>(other * l));
+  impl::gaussian<<<impl::grid_for((other * l + 3) / 4), impl::kThreads, 0, ctx.stream()>>>(omega, other, l, p.seed);
+  check_launch("galore::cuda::gaussian");
+  float* Y = ws.take<float>(static_cast<std::size_t>(len * l));
+  float* Z = ws.take<float>(static_cast<std::size_t>(other * l));
+  // Y = G Omega (column space) or G^T Omega (row space).
+  const Op to_len = column_space ? Op::N : Op::T, to_other = column_space ? Op::T : Op::N;
+  gemm(ctx, to_len, Op::N, 1.0f, G, DeviceView<const T>(impl::as_type<T>(ctx, ws, omega, other * l), other, l), 0.0f,
+       DeviceView<float>(Y, len, l));
+  impl::orthonormalize(ctx, ws, Y, len, l);
+  for (int q = 0; q < p.power_iterations; ++q) {
+    gemm(ctx, to_other, Op::N, 1.0f, G, DeviceView<const T>(impl::as_type<T>(ctx, ws, Y, len * l), len, l), 0.0f,
+         DeviceView<float>(Z, other, l));
+    impl::orthonormalize(ctx, ws, Z, other, l);
+    gemm(ctx, to_len, Op::N, 1.0f, G, DeviceView<const T>(impl::as_type<T>(ctx, ws, Z, other * l), other, l), 0.0f,
+         DeviceView<float>(Y, len, l));
+    impl::orthonormalize(ctx, ws, Y, len, l);
+  }
+  impl::finish_from_range(ctx, ws, G, Y, l, column_space, r, out, previous);
+}
+
+template <class T>
+std::size_t compute_basis_bytes(Context& ctx, const refresh::Randomized& p, Index m, Index n, Index r, Side side) {
+  const Index l = std::min(r + std::max<Index>(p.oversample, 0), std::min(m, n));
+  const bool column_space = side == Side::Left || (side == Side::Both && m <= n);
+  const Index len = column_space ? m : n, other = column_space ? n : m;
+  using A = WorkspaceArena;
+  // Conversions to T are taken afresh for every product (at most 1 + 2q of them).
+  const std::size_t conversions = static_cast<std::size_t>(1 + p.power_iterations) *
+                                  (impl::as_type_bytes<T>(other * l) + impl::as_type_bytes<T>(len * l));
+  return A::align(sizeof(float) * other * l) * 2 + A::align(sizeof(float) * len * l) + conversions +
+         impl::orthonormalize_bytes(ctx, l, std::max(len, other)) * static_cast<std::size_t>(1 + 2 * p.power_iterations) +
+         impl::finish_from_range_bytes<T>(ctx, m, n, l, column_space, r);
+}
+
+// ---- WarmStart -----------------------------------------------------------------------------------
+
+template <class T>
+void compute_basis(Context& ctx, WorkspaceArena& ws, const refresh::WarmStart& p, DeviceView<const T> G, Index r,
+                   const DeviceBasis<T>& out, const DeviceBasis<std::common_type_t<T>>* previous) {
+  if (previous == nullptr) {
+    compute_basis(ctx, ws, p.cold, G, r, out, previous);
+    return;
+  }
+  const Index m = G.rows, n = G.cols;
+  const bool column_space = previous->side != Side::Right;
+  const Index len = column_space ? m : n, other = column_space ? n : m;
+  float* X = ws.take<float>(static_cast<std::size_t>(len * r));
+  float* Y = ws.take<float>(static_cast<std::size_t>(other * r));
+  // X = the previous vectors as columns (len x r): the left factor as stored, or the right one transposed.
+  if (column_space) {
+    impl::convert(ctx, previous->left, X, len * r);
+  } else {
+    // X = P^T, transposed by cuBLAS geam.
+    float* Pf = ws.take<float>(static_cast<std::size_t>(r * n));
+    impl::convert(ctx, previous->right, Pf, r * n);
+    const float one = 1.0f, zero = 0.0f;
+    check(cublasSetPointerMode(ctx.blas(), CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    // Column-major: Pf is P^T (n x r, ld n); X row-major (n x r) is column-major X^T (r x n, ld r) = P.
+    check(cublasSgeam(ctx.blas(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(r), static_cast<int>(n), &one, Pf,
+                      static_cast<int>(n), &zero, X, static_cast<int>(r), X, static_cast<int>(r)),
+          "cublasSgeam");
+  }
+  const Op to_len = column_space ? Op::N : Op::T, to_other = column_space ? Op::T : Op::N;
+  for (int it = 0; it < p.iterations; ++it) {
+    gemm(ctx, to_other, Op::N, 1.0f, G, DeviceView<const T>(impl::as_type<T>(ctx, ws, X, len * r), len, r), 0.0f,
+         DeviceView<float>(Y, other, r));
+    gemm(ctx, to_len, Op::N, 1.0f, G, DeviceView<const T>(impl::as_type<T>(ctx, ws, Y, other * r), other, r), 0.0f,
+         DeviceView<float>(X, len, r));
+    impl::orthonormalize(ctx, ws, X, len, r);
+  }
+  if (!p.rayleigh_ritz && out.side != Side::Both) {
+    float* v = ws.take<float>(static_cast<std::size_t>(r * len));  // vector-major copy of X's columns
+    const float one = 1.0f, zero = 0.0f;
+    check(cublasSetPointerMode(ctx.blas(), CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    check(cublasSgeam(ctx.blas(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(len), static_cast<int>(r), &one, X,
+                      static_cast<int>(r), &zero, v, static_cast<int>(len), v, static_cast<int>(len)),
+          "cublasSgeam");
+    impl::store(ctx, v, r, len, column_space, column_space ? out.left : out.right,
+                column_space ? previous->left : previous->right);
+    return;
+  }
+  impl::finish_from_range(ctx, ws, G, X, r, column_space, r, out, previous);
+}
+
+template <class T>
+std::size_t compute_basis_bytes(Context& ctx, const refresh::WarmStart& p, Index m, Index n, Index r, Side side) {
+  const bool column_space = side != Side::Right;
+  const Index len = column_space ? m : n, other = column_space ? n : m;
+  using A = WorkspaceArena;
+  const std::size_t warm = A::align(sizeof(float) * len * r) + A::align(sizeof(float) * other * r) +
+                           A::align(sizeof(float) * r * n) +
+                           static_cast<std::size_t>(p.iterations) *
+                               (impl::as_type_bytes<T>(len * r) + impl::as_type_bytes<T>(other * r) +
+                                impl::orthonormalize_bytes(ctx, r, len)) +
+                           std::max(impl::finish_from_range_bytes<T>(ctx, m, n, r, column_space, r),
+                                    A::align(sizeof(float) * r * len));
+  return std::max(warm, compute_basis_bytes<T>(ctx, p.cold, m, n, r, side));
+}
+
+}  // namespace galore::cuda

@@ -1,0 +1,474 @@
+// The CUDA backend's per-layer step against the CPU backend on identical inputs,
+// its skip rules, its memory and its errors.
+#include <doctest/doctest.h>
+
+#include <galore/cuda.hpp>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "cpu_reference.hpp"
+#include "cuda_support.cuh"
+
+using namespace galore;
+using galore_test::Device;
+using galore_test::RunSpec;
+
+namespace {
+
+const ProjectionType kTypes[] = {ProjectionType::Std, ProjectionType::ReverseStd, ProjectionType::Left,
+                                 ProjectionType::Right, ProjectionType::Full};
+
+AdamConfig adam_of(const RunSpec& s) {
+  AdamConfig c;
+  c.lr = s.lr;
+  c.weight_decay = s.weight_decay;
+  c.eps = s.eps;
+  c.correct_bias = s.correct_bias;
+  return c;
+}
+
+// W after every step on the GPU (T: the weights' element type; M: the moments').
+template <class T, class M = float, class Policy = cuda::refresh::Exact>
+std::vector<std::vector<float>> gpu_run(const RunSpec& s, const std::vector<float>& W0,
+                                        const std::vector<std::vector<float>>& grads, Policy policy = {}) {
+  cuda::Context ctx;
+  cuda::GaLoreOptimizer<Policy, M> opt(ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale},
+                                       adam_of(s), schedule::FixedGap{s.gap}, policy);
+  const Shape shape{s.rows, s.cols};
+  const LayerId id = s.dense ? opt.add_dense(shape, cuda::dtype_of<T>()) : opt.add_layer(shape, cuda::dtype_of<T>());
+  ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  Device<T> W(W0), G(grads[0]);
+  std::vector<std::vector<float>> out;
+  for (std::size_t t = 0; t < grads.size(); ++t) {
+    if (!s.lrs.empty()) opt.set_lr(s.lrs[t]);
+    G.upload(grads[t]);
+    opt.step(id, W.data(), static_cast<const T*>(G.data()), ctx);
+    ctx.synchronize();
+    out.push_back(W.download());
+  }
+  return out;
+}
+
+RunSpec spec_for(long m, long n, ProjectionType type) {
+  RunSpec s;
+  s.rows = m;
+  s.cols = n;
+  s.rank = 6;
+  s.type = static_cast<int>(type);
+  s.scale = 0.25f;
+  s.lr = 1e-2;
+  s.weight_decay = 0.05;
+  s.eps = 1e-3;  // keeps d a smooth function of R, so float-level differences stay float-level
+  s.gap = 3;
+  return s;
+}
+
+void check_trajectories(const std::vector<std::vector<float>>& gpu, const std::vector<std::vector<float>>& cpu,
+                        const std::vector<float>& W0, double tol, const std::string& what) {
+  REQUIRE(gpu.size() == cpu.size());
+  for (std::size_t t = 0; t < gpu.size(); ++t) {
+    INFO(what, " step ", t);
+    const double e = galore_test::relative_change_error(gpu[t], cpu[t], W0);
+    CHECK(e < tol);
+    for (float x : gpu[t]) REQUIRE(std::isfinite(x));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("float32 GaLore steps match the CPU for every projection type over several refreshes") {
+  for (const auto& mn : {std::pair<long, long>{48, 32}, std::pair<long, long>{32, 56}})
+    for (ProjectionType type : kTypes) {
+      const long m = mn.first, n = mn.second;
+      const RunSpec s = spec_for(m, n, type);
+      const auto grads = galore_test::separated_gradients(m, n, 10, 8, 11u + static_cast<unsigned>(type));
+      const auto W0 = galore_test::gaussian(static_cast<std::size_t>(m * n), 5u);
+      check_trajectories(gpu_run<float>(s, W0, grads), galore_test::cpu_run(s, W0, grads), W0, 1e-3,
+                         std::string(to_string(type)) + " " + std::to_string(m) + "x" + std::to_string(n));
+    }
+}
+
+TEST_CASE("learning-rate changes, no bias correction and no weight decay match the CPU") {
+  RunSpec s = spec_for(40, 24, ProjectionType::Std);
+  s.lrs = {1e-2, 2e-2, 5e-3, 1e-2, 3e-2, 1e-3};
+  s.correct_bias = false;
+  s.weight_decay = 0.0;
+  const auto grads = galore_test::separated_gradients(40, 24, 10, 6, 3u);
+  const auto W0 = galore_test::gaussian(40 * 24, 9u);
+  check_trajectories(gpu_run<float>(s, W0, grads), galore_test::cpu_run(s, W0, grads), W0, 1e-3, "lr schedule");
+}
+
+TEST_CASE("bf16 weights and gradients, and bf16 moments, follow the CPU within bf16 rounding") {
+  // Full (both-sided) projection is compared with a host computation below instead: its
+  // r x r R has near-zero off-diagonal entries that the bf16 basis' rounding dominates.
+  for (ProjectionType type : {ProjectionType::Std, ProjectionType::ReverseStd, ProjectionType::Left,
+                              ProjectionType::Right}) {
+    const RunSpec s = spec_for(48, 32, type);
+    auto grads = galore_test::separated_gradients(48, 32, 10, 6, 21u);
+    for (auto& g : grads) g = galore_test::round_to_bf16(g);
+    const auto W0 = galore_test::round_to_bf16(galore_test::gaussian(48 * 32, 6u));
+    // The GPU keeps a bf16 layer's basis in bf16 (as galore_torch does), the CPU in float32: the
+    // basis' rounding (2^-9) flips the sign of a few near-zero entries of R, whose Adam updates
+    // are +-lr each, so the trajectories differ by several percent of the update (a wrong
+    // product or transpose differs by 100%).
+    check_trajectories(gpu_run<cuda::bf16>(s, W0, grads), galore_test::cpu_run(s, W0, grads, true), W0, 0.12,
+                       std::string("bf16 ") + to_string(type));
+  }
+  RunSpec s = spec_for(48, 32, ProjectionType::Std);
+  s.bf16_moments = true;
+  const auto grads = galore_test::separated_gradients(48, 32, 10, 6, 22u);
+  const auto W0 = galore_test::gaussian(48 * 32, 7u);
+  check_trajectories(gpu_run<float, cuda::bf16>(s, W0, grads), galore_test::cpu_run(s, W0, grads), W0, 1e-2,
+                     "bf16 moments");
+}
+
+TEST_CASE("a bf16 step equals a float64 host computation on the GPU's own bf16 basis, for every projection type") {
+  const long m = 40, n = 24, r = 5;
+  for (const auto& mn : {std::pair<long, long>{m, n}, std::pair<long, long>{n, m}})
+    for (ProjectionType type : kTypes) {
+      const long rows = mn.first, cols = mn.second;
+      INFO(to_string(type), " ", rows, "x", cols);
+      RunSpec s = spec_for(rows, cols, type);
+      s.rank = r;
+      const auto W0 = galore_test::round_to_bf16(galore_test::gaussian(static_cast<std::size_t>(rows * cols), 3u));
+      const auto G = galore_test::round_to_bf16(galore_test::separated_gradients(rows, cols, 8, 1, 71u)[0]);
+      cuda::Context ctx;
+      cuda::GaLoreOptimizer<> opt(ProjectorOptions{r, type, s.scale}, adam_of(s), schedule::FixedGap{s.gap});
+      const LayerId id = opt.add_layer({rows, cols}, cuda::DType::BFloat16);
+      ctx.reserve_workspace(opt.workspace_bytes(ctx));
+      Device<cuda::bf16> W(W0), g(G);
+      opt.step(id, W.data(), static_cast<const cuda::bf16*>(g.data()), ctx);
+      const std::vector<float> W1 = W.download();
+      const auto b = opt.basis<cuda::bf16>(id);
+      const std::vector<float> P = b.left ? Device<cuda::bf16>::download(b.left, static_cast<std::size_t>(rows * r))
+                                          : std::vector<float>{};
+      const std::vector<float> Q = b.right ? Device<cuda::bf16>::download(b.right, static_cast<std::size_t>(r * cols))
+                                           : std::vector<float>{};
+      // R in float64 from the bf16 values: right G Q^T, left P^T G, both P^T G Q^T.
+      const Side side = resolve_side(type, rows, cols);
+      const Shape lr = low_rank_shape(side, {rows, cols}, r);
+      auto gq = [&](long i, long q) {
+        double x = 0.0;
+        for (long j = 0; j < cols; ++j) x += double(G[i * cols + j]) * Q[q * cols + j];
+        return x;
+      };
+      std::vector<double> R(static_cast<std::size_t>(lr.size()), 0.0);
+      for (long a = 0; a < lr.rows; ++a)
+        for (long c = 0; c < lr.cols; ++c) {
+          double x = 0.0;
+          if (side == Side::Right) x = gq(a, c);
+          else if (side == Side::Left)
+            for (long i = 0; i < rows; ++i) x += double(P[i * r + a]) * G[i * cols + c];
+          else
+            for (long i = 0; i < rows; ++i) x += double(P[i * r + a]) * gq(i, c);
+          R[a * lr.cols + c] = x;
+        }
+      // Adam at t = 1, d rounded to bf16 as the GPU stores it for the GEMM.
+      const double step = s.lr * std::sqrt(1.0 - 0.999) / (1.0 - 0.9);
+      std::vector<float> D(R.size());
+      for (std::size_t i = 0; i < R.size(); ++i) {
+        const double mom = 0.1 * R[i], v = 0.001 * R[i] * R[i];
+        D[i] = static_cast<float>(cuda::bf16(static_cast<float>(step * mom / (std::sqrt(v) + s.eps))));
+      }
+      // back(D): right D Q, left P D, both (P D rounded to bf16) Q.
+      std::vector<double> back(static_cast<std::size_t>(rows * cols), 0.0);
+      std::vector<float> PN;
+      if (side == Side::Both) {
+        PN.resize(static_cast<std::size_t>(rows * r));
+        for (long i = 0; i < rows; ++i)
+          for (long q = 0; q < r; ++q) {
+            double x = 0.0;
+            for (long k = 0; k < r; ++k) x += double(P[i * r + k]) * D[k * r + q];
+            PN[i * r + q] = static_cast<float>(cuda::bf16(static_cast<float>(x)));
+          }
+      }
+      for (long i = 0; i < rows; ++i)
+        for (long j = 0; j < cols; ++j) {
+          double x = 0.0;
+          if (side == Side::Right)
+            for (long q = 0; q < r; ++q) x += double(D[i * r + q]) * Q[q * cols + j];
+          else if (side == Side::Left)
+            for (long q = 0; q < r; ++q) x += double(P[i * r + q]) * D[q * cols + j];
+          else
+            for (long q = 0; q < r; ++q) x += double(PN[i * r + q]) * Q[q * cols + j];
+          back[i * cols + j] = x;
+        }
+      const double decay = 1.0 - s.lr * s.weight_decay;
+      double worst = 0.0;
+      for (std::size_t i = 0; i < W1.size(); ++i) {
+        const double ref = decay * W0[i] - decay * s.scale * back[i];
+        // One bf16 rounding of the result (2^-8 relative), plus float accumulation.
+        worst = std::max(worst, std::abs(W1[i] - ref) / (std::abs(ref) * 0x1p-8 + 1e-5));
+      }
+      CHECK(worst <= 1.0);
+    }
+}
+
+TEST_CASE("dense AdamW layers match the CPU element for element") {
+  RunSpec s;
+  s.rows = 7;
+  s.cols = 33;
+  s.dense = true;
+  s.lr = 1e-2;
+  s.weight_decay = 0.1;
+  const auto grads = galore_test::separated_gradients(7, 33, 3, 5, 4u, 0.5f);
+  const auto W0 = galore_test::gaussian(7 * 33, 8u);
+  const auto gpu = gpu_run<float>(s, W0, grads);
+  const auto cpu = galore_test::cpu_run(s, W0, grads);
+  for (std::size_t t = 0; t < gpu.size(); ++t) CHECK(galore_test::max_abs_diff(gpu[t], cpu[t]) < 1e-6);
+  const auto gpu16 = gpu_run<cuda::bf16>(s, galore_test::round_to_bf16(W0), grads);
+  std::vector<std::vector<float>> g16;
+  for (const auto& g : grads) g16.push_back(galore_test::round_to_bf16(g));
+  const auto cpu16 = galore_test::cpu_run(s, galore_test::round_to_bf16(W0), g16, true);
+  // One bf16 ulp at most (the GPU may fuse a multiply-add the CPU rounds twice).
+  for (std::size_t t = 0; t < gpu16.size(); ++t) CHECK(galore_test::max_abs_diff(gpu16[t], cpu16[t]) < 2e-2);
+}
+
+TEST_CASE("the basis equals the CPU's, canonical signs included") {
+  for (ProjectionType type : kTypes)
+    for (const auto& mn : {std::pair<long, long>{64, 40}, std::pair<long, long>{40, 64}}) {
+      const long m = mn.first, n = mn.second;
+      INFO(to_string(type), " ", m, "x", n);
+      const long r = 5;
+      const auto G = galore_test::separated_gradients(m, n, 8, 1, 31u)[0];
+      std::vector<float> left, right;
+      galore_test::cpu_exact_basis(m, n, r, static_cast<int>(type), G, left, right);
+      cuda::Context ctx;
+      cuda::GaLoreOptimizer<> opt(ProjectorOptions{r, type, 0.25f});
+      const LayerId id = opt.add_layer({m, n}, cuda::DType::Float32);
+      ctx.reserve_workspace(opt.workspace_bytes(ctx));
+      Device<float> W(std::vector<float>(static_cast<std::size_t>(m * n), 0.5f)), g(G);
+      const auto res = opt.step(id, W.data(), static_cast<const float*>(g.data()), ctx);
+      CHECK(res.refreshed);
+      CHECK(res.status_known);
+      const auto b = opt.basis<float>(id);
+      if (!left.empty()) CHECK(galore_test::max_abs_diff(Device<float>::download(b.left, left.size()), left) < 1e-4);
+      if (!right.empty())
+        CHECK(galore_test::max_abs_diff(Device<float>::download(b.right, right.size()), right) < 1e-4);
+      CHECK(left.empty() == (b.left == nullptr));
+      CHECK(right.empty() == (b.right == nullptr));
+    }
+}
+
+TEST_CASE("a non-finite gradient skips the step on the device and leaves everything untouched") {
+  RunSpec s = spec_for(40, 24, ProjectionType::Std);
+  auto grads = galore_test::separated_gradients(40, 24, 10, 7, 41u);
+  // gap 2: steps 0 and 1 apply; at applied count 2 a refresh is due, and stays due while steps are skipped.
+  grads[2][3] = std::numeric_limits<float>::infinity();
+  grads[3][17] = std::numeric_limits<float>::quiet_NaN();
+  grads[4][5] = 1e20f;  // finite, but v = (1-b2) g^2 overflows float
+  const auto W0 = galore_test::gaussian(40 * 24, 12u);
+
+  cuda::Context ctx;
+  cuda::GaLoreOptimizer<> opt(ProjectorOptions{s.rank, ProjectionType::Std, s.scale}, adam_of(s), schedule::FixedGap{2});
+  const LayerId id = opt.add_layer({40, 24}, cuda::DType::Float32);
+  const LayerId dense = opt.add_dense({3, 24}, cuda::DType::Float32);
+  ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  Device<float> W(W0), G(grads[0]);
+  const std::size_t lr = 40 * 6;
+  auto moments = [&](LayerId l, std::size_t n) {
+    auto m = Device<float>::download(opt.first_moment(l), n);
+    auto v = Device<float>::download(opt.second_moment(l), n);
+    m.insert(m.end(), v.begin(), v.end());
+    return m;
+  };
+  auto basis = [&] { return Device<float>::download(opt.basis<float>(id).right, 6 * 24); };
+
+  for (int t = 0; t < 2; ++t) {
+    G.upload(grads[static_cast<std::size_t>(t)]);
+    opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+    CHECK(opt.status(id, ctx) == StepStatus::Applied);
+  }
+  for (int t = 2; t <= 4; ++t) {
+    INFO("step ", t);
+    const auto w_before = W.download();
+    const auto m_before = moments(id, lr);
+    const auto p_before = basis();
+    const auto svd_before = opt.svd_count(id);
+    G.upload(grads[static_cast<std::size_t>(t)]);
+    const auto r = opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+    CHECK_FALSE(r.refreshed);
+    CHECK(r.status_known);  // a refresh step learns its outcome
+    CHECK(r.status == StepStatus::SkippedNonFinite);
+    CHECK(opt.status(id, ctx) == StepStatus::SkippedNonFinite);
+    CHECK(W.download() == w_before);
+    CHECK(moments(id, lr) == m_before);
+    CHECK(basis() == p_before);
+    CHECK(opt.svd_count(id) == svd_before);
+  }
+  const LayerStats st = opt.stats(id, ctx);
+  CHECK(st.steps == 2);
+  CHECK(st.skipped_steps == 3);
+  G.upload(grads[5]);
+  const auto r = opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+  CHECK(r.refreshed);
+  CHECK(opt.svd_count(id) == 2);
+
+  // Dense layers: the same rule, decided on the device without a synchronization.
+  Device<float> Wd(galore_test::gaussian(72, 2u)), Gd(galore_test::gaussian(72, 3u));
+  opt.step(dense, Wd.data(), static_cast<const float*>(Gd.data()), ctx);
+  std::vector<float> bad = galore_test::gaussian(72, 4u);
+  bad[10] = std::numeric_limits<float>::quiet_NaN();
+  Gd.upload(bad);
+  const auto wd_before = Wd.download();
+  const auto md_before = moments(dense, 72);
+  const auto rd = opt.step(dense, Wd.data(), static_cast<const float*>(Gd.data()), ctx);
+  CHECK_FALSE(rd.status_known);
+  CHECK(opt.status(dense, ctx) == StepStatus::SkippedNonFinite);
+  CHECK(Wd.download() == wd_before);
+  CHECK(moments(dense, 72) == md_before);
+}
+
+TEST_CASE("skipped steps shift the refresh clock exactly as on the CPU") {
+  RunSpec s = spec_for(40, 24, ProjectionType::Std);
+  s.gap = 2;
+  auto grads = galore_test::separated_gradients(40, 24, 10, 9, 43u);
+  grads[2][0] = std::numeric_limits<float>::quiet_NaN();
+  grads[5][7] = -std::numeric_limits<float>::infinity();
+  const auto W0 = galore_test::gaussian(40 * 24, 13u);
+  check_trajectories(gpu_run<float>(s, W0, grads), galore_test::cpu_run(s, W0, grads), W0, 1e-3, "skips");
+}
+
+TEST_CASE("randomized and warm-started refreshes capture the exact top-r energy") {
+  const long m = 192, n = 128, r = 16;
+  const auto grads = galore_test::separated_gradients(m, n, 40, 3, 51u, 0.02f);
+  auto energy = [&](const std::vector<float>& G, const std::vector<float>& P) {  // P: r x n
+    double captured = 0.0;
+    for (long i = 0; i < m; ++i)
+      for (long q = 0; q < r; ++q) {
+        double x = 0.0;
+        for (long j = 0; j < n; ++j) x += double(G[i * n + j]) * P[q * n + j];
+        captured += x * x;
+      }
+    const auto sv = galore_test::cpu_singular_values(m, n, G);
+    double top = 0.0;
+    for (long q = 0; q < r; ++q) top += double(sv[q]) * sv[q];
+    return captured / top;
+  };
+  auto orthonormality = [&](const std::vector<float>& P) {
+    double worst = 0.0;
+    for (long a = 0; a < r; ++a)
+      for (long b = 0; b < r; ++b) {
+        double x = 0.0;
+        for (long j = 0; j < n; ++j) x += double(P[a * n + j]) * P[b * n + j];
+        worst = std::max(worst, std::abs(x - (a == b ? 1.0 : 0.0)));
+      }
+    return worst;
+  };
+  auto run = [&](auto policy, std::string name) {
+    INFO(name);
+    cuda::Context ctx;
+    cuda::GaLoreOptimizer<decltype(policy)> opt(ProjectorOptions{r, ProjectionType::Std, 0.25f}, AdamConfig{},
+                                                schedule::FixedGap{1}, policy);
+    const LayerId id = opt.add_layer({m, n}, cuda::DType::Float32);
+    ctx.reserve_workspace(opt.workspace_bytes(ctx));
+    Device<float> W(std::vector<float>(static_cast<std::size_t>(m * n), 0.0f)), G(grads[0]);
+    for (const auto& g : grads) {
+      G.upload(g);
+      opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+      const auto P = Device<float>::download(opt.template basis<float>(id).right, static_cast<std::size_t>(r * n));
+      CHECK(energy(g, P) > 0.995);
+      CHECK(orthonormality(P) < 1e-4);
+    }
+    CHECK(opt.svd_count(id) == 3);
+  };
+  run(cuda::refresh::Randomized{}, "randomized");
+  run(cuda::refresh::WarmStart{}, "warm start");
+  run(cuda::refresh::Exact{false}, "exact, float32 eigensolver");
+}
+
+TEST_CASE("a zero or rank-deficient gradient gives a finite step and a finite basis") {
+  for (int policy = 0; policy < 3; ++policy) {
+    INFO("policy ", policy);
+    const long m = 48, n = 32, r = 8;
+    auto grads = galore_test::separated_gradients(m, n, 3, 3, 61u, 0.0f);  // rank 3 < r
+    grads.insert(grads.begin() + 1, std::vector<float>(static_cast<std::size_t>(m * n), 0.0f));
+    cuda::Context ctx;
+    auto go = [&](auto p) {
+      cuda::GaLoreOptimizer<decltype(p)> opt(ProjectorOptions{r, ProjectionType::Std, 0.25f}, AdamConfig{},
+                                             schedule::FixedGap{1}, p);
+      const LayerId id = opt.add_layer({m, n}, cuda::DType::Float32);
+      ctx.reserve_workspace(opt.workspace_bytes(ctx));
+      Device<float> W(galore_test::gaussian(static_cast<std::size_t>(m * n), 3u)), G(grads[0]);
+      for (const auto& g : grads) {
+        G.upload(g);
+        opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+        CHECK(opt.status(id, ctx) == StepStatus::Applied);
+      }
+      for (float x : W.download()) REQUIRE(std::isfinite(x));
+      for (float x : Device<float>::download(opt.template basis<float>(id).right, static_cast<std::size_t>(r * n)))
+        REQUIRE(std::isfinite(x));
+    };
+    if (policy == 0) go(cuda::refresh::Exact{});
+    if (policy == 1) go(cuda::refresh::Randomized{});
+    if (policy == 2) go(cuda::refresh::WarmStart{});
+  }
+}
+
+TEST_CASE("state_bytes equals the layout formula and the device memory allocated") {
+  using A = cuda::WorkspaceArena;
+  cuda::GaLoreOptimizer<> probe(ProjectorOptions{512, ProjectionType::Std, 0.25f});
+  // right side: m x r moments (float), r x n basis (layer's type), the counters
+  const std::size_t counters = A::align(sizeof(cuda::StepCounters));
+  CHECK(probe.predict_layer_bytes({2048, 1024}, cuda::DType::BFloat16, probe.projection_options()) ==
+        2 * A::align(4 * 2048 * 512) + A::align(2 * 512 * 1024) + counters);
+  CHECK(probe.predict_layer_bytes({1000, 3000}, cuda::DType::Float32, ProjectorOptions{100, ProjectionType::Full}) ==
+        2 * A::align(4 * 100 * 100) + A::align(4 * 1000 * 100) + A::align(4 * 100 * 3000) + counters);
+  CHECK(probe.predict_dense_bytes({3, 5}, cuda::DType::Float32) == 2 * A::align(4 * 15) + counters);
+
+  std::size_t free_before = 0, free_after = 0, total = 0;
+  cuda::check(cudaDeviceSynchronize(), "sync");
+  cuda::check(cudaMemGetInfo(&free_before, &total), "cudaMemGetInfo");
+  {
+    cuda::GaLoreOptimizer<> opt(ProjectorOptions{1024, ProjectionType::Std, 0.25f});
+    std::size_t predicted = 0;
+    for (int i = 0; i < 4; ++i) {
+      opt.add_layer({4096, 4096}, cuda::DType::Float32);
+      predicted += opt.predict_layer_bytes({4096, 4096}, cuda::DType::Float32, opt.projection_options());
+    }
+    CHECK(opt.state_bytes() == predicted);
+    cuda::check(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
+    const std::size_t measured = free_before - free_after;
+    INFO("measured ", measured, " state_bytes ", opt.state_bytes());
+    // cudaMalloc hands out whole 2 MiB pages: at most one partial page per layer.
+    CHECK(measured >= opt.state_bytes());
+    CHECK(measured <= opt.state_bytes() + 4 * (std::size_t{2} << 20));
+  }
+}
+
+TEST_CASE("bad calls throw and change nothing") {
+  cuda::Context ctx;
+  CHECK_THROWS_AS(cuda::GaLoreOptimizer<>(ProjectorOptions{0}), galore::invalid_argument);
+  CHECK_THROWS_AS(cuda::GaLoreOptimizer<>(ProjectorOptions{4, static_cast<ProjectionType>(42)}),
+                  galore::invalid_argument);
+  CHECK_THROWS_AS(cuda::GaLoreOptimizer<>(ProjectorOptions{4, ProjectionType::Std, NAN}), galore::invalid_argument);
+  cuda::GaLoreOptimizer<> opt(ProjectorOptions{4, ProjectionType::Std, 0.25f});
+  CHECK_THROWS_AS(opt.add_layer({3, 2}, cuda::DType::Float32), galore::invalid_argument);  // rank 4 > 2
+  CHECK_THROWS_AS(opt.add_layer({0, 2}, cuda::DType::Float32), galore::invalid_argument);
+  const LayerId id = opt.add_layer({16, 8}, cuda::DType::Float32);
+  Device<float> W(galore_test::gaussian(128, 1u)), G(galore_test::gaussian(128, 2u));
+  Device<cuda::bf16> W16(galore_test::gaussian(128, 1u)), G16(galore_test::gaussian(128, 2u));
+  // No workspace yet.
+  CHECK_THROWS_AS(opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx), galore::invalid_argument);
+  ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  CHECK_THROWS_AS(opt.step(id, W16.data(), static_cast<const cuda::bf16*>(G16.data()), ctx), galore::invalid_argument);
+  CHECK_THROWS_AS(opt.step(id, device_view(W.data(), 8, 16), DeviceView<const float>(G.data(), 8, 16), ctx),
+                  galore::invalid_argument);
+  CHECK_THROWS_AS(opt.step(id, static_cast<float*>(nullptr), static_cast<const float*>(G.data()), ctx),
+                  galore::invalid_argument);
+  CHECK_THROWS_AS(opt.step(LayerId{7}, W.data(), static_cast<const float*>(G.data()), ctx), galore::invalid_argument);
+  const auto w0 = W.download();
+  CHECK(opt.stats(id, ctx).steps == 0);
+  CHECK(opt.svd_count(id) == 0);
+  CHECK(W.download() == w0);
+  // Still usable.
+  opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+  CHECK(opt.status(id, ctx) == StepStatus::Applied);
+  CHECK(opt.stats(id, ctx).steps == 1);
+  // Learning rates are validated.
+  CHECK_THROWS_AS(opt.set_lr(-1.0), galore::invalid_argument);
+  CHECK(opt.adam_config().lr == doctest::Approx(1e-3));
+}
