@@ -8,15 +8,20 @@
 // the context allocate it (reserve) or hand it memory you own (attach).
 //
 // No member synchronizes the device except the destructor (cudaFree of an owned
-// workspace waits for work that uses it).
+// workspace waits for work that uses it). The constructor allocates cuBLASLt's
+// 32 MiB workspace.
 #pragma once
 
+#include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 #include <cusolverDn.h>
 
+#include <array>
 #include <cstddef>
 #include <cstdint>
+#include <map>
+#include <memory>
 #include <vector>
 
 #include "device_buffer.cuh"
@@ -48,6 +53,26 @@ class WorkspaceArena {
   std::size_t used_ = 0;
 };
 
+// A cuBLASLt matmul prepared for one problem (operations, sizes, leading
+// dimensions, types, pointer mode): descriptors and the heuristic's algorithm.
+// Contexts cache them, so the heuristic runs once per problem, not per call.
+struct LtPlan {
+  cublasLtMatmulDesc_t op = nullptr;
+  cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
+  cublasLtMatmulAlgo_t algo{};
+  bool has_algo = false;
+  LtPlan() = default;
+  LtPlan(const LtPlan&) = delete;
+  LtPlan& operator=(const LtPlan&) = delete;
+  ~LtPlan() {
+    if (c) cublasLtMatrixLayoutDestroy(c);
+    if (b) cublasLtMatrixLayoutDestroy(b);
+    if (a) cublasLtMatrixLayoutDestroy(a);
+    if (op) cublasLtMatmulDescDestroy(op);
+  }
+};
+using LtPlanKey = std::array<std::int64_t, 11>;
+
 class Context {
  public:
   explicit Context(cudaStream_t stream = nullptr) : stream_(stream) {
@@ -57,6 +82,8 @@ class Context {
       check(cusolverDnCreate(&solver_), "cusolverDnCreate");
       check(cusolverDnSetStream(solver_, stream_), "cusolverDnSetStream");
       check(cusolverDnCreateParams(&solver_params_), "cusolverDnCreateParams");
+      check(cublasLtCreate(&lt_), "cublasLtCreate");
+      lt_workspace_ = DeviceBuffer<unsigned char>(kLtWorkspaceBytes);
     } catch (...) {
       destroy();
       throw;
@@ -70,6 +97,13 @@ class Context {
   cublasHandle_t blas() const { return blas_; }
   cusolverDnHandle_t solver() const { return solver_; }
   cusolverDnParams_t solver_params() const { return solver_params_; }
+  cublasLtHandle_t blas_lt() const { return lt_; }
+
+  // cuBLASLt's own workspace (32 MiB, allocated with the context) and the
+  // plans of the GEMMs run so far.
+  static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;
+  void* lt_workspace() { return lt_workspace_.data(); }
+  std::map<LtPlanKey, std::unique_ptr<LtPlan>>& lt_plans() { return lt_plans_; }
 
   // Makes sure the workspace holds at least `bytes`, allocating it (owned by the
   // context) if it does not. Reallocation changes its address.
@@ -99,6 +133,9 @@ class Context {
 
  private:
   void destroy() noexcept {
+    lt_plans_.clear();
+    if (lt_) cublasLtDestroy(lt_);
+    lt_ = nullptr;
     if (solver_params_) cusolverDnDestroyParams(solver_params_);
     if (solver_) cusolverDnDestroy(solver_);
     if (blas_) cublasDestroy(blas_);
@@ -111,6 +148,9 @@ class Context {
   cublasHandle_t blas_ = nullptr;
   cusolverDnHandle_t solver_ = nullptr;
   cusolverDnParams_t solver_params_ = nullptr;
+  cublasLtHandle_t lt_ = nullptr;
+  DeviceBuffer<unsigned char> lt_workspace_;
+  std::map<LtPlanKey, std::unique_ptr<LtPlan>> lt_plans_;
   DeviceBuffer<unsigned char> owned_;
   void* external_ = nullptr;
   std::size_t external_bytes_ = 0;
