@@ -170,3 +170,25 @@ TEST_CASE("Q-GaLore facade errors") {
   CHECK(opt.step(id, W, G).status == StepStatus::SkippedNonFinite);
   CHECK(W.codes().codes == before);
 }
+
+TEST_CASE("a quantized weight rejects NaN and Inf, when built and when re-quantized, changing nothing") {
+  for (float bad : {float(NAN), INFINITY, -INFINITY}) {
+    CAPTURE(bad);
+    MatrixF W = gaussian(8, 64, 1);
+    W(5, 17) = bad;
+    CHECK_THROWS_WITH_AS(QuantizedWeight<8>(W, 256), doctest::Contains("NaN or Inf"), galore::invalid_argument);
+    CHECK_THROWS_WITH_AS(QuantizedWeight<4>(W, 64), doctest::Contains("(5, 17)"), galore::invalid_argument);
+
+    QuantizedWeight<8> q(gaussian(8, 64, 2), 128);
+    const auto before = q.codes();
+    const StochasticRounder<8> rounder(3);
+    MatrixF rows = gaussian(4, 64, 3);
+    rows(2, 63) = bad;
+    CHECK_THROWS_WITH_AS(q.quantize_rows(4, rows, rounder.bind(0, 1)), doctest::Contains("NaN or Inf"),
+                         galore::invalid_argument);
+    CHECK_THROWS_AS(q.quantize_rows(4, rows, quant::NearestEncoder<8>{}), galore::invalid_argument);
+    CHECK(q.codes().codes == before.codes);
+    CHECK(q.codes().scales == before.scales);
+    CHECK(q.codes().zeros == before.zeros);
+  }
+}

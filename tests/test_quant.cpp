@@ -3,6 +3,7 @@
 #include <doctest/doctest.h>
 
 #include <galore/galore.hpp>
+#include <limits>
 
 #include "support/random.hpp"
 
@@ -139,7 +140,76 @@ TEST_CASE("quantizer errors") {
   CHECK_THROWS_WITH_AS(quant::quantize_minmax<4>(gaussian(2, 8, 1), 0), doctest::Contains("group size"),
                        galore::invalid_argument);
   CHECK_THROWS_AS(quant::quantize_minmax<8>(gaussian(2, 8, 1), -7), galore::invalid_argument);
-  quant::NF4 bad{0};
+  quant::NF4 bad;
+  bad.block_size = 0;  // a public member, changed after construction
   quant::NF4::Storage st;
   CHECK_THROWS_WITH_AS(bad.store(gaussian(2, 8, 1), st), doctest::Contains("block size"), galore::invalid_argument);
+  CHECK_THROWS_WITH_AS(bad.storage_bytes({2, 8}), doctest::Contains("block size"), galore::invalid_argument);
+  quant::GroupQuantized<4> q;
+  CHECK_THROWS_WITH_AS(q.resize({2, 8}, 0), doctest::Contains("group size"), galore::invalid_argument);
+}
+
+TEST_CASE("quantization policies reject invalid hyperparameters when constructed") {
+  // NF4 with block size 0 used to divide by zero in storage_bytes, and Int4{0}
+  // threw only at the first store, after a projector had counted its SVD.
+  CHECK_THROWS_WITH_AS(quant::NF4{0}, doctest::Contains("block size"), galore::invalid_argument);
+  CHECK_THROWS_WITH_AS(quant::NF4{-64}, doctest::Contains("block size"), galore::invalid_argument);
+  CHECK_THROWS_WITH_AS(quant::Int4{0}, doctest::Contains("group size"), galore::invalid_argument);
+  CHECK_THROWS_WITH_AS(quant::Int8{-2}, doctest::Contains("group size"), galore::invalid_argument);
+  CHECK_THROWS_WITH_AS(quant::MinMax<2>{-256}, doctest::Contains("group size"), galore::invalid_argument);
+  CHECK_NOTHROW(quant::NF4{1});
+  CHECK_NOTHROW(quant::Int4{-1});
+  CHECK_NOTHROW(quant::Int4{1});
+  CHECK_NOTHROW(quant::Int8{});
+  CHECK(quant::Int4{}.group_size == -1);
+  CHECK(quant::NF4{}.block_size == 64);
+  using NF4Projector = Projector<svd::Exact, quant::NF4>;
+  CHECK_THROWS_AS(NF4Projector({8, 8}, {2, ProjectionType::Std, 0.25f}, schedule::FixedGap{10}, svd::Exact{},
+                               quant::NF4{0}),
+                  galore::invalid_argument);
+}
+
+TEST_CASE("the min-max quantizer is total: NaN and Inf give defined codes, never undefined behaviour") {
+  // A float-to-integer conversion of NaN, Inf or an out-of-range value is
+  // undefined behaviour (-fsanitize=float-cast-overflow reports it): codes and
+  // zero points are clamped in float first, NaN going to 0.
+  const float inf = INFINITY;
+  std::vector<std::uint8_t> codes(6, 77);
+  const float w[6] = {NAN, inf, -inf, 3e38f, -3e38f, 0.5f};
+  quant::NearestEncoder<8>{}(w, 6, 1.0f, 10.0f, 0, codes.data());
+  CHECK(codes == std::vector<std::uint8_t>{0, 255, 0, 255, 0, 10});
+  quant::NearestEncoder<4>{}(w, 6, NAN, 3.0f, 0, codes.data());
+  CHECK(codes == std::vector<std::uint8_t>{0, 0, 0, 0, 0, 0});
+  // Whole groups of NaN or Inf: every code, zero point and conversion defined.
+  for (float bad : {float(NAN), inf, -inf}) {
+    CAPTURE(bad);
+    MatrixF m = gaussian(4, 8, 1);
+    m(1, 2) = bad;
+    m.row(3).setConstant(bad);
+    const auto q8 = quant::quantize_minmax<8>(m, 8);
+    const auto q4 = quant::quantize_minmax<4>(m, -1);
+    for (Index g = 0; g < 4; ++g) {
+      CHECK(q8.zeros[g] <= 255);
+      CHECK(q4.zeros[g] <= 15);
+    }
+    // Rows without a bad value are unaffected.
+    CHECK(quant::dequantize_minmax(q8).row(0) == quant::dequantize_minmax(quant::quantize_minmax<8>(m.topRows(1), 8)));
+  }
+}
+
+TEST_CASE("a group or block larger than the matrix is one group, even at the largest Index") {
+  // ceil(n / g) as (n + g - 1) / g overflows for g near the largest Index.
+  const MatrixF P = gaussian(3, 8, 4);
+  for (Index g : {Index{25}, Index{1} << 40, std::numeric_limits<Index>::max()}) {
+    CAPTURE(g);
+    const auto q = quant::quantize_minmax<4>(P, g);
+    CHECK(q.num_groups() == 1);
+    CHECK(quant::GroupQuantized<4>::bytes_for({3, 8}, g) == 12 + 5);
+    CHECK(quant::dequantize_minmax(q) == quant::dequantize_minmax(quant::quantize_minmax<4>(P, 24)));
+    const quant::NF4 nf4{g};
+    quant::NF4::Storage st;
+    nf4.store(P, st);
+    CHECK(st.absmax.size() == 1);
+    CHECK(nf4.storage_bytes({3, 8}) == 12 + 4);
+  }
 }

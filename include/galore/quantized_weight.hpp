@@ -4,7 +4,12 @@
 // It holds the codes plus one float32 scale and one zero point per group, nothing
 // else: no full-precision copy persists. A training step dequantizes a row panel
 // at a time, updates it in float32, and re-quantizes it with fresh scales and
-// zeros through an encoder (stochastic rounding for training, DESIGN.md 2.3).
+// zeros through an encoder (stochastic rounding for training, as Q-GaLore does:
+// with round-to-nearest the paper reports +2 to +8 perplexity).
+//
+// Weights must be finite: NaN or Inf has no min-max code (it would poison its
+// group's scale), so both the constructor and quantize_rows reject them with
+// galore::invalid_argument before changing anything.
 #pragma once
 
 #include <cstddef>
@@ -23,8 +28,10 @@ class QuantizedWeight {
   QuantizedWeight() = default;
 
   // Quantizes W with round-to-nearest (the reference's initial quantization).
+  // Throws galore::invalid_argument for an empty W, a group size that is neither
+  // positive nor -1, or a W holding NaN or Inf.
   explicit QuantizedWeight(ConstMatrixRef<float> W, Index group_size = 256)
-      : q_(quant::quantize_minmax<Bits>(W, checked_group(group_size, shape_of(W)))) {}
+      : q_(quant::quantize_minmax<Bits>(W, checked_group(W, group_size))) {}
 
   Shape shape() const { return q_.shape(); }
   Index rows() const { return q_.shape().rows; }
@@ -49,7 +56,8 @@ class QuantizedWeight {
   }
 
   // Re-quantizes rows [row0, row0 + rows.rows()) from float values; the rows must
-  // start and end on group boundaries (a multiple of row_alignment(), or the end).
+  // start and end on group boundaries (a multiple of row_alignment(), or the end)
+  // and be finite. Otherwise throws galore::invalid_argument, changing nothing.
   template <class Encoder>
   void quantize_rows(Index row0, ConstMatrixRef<float> rows, const Encoder& encode) {
     check_rows(row0, rows.rows(), rows.cols());
@@ -57,6 +65,7 @@ class QuantizedWeight {
     detail::require(first % group_size() == 0 && (n % group_size() == 0 || first + n == shape().size()),
                     "quantize_rows: rows ", row0, "..", row0 + rows.rows(),
                     " do not start and end on quantization group boundaries");
+    check_finite(rows, row0, "quantize_rows: the new values hold NaN or Inf");
     if (rows.outerStride() == cols() || rows.rows() <= 1) {
       quant::quantize_range(rows.data(), first, n, encode, q_);
     } else {
@@ -72,10 +81,21 @@ class QuantizedWeight {
   }
 
  private:
-  static Index checked_group(Index group_size, Shape s) {
+  static Index checked_group(const ConstMatrixRef<float>& W, Index group_size) {
+    const Shape s = shape_of(W);
     detail::require(s.rows > 0 && s.cols > 0, "a quantized weight needs a positive shape (got ", s.rows, "x",
                     s.cols, ")");
-    return quant::resolve_group_size(group_size, s);
+    const Index g = quant::resolve_group_size(group_size, s);
+    check_finite(W, 0, "QuantizedWeight: W holds NaN or Inf");
+    return g;
+  }
+  // Throws with the position (in the whole weight) of the first NaN or Inf of M.
+  static void check_finite(const ConstMatrixRef<float>& M, Index row0, const char* what) {
+    for (Index r = 0; r < M.rows(); ++r) {
+      const Index c = detail::first_non_finite(M.data() + r * M.outerStride(), M.cols());
+      detail::require(c == M.cols(), what, ", first at (", row0 + r, ", ", c, "): ", M(r, c == M.cols() ? 0 : c),
+                      "; min-max codes exist only for finite values");
+    }
   }
   void check_rows(Index row0, Index nrows, Index ncols) const {
     detail::require(ncols == cols() && row0 >= 0 && row0 + nrows <= rows(), "rows ", row0, "..", row0 + nrows,

@@ -1,5 +1,6 @@
-// galore: bitsandbytes' dynamic 8-bit code maps and their nearest-code search
-// (DESIGN.md 2.4), used by the 8-bit blockwise Adam state.
+// galore: bitsandbytes' dynamic 8-bit code maps (create_dynamic_map) and their
+// nearest-code search, used by the 8-bit blockwise Adam state (bitsandbytes'
+// blockwise 8-bit optimizers, one float32 absmax per block of 256).
 #pragma once
 
 #include <algorithm>

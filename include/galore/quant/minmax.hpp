@@ -1,5 +1,6 @@
-// galore: group-wise asymmetric min-max quantization (Q-GaLore, DESIGN.md 2.3),
-// with real packed storage, and the projector policies Int4 / Int8 built on it.
+// galore: group-wise asymmetric min-max quantization (Q-GaLore, arXiv 2407.08296;
+// q_galore_torch's group-wise quantizer), with real packed storage, and the
+// projector policies Int4 / Int8 built on it.
 //
 // Groups are consecutive runs of `group_size` elements of the row-major
 // flattening (-1: one group per row). Per group, in float32 as the reference:
@@ -7,15 +8,24 @@
 //   zero  = clamp(round(-min(w) / scale), 0, 2^b - 1)
 //   q     = clamp(round(w / scale) + zero, 0, 2^b - 1)       (round half to even)
 //   w'    = scale * (q - zero)
-// Codes of fewer than 8 bits are packed, 8 / b per byte, lowest bits first. The
-// reference requires the element count to be a multiple of the group size; here
-// the last group may be shorter.
+// with w / scale a true float32 division, as torch computes it (a reciprocal
+// changes a few codes per thousand). Codes of fewer than 8 bits are packed,
+// 8 / b per byte, lowest bits first. The reference requires the element count to
+// be a multiple of the group size; here the last group may be shorter.
+//
+// The kernels are total: NaN or Inf in w never reaches a float-to-integer
+// conversion out of range (undefined behaviour in C++). Every clamp happens in
+// float before the conversion and sends NaN to 0, so a NaN element gets code 0,
+// +-Inf saturate, and a group whose extremes are not finite gets some defined
+// scale and a zero point of 0. The codes of such a group mean nothing, which is
+// why QuantizedWeight rejects non-finite weights before quantizing them.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../types.hpp"
@@ -23,20 +33,47 @@
 namespace galore::detail {
 
 // x rounded half to even, in the default rounding mode, as a vectorizable
-// expression (adding and removing 1.5 * 2^23). Exact for |x| < 2^22; beyond, the
-// result stays beyond +-2^21, so a clamp to a code range gives the same code.
-inline float round_half_even(float x) {
+// expression (adding and removing 1.5 * 2^23; two separate float additions, no
+// contraction possible). Exact for |x| < 2^22; beyond, the result stays beyond
+// +-2^21, so a clamp to a code range gives the same code. NaN stays NaN.
+GALORE_HOST_DEVICE float round_half_even(float x) {
   constexpr float magic = 12582912.0f;  // 1.5 * 2^23
   return (x + magic) - magic;
 }
 
-// codes[k] = clamp(v[k], 0, max_code) for integer-valued v, through int32 so the
-// conversion vectorizes.
-inline std::uint8_t to_code(float v, float max_code) {
-  return static_cast<std::uint8_t>(static_cast<std::int32_t>(std::min(std::max(v, 0.0f), max_code)));
+// The code of an integer-valued v: clamp(v, 0, max_code) in float, NaN to 0, then
+// converted through int32 (so the conversion vectorizes). The comparisons are
+// written out because std::max(NaN, 0) is NaN: the value converted is always in
+// [0, max_code], for every input.
+GALORE_HOST_DEVICE std::uint8_t to_code(float v, float max_code) {
+  const float c = v > 0.0f ? (v < max_code ? v : max_code) : 0.0f;
+  return static_cast<std::uint8_t>(static_cast<std::int32_t>(c));
 }
 
-// Smallest and largest of x[0, n) (n > 0), vectorized; the values are finite.
+// Whether x[0, n) holds only finite values: the largest magnitude bit pattern
+// is below the exponent of Inf (NaN and Inf have it all ones), an integer max
+// that vectorizes.
+inline bool all_finite(const float* x, Index n) {
+  std::uint32_t worst = 0;
+  for (Index k = 0; k < n; ++k) {
+    std::uint32_t b;
+    std::memcpy(&b, x + k, sizeof b);
+    b &= 0x7FFFFFFFu;
+    worst = b > worst ? b : worst;
+  }
+  return worst < 0x7F800000u;
+}
+
+// Index of the first NaN or Inf of x[0, n), or n when all are finite.
+inline Index first_non_finite(const float* x, Index n) {
+  if (all_finite(x, n)) return n;
+  Index k = 0;
+  while (k < n && std::isfinite(x[k])) ++k;
+  return k;
+}
+
+// Smallest and largest of x[0, n) (n > 0), vectorized. With NaN among the values
+// the result is defined but depends on where the NaN sits (Eigen's reduction).
 inline void min_max(const float* x, Index n, float& lo, float& hi) {
   const Eigen::Map<const Eigen::ArrayXf> a(x, n);
   lo = a.minCoeff();
@@ -66,7 +103,10 @@ struct GroupQuantized {
   Index size() const { return shape_.size(); }
   Index num_groups() const { return static_cast<Index>(scales.size()); }
 
-  static Index groups_for(Index size, Index group) { return (size + group - 1) / group; }
+  static Index groups_for(Index size, Index group) {
+    detail::require(group > 0, "GroupQuantized: group size must be positive (got ", group, ")");
+    return size / group + (size % group != 0);  // ceil(size / group) without overflow for any group
+  }
   static std::size_t bytes_for(Shape s, Index group) {
     const auto n = static_cast<std::size_t>(s.size());
     const auto g = static_cast<std::size_t>(groups_for(s.size(), group));
@@ -74,12 +114,16 @@ struct GroupQuantized {
   }
   std::size_t bytes() const { return codes.size() + scales.size() * sizeof(float) + zeros.size(); }
 
+  // Throws galore::invalid_argument, changing nothing, for a group size below 1
+  // or a negative shape.
   void resize(Shape s, Index group) {
+    detail::require(s.rows >= 0 && s.cols >= 0, "GroupQuantized: negative shape ", s.rows, "x", s.cols);
+    const auto groups = static_cast<std::size_t>(groups_for(s.size(), group));
     shape_ = s;
     group_size = group;
     codes.assign((static_cast<std::size_t>(s.size()) + per_byte - 1) / per_byte, 0);
-    scales.assign(static_cast<std::size_t>(groups_for(s.size(), group)), 0.0f);
-    zeros.assign(scales.size(), 0);
+    scales.assign(groups, 0.0f);
+    zeros.assign(groups, 0);
   }
 
   std::uint8_t code(Index i) const {
@@ -97,24 +141,32 @@ struct GroupQuantized {
   }
 };
 
-// -1 means one group per row; anything else must be positive.
+// -1 means one group per row (a group of 1 for a matrix without columns, which
+// holds no element); anything else must be positive.
 inline Index resolve_group_size(Index group_size, Shape s) {
-  if (group_size == -1) return s.cols;
+  if (group_size == -1) return s.cols > 0 ? s.cols : 1;
   detail::require(group_size > 0, "group size must be positive or -1 for one group per row (got ",
                   group_size, ")");
   return group_size;
 }
 
-// The reference's scale and zero point of a group with extremes lo <= hi.
+// The reference's scale and zero point of a group with extremes lo <= hi. zero
+// is an integer value in [0, max_code] for every input (NaN gives 0), so its
+// conversion to a byte is always defined.
 GALORE_HOST_DEVICE void minmax_scale_zero(float lo, float hi, float max_code, float& scale, float& zero) {
-  scale = std::max(hi - lo, 1e-5f) / max_code;
-  zero = std::min(std::max(std::nearbyint(-lo / scale), 0.0f), max_code);
+  const float range = hi - lo;
+  // std::max(range, 1e-5f) written out (std::max is not device code); a NaN range
+  // keeps a NaN scale, so the group dequantizes to NaN rather than to finite noise.
+  scale = (range < 1e-5f ? 1e-5f : range) / max_code;
+  const float z = std::nearbyint(-lo / scale);
+  zero = z > 0.0f ? (z < max_code ? z : max_code) : 0.0f;
 }
 
 
 // Round-to-nearest-even encoding, as torch.round: the quantizer's default.
 // codes[k] = clamp(round(w[k] / scale) + zero, 0, 2^Bits - 1), with a true float
-// division (a reciprocal would change a few codes per thousand).
+// division (a reciprocal would change a few codes per thousand). Total: NaN gives
+// code 0, values beyond the code range (Inf included) saturate.
 template <int Bits>
 struct NearestEncoder {
   void operator()(const float* w, Index n, float scale, float zero, std::uint64_t /*first*/,
@@ -132,10 +184,10 @@ struct NearestEncoder {
 template <int Bits, class Encoder>
 void quantize_range(const float* w, Index first, Index n, const Encoder& encode, GroupQuantized<Bits>& out) {
   const Index g = out.group_size;
-  const Index groups = (n + g - 1) / g;
+  const Index groups = GroupQuantized<Bits>::groups_for(n, g);
   // Groups are independent: with OpenMP they are spread over threads, unless
-  // sub-byte codes of two groups could share a byte.
-  const bool parallel = n >= (Index{1} << 16) && (Bits == 8 || (g * Bits) % 8 == 0);
+  // sub-byte codes of two groups could share a byte (g * Bits not a multiple of 8).
+  const bool parallel = n >= (Index{1} << 16) && g % GroupQuantized<Bits>::per_byte == 0;
 GALORE_OMP(omp parallel for schedule(static) if (parallel))
   for (Index gi = 0; gi < groups; ++gi) {
     const Index k0 = gi * g;
@@ -227,7 +279,15 @@ MatrixF dequantize_minmax(const GroupQuantized<Bits>& q) {
 // Projector quantization policy: the basis kept as Bits-bit min-max codes.
 template <int Bits>
 struct MinMax {
-  Index group_size = -1;  // -1: one group per row of the stored factor
+  Index group_size = -1;  // -1: one group per row of the stored factor; otherwise >= 1
+
+  MinMax() = default;
+  // Throws galore::invalid_argument unless group_size is -1 or positive, so a bad
+  // value fails here rather than at the first store, inside a projector's refresh.
+  explicit MinMax(Index group_size_) : group_size(group_size_) {
+    detail::require(group_size == -1 || group_size > 0, "quant::MinMax<", Bits,
+                    ">: group size must be positive, or -1 for one group per row (got ", group_size, ")");
+  }
 
   using Storage = GroupQuantized<Bits>;
   void store(const MatrixF& P, Storage& out) const { out = quantize_minmax<Bits>(P, group_size); }

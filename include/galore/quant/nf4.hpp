@@ -2,7 +2,9 @@
 //
 // Blocks of `block_size` consecutive elements (row-major) share one float32
 // absmax; each element keeps the index of the nearest of the 16 NF4 values of
-// x / absmax, two indices per byte.
+// x / absmax, two indices per byte. No step converts a float to an integer, so
+// NaN or Inf input gives defined (meaningless) codes: NaN compares false and
+// gets index 0.
 #pragma once
 
 #include <algorithm>
@@ -29,7 +31,12 @@ inline std::uint8_t nf4_code(float x) {
 }
 
 struct NF4 {
-  Index block_size = 64;
+  Index block_size = 64;  // >= 1
+
+  NF4() = default;
+  // Throws galore::invalid_argument unless block_size >= 1 (0 would divide by
+  // zero in storage_bytes, which a projector calls before any store).
+  explicit NF4(Index block_size_) : block_size(block_size_) { check(); }
 
   struct Storage {
     Shape shape_;
@@ -41,15 +48,16 @@ struct NF4 {
   };
 
   void store(const MatrixF& P, Storage& out) const {
-    detail::require(block_size > 0, "NF4 block size must be positive (got ", block_size, ")");
+    check();  // block_size is a public member: it may have changed since construction
     const Index n = P.size();
     out.shape_ = shape_of(P);
     out.block_size = block_size;
     out.codes.assign(static_cast<std::size_t>((n + 1) / 2), 0);
-    out.absmax.assign(static_cast<std::size_t>((n + block_size - 1) / block_size), 0.0f);
+    const Index blocks = n / block_size + (n % block_size != 0);
+    out.absmax.assign(static_cast<std::size_t>(blocks), 0.0f);
     const float* w = P.data();
-    for (Index b = 0; b * block_size < n; ++b) {
-      const Index lo = b * block_size, hi = std::min(n, lo + block_size);
+    for (Index b = 0; b < blocks; ++b) {
+      const Index lo = b * block_size, hi = lo + std::min(block_size, n - lo);
       float amax = 0.0f;
       for (Index i = lo; i < hi; ++i) amax = std::max(amax, std::abs(w[i]));
       out.absmax[static_cast<std::size_t>(b)] = amax;
@@ -72,8 +80,15 @@ struct NF4 {
   }
 
   std::size_t storage_bytes(Shape s) const {
+    check();
     const auto n = static_cast<std::size_t>(s.size());
-    return (n + 1) / 2 + sizeof(float) * ((n + static_cast<std::size_t>(block_size) - 1) / static_cast<std::size_t>(block_size));
+    const auto block = static_cast<std::size_t>(block_size);
+    return (n + 1) / 2 + sizeof(float) * (n / block + (n % block != 0));
+  }
+
+ private:
+  void check() const {
+    detail::require(block_size > 0, "quant::NF4: block size must be positive (got ", block_size, ")");
   }
 };
 

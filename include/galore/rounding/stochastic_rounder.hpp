@@ -1,19 +1,40 @@
 // galore: StochasticRounder<Bits>, rounding to Bits-bit integer codes.
 //
-// Stochastic rounding replaces round(x) by floor(x) + (u < x - floor(x)) with u
-// uniform in [0, 1), so that E[round(x)] = x: tiny updates to INT8 weights survive
-// on average instead of vanishing (Q-GaLore, DESIGN.md 2.3). u comes from
-// Philox4x32-10 at counter (i / 4, step, layer) and key seed, so the rounding of
-// element i at step t of a layer is a pure function of (seed, layer, step, i):
-// reproducible, independent of threading, and the same on any backend.
+// Stochastic rounding (Q-GaLore, arXiv 2407.08296, for its INT8 weights) rounds x
+// to floor(x) + 1 with probability x - floor(x) and to floor(x) otherwise, so
+// that E[round(x)] = x: updates far below a quantization step survive on average
+// instead of vanishing. q_galore_torch draws float32 uniforms (24 bits), which
+// biases the result by up to 2^-24 of a step.
+//
+// Here each element gets 32 random bits u, and the rounding is exact in integer
+// arithmetic: with a = |x| and f = a - floor(a),
+//   |round(x)| = floor(a) + (u < ceil(f * 2^32)),   round(x) has the sign of x,
+// so P(|round(x)| = floor(a) + 1) = ceil(f * 2^32) / 2^32 and the bias
+// E[round(x)] - x is below 2^-32 of a step in magnitude (away from zero), for
+// every fraction, including fractions like 1e-9 and 1 - 1e-9 that float32
+// cannot hold as x - floor(x) of a negative x. Every step of stochastic_round is
+// exact (see there), so the result does not depend on rounding modes of
+// intermediate steps, FMA contraction or the instruction set.
+//
+// The bits of element i at step t of layer l come from Philox4x32-10 (Salmon et
+// al., SC'11) with
+//   key     = (seed & 0xFFFFFFFF, seed >> 32)
+//   counter = (c & 0xFFFFFFFF, c >> 32, t, l)   with c = (i >> 6) * 16 + (i & 15)
+//   u       = word (i >> 4) & 3 of the output,
+// so one call serves four elements, 16 consecutive calls serve a tile of 64
+// consecutive elements (lane i & 15, word (i >> 4) & 3), and the tile unpacks into
+// element order with plain stores. The bits, and so the rounding, are a pure
+// function of (seed, layer, step, i): reproducible, independent of threads, and
+// the same on any backend.
 #pragma once
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
-#include "../types.hpp"
 #include "../quant/minmax.hpp"
+#include "../types.hpp"
 #include "philox.hpp"
 
 #if defined(__AVX2__)
@@ -24,12 +45,80 @@ namespace galore {
 
 enum class RoundingMode : std::uint8_t {
   Nearest,     // round half to even (torch.round)
-  Stochastic,  // floor(x) + (u < frac(x))
+  Stochastic,  // floor(x) + (u < frac(x)), exactly as stochastic_round
 };
 
 inline const char* to_string(RoundingMode m) {
-  return m == RoundingMode::Nearest ? "nearest" : "stochastic";
+  switch (m) {
+    case RoundingMode::Nearest: return "nearest";
+    case RoundingMode::Stochastic: return "stochastic";
+  }
+  return "unknown";
 }
+
+// x rounded stochastically to an integer value with the 32 random bits u:
+//   a = |x|, f = a - floor(a), r = floor(a) + (u < ceil(f * 2^32)), result copysign(r, x).
+// Every operation is exact: f = a - floor(a) (Sterbenz, or floor(a) = 0); f - 1/2
+// for f >= 1/2 (Sterbenz); the scaling by 2^32 (a power of two); ceil of a value
+// in [0, 2^31 - 128], an integer that int32 holds; floor(a) + 1 (f > 0 only when
+// a < 2^23). For f >= 1/2 the threshold ceil(f * 2^32) = ceil((f - 1/2) * 2^32) +
+// 2^31 still fits 32 bits (at most 2^32 - 256). A NaN or infinite x gives NaN or
+// x (f is taken as 0, so no conversion sees a non-finite value). Only fabs,
+// floor, ceil, copysign, compares and one multiplication by a power of two: the
+// same results in device code (fabsf, floorf, ceilf, copysignf), with nothing an
+// FMA could contract.
+GALORE_HOST_DEVICE float stochastic_round(float x, std::uint32_t u) {
+  const float a = std::fabs(x);
+  const float whole = std::floor(a);
+  float frac = a - whole;
+  frac = frac > 0.0f ? frac : 0.0f;  // NaN (x NaN or infinite) -> 0
+  const bool high = frac >= 0.5f;
+  const float rest = high ? frac - 0.5f : frac;  // in [0, 1/2)
+  const auto t = static_cast<std::int32_t>(std::ceil(rest * 4294967296.0f));
+  const std::uint32_t threshold = static_cast<std::uint32_t>(t) + (high ? 0x80000000u : 0u);  // ceil(f * 2^32)
+  return std::copysign(whole + (u < threshold ? 1.0f : 0.0f), x);
+}
+
+namespace detail {
+
+#if defined(__AVX2__)
+// codes[k] = to_code(stochastic_round(w[k] / scale, u[k]) + zero, max_code) for
+// k < n rounded down to a multiple of 8, the same operations as the scalar
+// functions in eight lanes (the tests check bit equality); returns that count.
+inline Index encode_stochastic_avx2(const float* w, Index n, float scale, float zero, float max_code,
+                                    const std::uint32_t* u, std::uint8_t* codes) {
+  const __m256 vscale = _mm256_set1_ps(scale), vzero = _mm256_set1_ps(zero), vmax = _mm256_set1_ps(max_code);
+  const __m256 fzero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+  const __m256 sign = _mm256_set1_ps(-0.0f), two32 = _mm256_set1_ps(4294967296.0f);
+  const __m256i top = _mm256_set1_epi32(static_cast<int>(0x80000000u));
+  Index k = 0;
+  for (; k + 8 <= n; k += 8) {
+    // _mm256_max_ps(p, q) is (p > q ? p : q) and _mm256_min_ps(p, q) is
+    // (p < q ? p : q), NaN included: the scalar functions' comparisons.
+    const __m256 x = _mm256_div_ps(_mm256_loadu_ps(w + k), vscale);
+    const __m256 a = _mm256_andnot_ps(sign, x);
+    const __m256 whole = _mm256_round_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m256 frac = _mm256_max_ps(_mm256_sub_ps(a, whole), fzero);
+    const __m256 high = _mm256_cmp_ps(frac, half, _CMP_GE_OQ);
+    const __m256 rest = _mm256_sub_ps(frac, _mm256_and_ps(high, half));
+    const __m256i t =
+        _mm256_cvttps_epi32(_mm256_round_ps(_mm256_mul_ps(rest, two32), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+    // u < threshold (unsigned) as a signed compare of both minus 2^31:
+    // threshold - 2^31 = t when high, t - 2^31 = t ^ 2^31 otherwise.
+    const __m256i shifted = _mm256_xor_si256(t, _mm256_andnot_si256(_mm256_castps_si256(high), top));
+    const __m256i key = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(u + k)), top);
+    const __m256 up = _mm256_castsi256_ps(_mm256_cmpgt_epi32(shifted, key));
+    const __m256 r = _mm256_add_ps(whole, _mm256_and_ps(up, one));
+    const __m256 q = _mm256_add_ps(_mm256_or_ps(_mm256_andnot_ps(sign, r), _mm256_and_ps(sign, x)), vzero);
+    const __m256i i32 = _mm256_cvttps_epi32(_mm256_min_ps(_mm256_max_ps(q, fzero), vmax));  // to_code
+    const __m128i i16 = _mm_packus_epi32(_mm256_castsi256_si128(i32), _mm256_extracti128_si256(i32, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + k), _mm_packus_epi16(i16, i16));
+  }
+  return k;
+}
+#endif
+
+}  // namespace detail
 
 template <int Bits>
 class StochasticRounder {
@@ -40,36 +129,35 @@ class StochasticRounder {
   static constexpr float max_code = static_cast<float>((1 << Bits) - 1);
 
   explicit StochasticRounder(std::uint64_t seed = 0, RoundingMode mode = RoundingMode::Stochastic)
-      : seed_(seed), mode_(mode) {}
+      : seed_(seed), mode_(mode) {
+    detail::require(mode == RoundingMode::Nearest || mode == RoundingMode::Stochastic,
+                    "StochasticRounder: unknown rounding mode ", static_cast<int>(mode),
+                    " (expected RoundingMode::Nearest or RoundingMode::Stochastic)");
+  }
 
   std::uint64_t seed() const { return seed_; }
   RoundingMode mode() const { return mode_; }
 
-  // The uniform number in [0, 1) that element i of (layer, step) is rounded with.
-  GALORE_HOST_DEVICE float uniform(std::uint32_t layer, std::uint32_t step, std::uint64_t i) const {
-    const std::uint64_t r = i & 127, counter = (i >> 7) * 16 + (r & 15);
-    const Philox4x32 p = philox4x32_10(static_cast<std::uint32_t>(counter),
-                                       static_cast<std::uint32_t>(counter >> 32), step, layer,
-                                       static_cast<std::uint32_t>(seed_),
+  // The 32 random bits that element i of (layer, step) is rounded with.
+  GALORE_HOST_DEVICE std::uint32_t random_bits(std::uint32_t layer, std::uint32_t step, std::uint64_t i) const {
+    const std::uint64_t counter = (i >> 6) * 16 + (i & 15);
+    const Philox4x32 p = philox4x32_10(static_cast<std::uint32_t>(counter), static_cast<std::uint32_t>(counter >> 32),
+                                       step, layer, static_cast<std::uint32_t>(seed_),
                                        static_cast<std::uint32_t>(seed_ >> 32));
-    return uniform16(p.v[r >> 5], static_cast<int>((r >> 4) & 1));
-  }
-
-  // The 16-bit half h of word x as a multiple of 2^-16 in [0, 1).
-  GALORE_HOST_DEVICE static float uniform16(std::uint32_t x, int h) {
-    return static_cast<float>((x >> (16 * h)) & 0xFFFFu) * (1.0f / 65536.0f);
+    return p.v[(i >> 4) & 3];
   }
 
   // x rounded to an integer value (not yet offset or clamped).
   float round(float x, std::uint32_t layer, std::uint32_t step, std::uint64_t i) const {
     if (mode_ == RoundingMode::Nearest) return std::nearbyint(x);
-    const float f = std::floor(x);
-    return f + (uniform(layer, step, i) < x - f ? 1.0f : 0.0f);
+    return stochastic_round(x, random_bits(layer, step, i));
   }
 
   // Encodes group values for the min-max quantizer:
-  //   codes[k] = clamp(round(w[k] / scale) + zero, 0, 2^Bits - 1),
-  // element k being element `first + k` of the tensor (the random counter).
+  //   codes[k] = to_code(round(w[k] / scale) + zero, 2^Bits - 1),
+  // element k being element `first + k` of the tensor (the random counter), with
+  // a true float division as the reference. Total: NaN gives code 0, values
+  // beyond the code range saturate (quant::detail::to_code).
   struct Encoder {
     const StochasticRounder* rounder;
     std::uint32_t layer, step;
@@ -77,54 +165,38 @@ class StochasticRounder {
     void operator()(const float* w, Index n, float scale, float zero, std::uint64_t first,
                     std::uint8_t* codes) const {
       if (rounder->mode_ == RoundingMode::Nearest) {
-        for (Index k = 0; k < n; ++k)
-          codes[k] = static_cast<std::uint8_t>(
-              std::min(std::max(std::nearbyint(w[k] / scale) + zero, 0.0f), max_code));
+        quant::NearestEncoder<Bits>{}(w, n, scale, zero, first, codes);
         return;
       }
       constexpr Index kChunk = 256;
-      alignas(64) float u[kChunk];
+      alignas(64) std::uint32_t u[kChunk];
       for (Index k0 = 0; k0 < n; k0 += kChunk) {
         const Index len = std::min(kChunk, n - k0);
-        rounder->fill_uniform(layer, step, first + static_cast<std::uint64_t>(k0), len, u);
-        // restrict: the byte-sized codes could otherwise alias the floats, which
-        // keeps the compiler from vectorizing.
-        const float* __restrict x = w + k0;
-        std::uint8_t* __restrict q = codes + k0;
-        const float* __restrict uu = u;
-        for (Index k = 0; k < len; ++k) {
-          const float v = x[k] / scale;
-          // floor(v) by the vectorizable round-half-even trick (std::floor does not
-          // vectorize under the default -ftrapping-math); beyond 2^22 the clamp
-          // below saturates either way.
-          float f = galore::detail::round_half_even(v);
-          f -= f > v ? 1.0f : 0.0f;
-          const float up = uu[k] < v - f ? 1.0f : 0.0f;
-          q[k] = static_cast<std::uint8_t>(static_cast<std::int32_t>(std::min(std::max(f + up + zero, 0.0f), max_code)));
-        }
+        rounder->fill_random_bits(layer, step, first + static_cast<std::uint64_t>(k0), len, u);
+        Index k = 0;
+#if defined(__AVX2__)
+        k = detail::encode_stochastic_avx2(w + k0, len, scale, zero, max_code, u, codes + k0);
+#endif
+        for (; k < len; ++k)
+          codes[k0 + k] = detail::to_code(stochastic_round(w[k0 + k] / scale, u[k]) + zero, max_code);
       }
     }
   };
 
   Encoder bind(std::uint32_t layer, std::uint32_t step) const { return {this, layer, step}; }
 
-  // u[k] = uniform(layer, step, first + k) for k < n: a tile of 128 values is 16
-  // Philox calls in SIMD lanes, unpacked without shuffles.
-  void fill_uniform(std::uint32_t layer, std::uint32_t step, std::uint64_t first, Index n, float* u) const {
+  // u[k] = random_bits(layer, step, first + k) for k < n: a tile of 64 elements is
+  // 16 Philox calls in SIMD lanes, whose outputs are already in element order.
+  void fill_random_bits(std::uint32_t layer, std::uint32_t step, std::uint64_t first, Index n,
+                        std::uint32_t* u) const {
+    if (n <= 0) return;
     const std::uint32_t k0 = static_cast<std::uint32_t>(seed_), k1 = static_cast<std::uint32_t>(seed_ >> 32);
     alignas(64) std::uint32_t out[4][16];
-    alignas(64) float tile[128];
     const std::uint64_t last = first + static_cast<std::uint64_t>(n);
-    for (std::uint64_t t = first >> 7; (t << 7) < last; ++t) {
+    for (std::uint64_t t = first >> 6; (t << 6) < last; ++t) {
       philox_lanes<16>(t * 16, step, layer, k0, k1, out);
-      const std::uint64_t lo = std::max(first, t << 7), hi = std::min(last, (t + 1) << 7);
-      const bool whole = lo == (t << 7) && hi == ((t + 1) << 7);
-      float* dst = whole ? u + (lo - first) : tile;
-      for (int w = 0; w < 4; ++w)
-        for (int h = 0; h < 2; ++h)
-          for (int l = 0; l < 16; ++l) dst[32 * w + 16 * h + l] = uniform16(out[w][l], h);
-      if (!whole)
-        for (std::uint64_t i = lo; i < hi; ++i) u[i - first] = tile[i - (t << 7)];
+      const std::uint64_t lo = std::max(first, t << 6), hi = std::min(last, (t + 1) << 6);
+      std::memcpy(u + (lo - first), &out[0][0] + (lo - (t << 6)), sizeof(std::uint32_t) * (hi - lo));
     }
   }
 
@@ -139,7 +211,6 @@ class StochasticRounder {
     static_assert(L % 8 == 0, "AVX2 lanes come in eights");
     const __m256i m0 = _mm256_set1_epi32(static_cast<int>(0xD2511F53u));
     const __m256i m1 = _mm256_set1_epi32(static_cast<int>(0xCD9E8D57u));
-    const __m256i odd_mask = _mm256_set1_epi64x(static_cast<long long>(0xFFFFFFFF00000000ull));
     for (int v = 0; v < L; v += 8) {
       alignas(32) std::uint32_t lo[8], hi[8];
       for (int l = 0; l < 8; ++l) {
@@ -154,13 +225,13 @@ class StochasticRounder {
       std::uint32_t k0 = key0, k1 = key1;
       for (int round = 0; round < 10; ++round) {
         // 32 x 32 -> 64-bit products of every lane: even lanes directly, odd
-        // lanes shifted down; then the high and low words gathered back.
+        // lanes shifted down; then the high and low words blended back.
         const __m256i p0e = _mm256_mul_epu32(c0, m0), p0o = _mm256_mul_epu32(_mm256_srli_epi64(c0, 32), m0);
         const __m256i p1e = _mm256_mul_epu32(c2, m1), p1o = _mm256_mul_epu32(_mm256_srli_epi64(c2, 32), m1);
-        const __m256i hi0 = _mm256_or_si256(_mm256_srli_epi64(p0e, 32), _mm256_and_si256(p0o, odd_mask));
-        const __m256i lo0 = _mm256_or_si256(_mm256_andnot_si256(odd_mask, p0e), _mm256_slli_epi64(p0o, 32));
-        const __m256i hi1 = _mm256_or_si256(_mm256_srli_epi64(p1e, 32), _mm256_and_si256(p1o, odd_mask));
-        const __m256i lo1 = _mm256_or_si256(_mm256_andnot_si256(odd_mask, p1e), _mm256_slli_epi64(p1o, 32));
+        const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(p0e, 32), p0o, 0xAA);
+        const __m256i lo0 = _mm256_blend_epi32(p0e, _mm256_slli_epi64(p0o, 32), 0xAA);
+        const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(p1e, 32), p1o, 0xAA);
+        const __m256i lo1 = _mm256_blend_epi32(p1e, _mm256_slli_epi64(p1o, 32), 0xAA);
         const __m256i n0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32(static_cast<int>(k0)));
         const __m256i n2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32(static_cast<int>(k1)));
         c0 = n0;
