@@ -82,19 +82,14 @@ TEST_CASE("without bias correction the step size is lr") {
 }
 
 TEST_CASE("a zero gradient gives a zero step, never NaN") {
-  for (double eps : {1e-6, 0.0}) {
+  for (double eps : {1e-6, 1e-30}) {  // eps = 0 is rejected (see below)
     AdamConfig c;
     c.eps = eps;
     LowRankAdam<> adam(c);
     auto mo = adam.init({4, 5});
     MatrixF D;
     adam.update(mo, MatrixF::Zero(4, 5), 1, D);
-    if (eps > 0) {
-      CHECK(D.isZero());
-    } else {
-      // eps = 0 is the caller's choice and 0/0 is NaN; galore_torch does the same.
-      CHECK(D.hasNaN());
-    }
+    CHECK(D.isZero());
   }
 }
 
@@ -148,4 +143,71 @@ TEST_CASE("Adam configuration and call errors") {
   CHECK_THROWS_AS(adam.set_lr(-2.0), galore::invalid_argument);
   adam.set_lr(0.25);
   CHECK(adam.config().lr == 0.25);
+}
+
+TEST_CASE("settings that break the float32 math are rejected with a message") {
+  auto make = [](auto edit) {
+    AdamConfig c;
+    edit(c);
+    return LowRankAdam<>(c);
+  };
+  // eps = 0 turns a zero or tiny gradient into 0/0 or x/0.
+  CHECK_THROWS_WITH_AS(make([](AdamConfig& c) { c.eps = 0.0; }), doctest::Contains("eps"),
+                       galore::invalid_argument);
+  CHECK_THROWS_AS(make([](AdamConfig& c) { c.eps = 1e-40; }), galore::invalid_argument);  // 0 or subnormal in float
+  // A beta that rounds to 1 in float32 never forgets.
+  CHECK_THROWS_WITH_AS(make([](AdamConfig& c) { c.beta2 = 0.99999999; }), doctest::Contains("beta2"),
+                       galore::invalid_argument);
+  CHECK_THROWS_AS(make([](AdamConfig& c) { c.beta1 = 0.999999999; }), galore::invalid_argument);
+  // A learning rate beyond float32, and a decay factor 1 - lr * wd below 0.
+  CHECK_THROWS_AS(make([](AdamConfig& c) { c.lr = 1e39; }), galore::invalid_argument);
+  CHECK_THROWS_WITH_AS(make([](AdamConfig& c) {
+                         c.lr = 2.0;
+                         c.weight_decay = 1.0;
+                       }),
+                       doctest::Contains("weight decay"), galore::invalid_argument);
+  LowRankAdam<> adam(AdamConfig{});
+  AdamConfig c;
+  c.weight_decay = 0.5;
+  LowRankAdam<> decaying(c);
+  CHECK_THROWS_AS(decaying.set_lr(3.0), galore::invalid_argument);
+  CHECK(decaying.config().lr == c.lr);
+  // Still accepted: the smallest sensible eps, lr * wd = 1.
+  CHECK_NOTHROW(make([](AdamConfig& c) { c.eps = 1e-30; }));
+  CHECK_NOTHROW(make([](AdamConfig& c) {
+    c.lr = 1.0;
+    c.weight_decay = 1.0;
+  }));
+}
+
+TEST_CASE("a gradient element whose square overflows float32 leaves the moments untouched") {
+  for (float huge : {1e20f, 1e30f, 3e38f}) {
+    CAPTURE(huge);
+    LowRankAdam<> adam;
+    auto mo = adam.init({4, 5});
+    MatrixF D;
+    adam.update(mo, gaussian(4, 5, 1), 1, D);
+    const auto m0 = mo.m, v0 = mo.v;
+    MatrixF g = gaussian(4, 5, 2);
+    g(1, 1) = huge;
+    adam.update(mo, g, 2, D);
+    CHECK(mo.m.allFinite());
+    CHECK(mo.v.allFinite());
+    CHECK((mo.m == m0).all());
+    CHECK((mo.v == v0).all());
+  }
+}
+
+TEST_CASE("the Adam input range ends exactly at AdamConfig::max_input") {
+  const float top = AdamConfig::max_input;
+  CHECK(top == std::ldexp(1.0f, 60));
+  CHECK(AdamConfig::max_update == std::ldexp(1.0f, 64));
+  CHECK(galore::detail::in_adam_range(top));
+  CHECK(galore::detail::in_adam_range(-top));
+  CHECK_FALSE(galore::detail::in_adam_range(std::nextafter(top, INFINITY)));
+  CHECK_FALSE(galore::detail::in_adam_range(NAN));
+  CHECK_FALSE(galore::detail::in_adam_range(-INFINITY));
+  CHECK(galore::detail::in_adam_range(bfloat16(top)));
+  CHECK_FALSE(galore::detail::in_adam_range(bfloat16(std::ldexp(1.0f, 61))));
+  CHECK_FALSE(galore::detail::in_adam_range(bfloat16(INFINITY)));
 }

@@ -3,6 +3,8 @@
 // that stays close to the float32 one.
 #include <doctest/doctest.h>
 
+#include <algorithm>
+#include <cmath>
 #include <fstream>
 #include <galore/galore.hpp>
 #include <string>
@@ -112,24 +114,56 @@ TEST_CASE("the float32 path (below 4096 elements) follows bitsandbytes' Adam for
   }
 }
 
-TEST_CASE("non-finite gradient elements are skipped, as in bitsandbytes") {
+TEST_CASE("the 8-bit state skips non-finite gradient elements, as in bitsandbytes") {
+  // The state policy itself, as bitsandbytes' kernel: element by element.
   for (Shape s : {Shape{64, 128}, Shape{10, 10}}) {  // the 8-bit and the float32 paths
     CAPTURE(s.size());
-    LowRankAdam<state::Blockwise8bit> adam;
-    auto mo = adam.init(s);
-    MatrixF D;
-    adam.update(mo, gaussian(s.rows, s.cols, 1), 1, D);
+    const state::Blockwise8bit st;
+    const AdamConfig c;
+    auto mo = st.init(s);
+    MatrixF D(s.rows, s.cols);
+    auto run = [&](const MatrixF& g, std::int64_t t) {
+      st.update(mo, g.data(), t, c, [&](Index off, const float* d, Index len) {
+        std::copy(d, d + len, D.data() + off);
+      });
+    };
+    run(gaussian(s.rows, s.cols, 1), 1);
     MatrixF g = gaussian(s.rows, s.cols, 2);
     g(0, 0) = NAN;
     g(1, 3) = INFINITY;
     g(2, 5) = -INFINITY;
-    adam.update(mo, g, 2, D);
+    g(3, 7) = 1e30f;  // finite, but its square is not: skipped like Inf
+    run(g, 2);
     CHECK(D(0, 0) == 0.0f);
     CHECK(D(1, 3) == 0.0f);
     CHECK(D(2, 5) == 0.0f);
+    CHECK(D(3, 7) == 0.0f);
     CHECK(D.allFinite());
-    adam.update(mo, gaussian(s.rows, s.cols, 3), 3, D);
+    run(gaussian(s.rows, s.cols, 3), 3);
     CHECK(D.allFinite());
+  }
+}
+
+TEST_CASE("a gradient element whose square overflows float32 never poisons the 8-bit state") {
+  for (Shape s : {Shape{64, 128}, Shape{10, 10}}) {  // the 8-bit and the float32 paths
+    for (float huge : {1e20f, 1e30f, 3e38f}) {
+      CAPTURE(s.size());
+      CAPTURE(huge);
+      LowRankAdam<state::Blockwise8bit> adam;
+      auto mo = adam.init(s);
+      MatrixF D;
+      adam.update(mo, gaussian(s.rows, s.cols, 1), 1, D);
+      MatrixF g = gaussian(s.rows, s.cols, 2);
+      g(3, 7) = huge;
+      adam.update(mo, g, 2, D);
+      for (float a : mo.m_absmax) CHECK(std::isfinite(a));
+      for (float a : mo.v_absmax) CHECK(std::isfinite(a));
+      for (float a : mo.v32) CHECK(std::isfinite(a));
+      for (int t = 3; t <= 4; ++t) {
+        adam.update(mo, gaussian(s.rows, s.cols, t), t, D);
+        CHECK(D.allFinite());
+      }
+    }
   }
 }
 

@@ -2,6 +2,8 @@
 // weights, non-finite gradients, memory, and every error path.
 #include <doctest/doctest.h>
 
+#include <cmath>
+#include <functional>
 #include <galore/galore.hpp>
 #include <limits>
 #include <numeric>
@@ -265,4 +267,253 @@ TEST_CASE("facade errors say what to fix and change nothing") {
   CHECK_THROWS_AS(GaLoreAdamW({0, ProjectionType::Std, 0.25f}), galore::invalid_argument);
   CHECK_THROWS_AS(GaLoreAdamW({4, ProjectionType::Std, 0.25f}, LowRankAdam<>(), schedule::FixedGap{-3}),
                   galore::invalid_argument);
+}
+
+// ---- Hostile input: finite gradients the float32 math cannot hold, bad settings ----
+
+namespace {
+
+// Every stored value of a layer's moments, to compare before and after a skipped step.
+std::vector<double> snapshot(const state::Float32::Moments& mo) {
+  std::vector<double> out(mo.m.data(), mo.m.data() + mo.m.size());
+  out.insert(out.end(), mo.v.data(), mo.v.data() + mo.v.size());
+  return out;
+}
+std::vector<double> snapshot(const state::BFloat16::Moments& mo) {
+  std::vector<double> out;
+  for (Index i = 0; i < mo.m.size(); ++i) out.push_back(static_cast<float>(mo.m(i)));
+  for (Index i = 0; i < mo.v.size(); ++i) out.push_back(static_cast<float>(mo.v(i)));
+  return out;
+}
+std::vector<double> snapshot(const state::Blockwise8bit::Moments& mo) {
+  std::vector<double> out(mo.m_code.begin(), mo.m_code.end());
+  out.insert(out.end(), mo.v_code.begin(), mo.v_code.end());
+  for (const auto* v : {&mo.m_absmax, &mo.v_absmax, &mo.m32, &mo.v32}) out.insert(out.end(), v->begin(), v->end());
+  return out;
+}
+bool all_finite(const std::vector<double>& v) {
+  for (double x : v)
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+
+// One huge but finite gradient element, on a refresh step and on a plain step, on a
+// projected and on a dense layer: the step is skipped with nothing changed, and the
+// run then continues exactly as one that never saw it, with finite weights and moments.
+template <class Opt>
+void check_huge_gradient_is_skipped(const std::function<Opt()>& make, float huge) {
+  const Index m = 128, n = 64;  // at rank 32 the moments hold 4096 elements: 8-bit states quantize
+  for (bool dense : {false, true}) {
+    for (int bad_step : {1, 3}) {  // gap 3: step 3 refreshes the basis, step 1 does not
+      CAPTURE(huge);
+      CAPTURE(dense);
+      CAPTURE(bad_step);
+      Opt clean = make(), dirty = make();
+      const LayerId a = dense ? clean.add_dense({m, n}) : clean.add_layer({m, n});
+      const LayerId b = dense ? dirty.add_dense({m, n}) : dirty.add_layer({m, n});
+      MatrixF Wa = gaussian(m, n, 1), Wb = Wa;
+      for (int t = 0; t < 6; ++t) {
+        const MatrixF G = decaying_spectrum(m, n, 30 + t);
+        if (t == bad_step) {
+          MatrixF Gbad = G;
+          Gbad(2, 3) = huge;
+          const MatrixF Wbefore = Wb;
+          const auto moments_before = snapshot(dirty.moments(b));
+          const LayerStats before = dirty.stats(b);
+          const StepResult r = dirty.step(b, Wb, Gbad);
+          CHECK(r.status == StepStatus::SkippedNonFinite);
+          CHECK_FALSE(r.refreshed);
+          CHECK(Wb == Wbefore);
+          CHECK(snapshot(dirty.moments(b)) == moments_before);
+          CHECK(dirty.stats(b).steps == before.steps);
+          CHECK(dirty.stats(b).svd_count == before.svd_count);
+          CHECK(dirty.stats(b).skipped_steps == 1);
+        }
+        REQUIRE(clean.step(a, Wa, G).applied());
+        REQUIRE(dirty.step(b, Wb, G).applied());
+        CHECK(Wb.allFinite());
+        CHECK(all_finite(snapshot(dirty.moments(b))));
+        CHECK(Wa == Wb);
+      }
+    }
+  }
+}
+
+}  // namespace
+
+TEST_CASE("a finite gradient whose moments would overflow float32 skips the step and changes nothing") {
+  const ProjectorOptions proj{32, ProjectionType::Std, 0.25f};
+  SUBCASE("float32 moments") {
+    for (float huge : {1e20f, 1e30f})
+      check_huge_gradient_is_skipped<GaLoreAdamW>(
+          [&] { return GaLoreAdamW(proj, LowRankAdam<>(adam_lr(0.01)), schedule::FixedGap{3}); }, huge);
+  }
+  SUBCASE("bf16 moments") {
+    using Opt = GaLoreOptimizer<Projector<>, LowRankAdam<state::BFloat16>>;
+    for (float huge : {1e20f, 1e30f})
+      check_huge_gradient_is_skipped<Opt>(
+          [&] { return Opt(proj, LowRankAdam<state::BFloat16>(adam_lr(0.01)), schedule::FixedGap{3}); }, huge);
+  }
+  SUBCASE("8-bit moments") {
+    for (float huge : {1e20f, 1e30f})
+      check_huge_gradient_is_skipped<GaLoreAdamW8bit>(
+          [&] {
+            return GaLoreAdamW8bit(proj, LowRankAdam<state::Blockwise8bit>(adam_lr(0.01)), schedule::FixedGap{3});
+          },
+          huge);
+  }
+}
+
+TEST_CASE("an update too large for float32 is clamped, never Inf or NaN") {
+  // v underflows to 0 for a 1e-25 gradient, so d = step * m / eps: with lr 1e36
+  // and eps 1e-30 that is about 3e39, beyond float32.
+  AdamConfig c = adam_lr(1e36);
+  c.eps = 1e-30;
+  GaLoreAdamW opt({4, ProjectionType::Std, 0.25f}, LowRankAdam<>(c), schedule::FixedGap{3});
+  const LayerId d = opt.add_dense({4, 8});
+  const LayerId p = opt.add_layer({16, 8});
+  MatrixF Wd = gaussian(4, 8, 1), Wp = gaussian(16, 8, 2);
+  MatrixF gd = MatrixF::Zero(4, 8);
+  gd(1, 2) = 1e-25f;
+  const MatrixF gp = decaying_spectrum(16, 8, 3) * 1e-25f;
+  for (int t = 0; t < 3; ++t) {
+    CHECK(opt.step(d, Wd, gd).applied());
+    CHECK(opt.step(p, Wp, gp).applied());
+    CHECK(Wd.allFinite());
+    CHECK(Wp.allFinite());
+    CHECK(all_finite(snapshot(opt.moments(d))));
+  }
+}
+
+TEST_CASE("a skipped refresh step leaves the projector untouched (fixed gap)") {
+  // 3e38 is finite, but G P^T overflows: the step must not adopt the new basis.
+  GaLoreAdamW clean({4, ProjectionType::Std, 0.25f}, LowRankAdam<>(adam_lr(0.01)), schedule::FixedGap{3});
+  GaLoreAdamW dirty({4, ProjectionType::Std, 0.25f}, LowRankAdam<>(adam_lr(0.01)), schedule::FixedGap{3});
+  const LayerId a = clean.add_layer({20, 12}), b = dirty.add_layer({20, 12});
+  MatrixF Wa = gaussian(20, 12, 1), Wb = Wa;
+  for (int t = 0; t < 7; ++t) {
+    const MatrixF G = decaying_spectrum(20, 12, 40 + t);
+    if (t == 3) {
+      MatrixF Gbad = G;
+      Gbad(4, 5) = 3e38f;
+      const MatrixF basis_before = dirty.projector(b).right_storage().matrix;
+      const std::int64_t svds = dirty.projector(b).svd_count();
+      const StepResult r = dirty.step(b, Wb, Gbad);
+      CHECK(r.status == StepStatus::SkippedNonFinite);
+      CHECK_FALSE(r.refreshed);
+      CHECK(dirty.projector(b).svd_count() == svds);
+      CHECK(dirty.projector(b).right_storage().matrix == basis_before);
+    }
+    clean.step(a, Wa, G);
+    dirty.step(b, Wb, G);
+    CHECK(Wa == Wb);
+  }
+}
+
+TEST_CASE("a skipped refresh step leaves the projector untouched (lazy schedule, INT4 basis)") {
+  auto make = [] {
+    return QGaLoreAdamW8bit({4, ProjectionType::Std, 0.25f}, LowRankAdam<state::Blockwise8bit>(adam_lr(0.01)),
+                            schedule::Lazy{2, 0.0, 2.0, 2}, svd::Exact{}, quant::Int4{16}, StochasticRounder<8>(5));
+  };
+  QGaLoreAdamW8bit clean = make(), dirty = make();
+  const LayerId a = clean.add_layer({20, 12}), b = dirty.add_layer({20, 12});
+  MatrixF Wa = gaussian(20, 12, 1), Wb = Wa;
+  for (int t = 0; t < 9; ++t) {
+    const MatrixF G = decaying_spectrum(20, 12, 50 + t, 0.8f, 0.001f);
+    if (t == 4) {  // a refresh with a previous vector and a cosine in the queue
+      MatrixF Gbad = G;
+      Gbad(4, 5) = 3e38f;
+      const auto& p = dirty.projector(b);
+      REQUIRE(p.refresh_due(dirty.steps(b)));
+      REQUIRE(p.schedule_state().queue.size() == 1);
+      const auto state = p.schedule_state();
+      const auto codes = p.right_storage().codes;
+      const auto scales = p.right_storage().scales;
+      const std::int64_t svds = p.svd_count();
+      const StepResult r = dirty.step(b, Wb, Gbad);
+      CHECK(r.status == StepStatus::SkippedNonFinite);
+      CHECK(p.svd_count() == svds);
+      CHECK(p.update_gap() == state.gap);
+      CHECK(p.schedule_state().queue == state.queue);
+      CHECK(p.schedule_state().past == state.past);
+      CHECK(p.schedule_state().last_cosine == state.last_cosine);
+      CHECK(p.right_storage().codes == codes);
+      CHECK(p.right_storage().scales == scales);
+    }
+    clean.step(a, Wa, G);
+    dirty.step(b, Wb, G);
+    CHECK(Wa == Wb);
+    CHECK(clean.stats(a).update_gap == dirty.stats(b).update_gap);
+  }
+}
+
+TEST_CASE("the lazy schedule's gap saturates instead of overflowing") {
+  // cos_threshold -1 and a full queue of one: every refresh after the first grows the gap by 1e300.
+  QGaLoreAdamW8bit opt({4, ProjectionType::Std, 0.25f}, LowRankAdam<state::Blockwise8bit>(adam_lr(0.01)),
+                       schedule::Lazy{1, -1, 1e300, 1}, svd::Exact{}, quant::Int4{16}, StochasticRounder<8>(5));
+  const LayerId id = opt.add_layer({20, 12});
+  MatrixF W = gaussian(20, 12, 1);
+  for (int t = 0; t < 4; ++t) {
+    CHECK(opt.step(id, W, decaying_spectrum(20, 12, 60 + t)).applied());
+    CHECK(opt.stats(id).update_gap >= 1);
+  }
+  CHECK(opt.stats(id).update_gap == std::numeric_limits<std::int64_t>::max());
+  CHECK(opt.stats(id).svd_count == 2);
+  CHECK(W.allFinite());
+}
+
+TEST_CASE("bad settings are rejected where they are given, before any state exists") {
+  const ProjectorOptions ok{4, ProjectionType::Std, 0.25f};
+  // Projection options: at the optimizer's constructor, not at the first add_layer.
+  CHECK_THROWS_WITH_AS(GaLoreAdamW({4, static_cast<ProjectionType>(99), 0.25f}),
+                       doctest::Contains("unknown projection type"), galore::invalid_argument);
+  CHECK_THROWS_WITH_AS(GaLoreAdamW({4, ProjectionType::Std, NAN}), doctest::Contains("scale"),
+                       galore::invalid_argument);
+  CHECK_THROWS_AS(GaLoreAdamW({4, ProjectionType::Std, INFINITY}), galore::invalid_argument);
+  CHECK_THROWS_AS(GaLoreAdamW({4, ProjectionType::Std, -0.25f}), galore::invalid_argument);
+  CHECK_THROWS_AS(GaLoreAdamW({4, ProjectionType::Std, 0.0f}), galore::invalid_argument);
+  GaLoreAdamW opt(ok);
+  CHECK_THROWS_AS(opt.add_layer({20, 10}, ProjectorOptions{4, static_cast<ProjectionType>(99), 0.25f}),
+                  galore::invalid_argument);
+  CHECK(opt.num_layers() == 0);
+  // SVD policy options.
+  using RandomizedOpt = GaLoreOptimizer<Projector<svd::Randomized>, LowRankAdam<>>;
+  using WarmOpt = GaLoreOptimizer<Projector<svd::WarmStart>, LowRankAdam<>>;
+  CHECK_THROWS_WITH_AS(RandomizedOpt(ok, LowRankAdam<>(), schedule::FixedGap{}, svd::Randomized{-1, 2}),
+                       doctest::Contains("oversampl"), galore::invalid_argument);
+  CHECK_THROWS_WITH_AS(RandomizedOpt(ok, LowRankAdam<>(), schedule::FixedGap{}, svd::Randomized{16, -1}),
+                       doctest::Contains("power iterations"), galore::invalid_argument);
+  CHECK_THROWS_WITH_AS(WarmOpt(ok, LowRankAdam<>(), schedule::FixedGap{}, svd::WarmStart{0}),
+                       doctest::Contains("iterations"), galore::invalid_argument);
+  CHECK_THROWS_AS(WarmOpt(ok, LowRankAdam<>(), schedule::FixedGap{}, svd::WarmStart{1, svd::Randomized{-4, 2}}),
+                  galore::invalid_argument);
+  // The lazy schedule's cosine threshold is a mean cosine: in [-1, 1].
+  CHECK_THROWS_AS((schedule::Lazy{10, 1.5, 2, 5}.init()), galore::invalid_argument);
+  CHECK_THROWS_AS((schedule::Lazy{10, NAN, 2, 5}.init()), galore::invalid_argument);
+  CHECK_THROWS_AS((schedule::Lazy{10, 0.4, INFINITY, 5}.init()), galore::invalid_argument);
+  // The 8-bit state's block size: when the Adam policy is built, not at add_layer.
+  CHECK_THROWS_WITH_AS(LowRankAdam<state::Blockwise8bit>(AdamConfig{}, state::Blockwise8bit{0}),
+                       doctest::Contains("block size"), galore::invalid_argument);
+}
+
+TEST_CASE("a step that throws changes nothing, even on a refresh step") {
+  Projector<> p({20, 12}, {4, ProjectionType::Std, 0.25f}, schedule::FixedGap{3});
+  LowRankAdam<> adam;
+  auto wrong = adam.init({5, 5});  // not the projector's low-rank shape (20 x 4)
+  std::int64_t step = 0;
+  MatrixF W = gaussian(20, 12, 1);
+  const MatrixF W0 = W, G = gaussian(20, 12, 2);
+  CHECK_THROWS_AS(galore_step(p, adam, wrong, step, MatrixRef<float>(W), ConstMatrixRef<float>(G)),
+                  galore::invalid_argument);
+  CHECK_FALSE(p.has_basis());
+  CHECK(p.svd_count() == 0);
+  CHECK(step == 0);
+  CHECK(W == W0);
+  // A weight of another shape: refused before the SVD.
+  MatrixF Wwrong = gaussian(12, 20, 3);
+  auto right = adam.init(p.low_rank_shape());
+  CHECK_THROWS_AS(galore_step(p, adam, right, step, MatrixRef<float>(Wwrong), ConstMatrixRef<float>(G)),
+                  galore::invalid_argument);
+  CHECK(p.svd_count() == 0);
+  CHECK(step == 0);
 }

@@ -4,6 +4,7 @@
 
 #include <Eigen/SVD>
 #include <galore/galore.hpp>
+#include <stdexcept>
 
 #include "support/random.hpp"
 
@@ -183,4 +184,94 @@ TEST_CASE("projector errors say what to fix") {
   CHECK_THROWS_WITH_AS(p.adopt(wrong), doctest::Contains("right factor must be 4x20"), galore::invalid_argument);
   wrong.side = Side::Left;
   CHECK_THROWS_WITH_AS(p.adopt(wrong), doctest::Contains("does not match"), galore::invalid_argument);
+}
+
+namespace {
+
+// Stores like quant::None, but throws while *fail is set.
+struct ThrowingQuant {
+  bool* fail;
+  struct Storage {
+    MatrixF matrix;
+    std::size_t bytes() const { return sizeof(float) * static_cast<std::size_t>(matrix.size()); }
+    Shape shape() const { return shape_of(matrix); }
+  };
+  void store(const MatrixF& P, Storage& out) const {
+    if (*fail) throw std::runtime_error("store failed");
+    out.matrix = P;
+  }
+  const MatrixF& load(const Storage& s, MatrixF&) const { return s.matrix; }
+  std::size_t storage_bytes(Shape s) const { return sizeof(float) * static_cast<std::size_t>(s.size()); }
+};
+
+// The exact SVD, but returns a NaN entry while *fail is set (as a policy whose
+// float products overflowed would).
+struct FlakySVD {
+  bool* fail;
+  void compute(ConstMatrixRef<float> G, Index rank, Side side, const BasisView* previous, Basis& out) const {
+    svd::Exact{}.compute(G, rank, side, previous, out);
+    if (*fail) (side == Side::Right ? out.right : out.left)(0, 0) = NAN;
+  }
+};
+
+}  // namespace
+
+TEST_CASE("a refresh whose basis cannot be stored changes nothing: count, schedule, basis") {
+  bool fail = false;
+  Projector<svd::Exact, ThrowingQuant, schedule::Lazy> p({30, 20}, {4, ProjectionType::Std, 0.25f},
+                                                         schedule::Lazy{1, 0.0, 2.0, 2}, svd::Exact{},
+                                                         ThrowingQuant{&fail});
+  p.refresh(decaying_spectrum(30, 20, 1), 0);
+  p.refresh(decaying_spectrum(30, 20, 2), 1);
+  const auto state = p.schedule_state();
+  const MatrixF basis = p.right_storage().matrix;
+  REQUIRE(state.queue.size() == 1);
+  fail = true;
+  CHECK_THROWS_AS(p.refresh(decaying_spectrum(30, 20, 3), 2), std::runtime_error);
+  Basis b;
+  svd::Exact{}.compute(decaying_spectrum(30, 20, 4), 4, Side::Right, nullptr, b);
+  CHECK_THROWS_AS(p.adopt(b, 2), std::runtime_error);
+  CHECK(p.svd_count() == 2);
+  CHECK(p.schedule_state().queue == state.queue);
+  CHECK(p.schedule_state().past == state.past);
+  CHECK(p.schedule_state().gap == state.gap);
+  CHECK(p.right_storage().matrix == basis);
+}
+
+TEST_CASE("a refresh whose SVD gives non-finite vectors keeps the basis in use") {
+  bool fail = false;
+  Projector<FlakySVD> p({30, 20}, {4, ProjectionType::Std, 0.25f}, schedule::FixedGap{1}, FlakySVD{&fail});
+  p.refresh(decaying_spectrum(30, 20, 1), 0);
+  const MatrixF basis = p.right_storage().matrix;
+  fail = true;
+  p.refresh(decaying_spectrum(30, 20, 2), 1);
+  MatrixF R;
+  p.project(decaying_spectrum(30, 20, 3), 2, R);
+  CHECK(p.svd_count() == 1);
+  CHECK(p.right_storage().matrix == basis);
+  CHECK(R.allFinite());
+}
+
+TEST_CASE("every SVD policy finds the subspace of gradients near float32's limits") {
+  const MatrixF G = decaying_spectrum(40, 24, 7, 0.7f, 0.001f);
+  const Eigen::VectorXf sv = svd::singular_values(G);
+  auto check = [&](auto policy) {
+    const MatrixF unit = G / G.cwiseAbs().maxCoeff();
+    for (float factor : {1e36f, 1e-30f, 3e38f}) {  // 3e38: the largest entry, so G's products overflow
+      CAPTURE(factor);
+      Projector<decltype(policy)> p({40, 24}, {4, ProjectionType::Std, 0.25f}, schedule::FixedGap{1}, policy);
+      p.refresh(G, 0);  // a sane start (for the warm-started policy)
+      const MatrixF scaled = factor == 3e38f ? MatrixF(unit * factor) : MatrixF(G * factor);
+      REQUIRE(scaled.allFinite());
+      p.refresh(scaled, 1);
+      BasisScratch s;
+      const BasisView b = p.basis(s);
+      CHECK(b.right->allFinite());
+      CHECK(p.svd_count() == 2);
+      CHECK(svd::captured_energy(G, b, sv) >= 0.999);  // the subspace of G, whatever its scale
+    }
+  };
+  SUBCASE("exact") { check(svd::Exact{}); }
+  SUBCASE("randomized") { check(svd::Randomized{}); }
+  SUBCASE("warm start") { check(svd::WarmStart{}); }
 }

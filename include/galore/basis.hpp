@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "detail/elementwise.hpp"
 #include "projection_type.hpp"
 #include "types.hpp"
 
@@ -33,6 +34,16 @@ struct BasisView {
 };
 
 namespace detail {
+
+// Whether the factors a basis holds (by its side) are free of NaN and Inf.
+inline bool basis_is_finite(const Basis& b) {
+  auto finite = [](const MatrixF& A) {
+    bool ok = true;
+    for (Index i = 0; i < A.size(); ++i) ok &= is_finite_bits(A.data()[i]);
+    return ok;
+  };
+  return (b.side == Side::Right || finite(b.left)) && (b.side == Side::Left || finite(b.right));
+}
 
 // Flips v so that its entry of largest magnitude (the first one, on ties) is
 // positive. Singular vectors are defined up to sign; fixing it makes results

@@ -12,18 +12,27 @@
 // the seed is a hyperparameter, the steps are saved.
 //
 // Loading validates everything before it changes anything: on any error the
-// optimizer and the weights are as they were. docs/checkpoint.md has the format.
+// optimizer and the weights are as they were, and the error is a
+// checkpoint_error. Saving checks the WeightSet before it writes anything.
+// docs/checkpoint.md has the format and every rule a file must satisfy.
 #pragma once
 
 #include <atomic>
+#include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstring>
+#include <exception>
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <limits>
 #include <memory>
+#include <new>
+#include <random>
 #include <sstream>
 #include <string>
+#include <system_error>
 #include <vector>
 
 #include "checkpoint/format.hpp"
@@ -32,6 +41,9 @@
 
 #if defined(__unix__) || defined(__APPLE__)
 #include <fcntl.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <sys/types.h>
 #include <unistd.h>
 #endif
 
@@ -88,8 +100,30 @@ struct Access {
     return items;
   }
 
+  // Every weight must belong to a registered layer and have its shape; throws
+  // galore::invalid_argument otherwise (a file with such a weight could not be
+  // loaded back).
+  template <class Opt>
+  static void check_weights(const Opt& opt, const WeightSet& weights) {
+    const std::size_t L = opt.layers_.size();
+    for (const WeightSet::Entry& e : weights.entries_) {
+      detail::require(e.layer < L, "WeightSet: layer id ", e.layer, " is not registered with this optimizer (", L,
+                      " layers)");
+      const auto& l = opt.layers_[e.layer];
+      Shape got{};
+      switch (e.kind) {
+        case WeightSet::Kind::Float32: got = shape_of(*static_cast<const MatrixF*>(e.ptr)); break;
+        case WeightSet::Kind::BFloat16: got = shape_of(*static_cast<const Matrix<bfloat16>*>(e.ptr)); break;
+        case WeightSet::Kind::Int8: got = static_cast<const QuantizedWeight<8>*>(e.ptr)->shape(); break;
+      }
+      detail::require(got == l.shape, "WeightSet: the weight of layer ", e.layer, " ('", l.name, "') is ", got.rows,
+                      "x", got.cols, " but the layer was registered as ", l.shape.rows, "x", l.shape.cols);
+    }
+  }
+
   template <class Opt>
   static void save(const Opt& opt, std::ostream& os, const WeightSet* weights) {
+    if (weights) check_weights(opt, *weights);
     Writer header;
     header.raw(kMagic, sizeof kMagic);
     header.u32(kFormatVersion);
@@ -158,8 +192,33 @@ struct Access {
     if (!os) throw checkpoint_error("galore checkpoint: writing failed");
   }
 
+  // Loads, or throws checkpoint_error and changes nothing. Whatever else is
+  // thrown on the way (a stream with exceptions enabled, a failed allocation, a
+  // caller error) becomes a checkpoint_error with its message.
   template <class Opt>
   static void load(Opt& opt, std::istream& is, WeightSet* weights) {
+    try {
+      load_unchecked(opt, is, weights);
+    } catch (const checkpoint_error&) {
+      throw;
+    } catch (const std::bad_alloc&) {
+      throw checkpoint_error("galore checkpoint: out of memory while loading");
+    } catch (const std::exception& e) {
+      throw checkpoint_error(std::string("galore checkpoint: loading failed: ") + e.what());
+    } catch (...) {
+      throw checkpoint_error("galore checkpoint: loading failed with an unknown exception");
+    }
+  }
+
+ private:
+  template <class Opt>
+  static void load_unchecked(Opt& opt, std::istream& is, WeightSet* weights) {
+    const std::size_t L = opt.layers_.size();
+    if (weights)
+      for (const WeightSet::Entry& e : weights->entries_)
+        if (e.layer >= L)
+          throw checkpoint_error("galore checkpoint: the WeightSet names layer " + std::to_string(e.layer) +
+                                 ", which this optimizer does not have (" + std::to_string(L) + " layers)");
     std::uint8_t head[8 + 7 * 4];
     read_exact(is, head, sizeof head, "the header");
     Reader h(head, sizeof head, "header");
@@ -182,7 +241,6 @@ struct Access {
              ") does not read");
     if (h.u32() != kByteOrder) h.fail("written on a machine of another byte order");
     const std::uint32_t sections = h.u32();
-    const std::size_t L = opt.layers_.size();
     if (sections != 2 + L && sections != 3 + L)
       h.fail(std::to_string(sections) + " sections, but an optimizer of " + std::to_string(L) + " layers needs " +
              std::to_string(2 + L) + " (or one more with weights)");
@@ -200,16 +258,28 @@ struct Access {
       std::string v = c.str();
       theirs.emplace_back(std::move(k), std::move(v));
     }
-    for (std::size_t i = 0; i < std::max(mine.size(), theirs.size()); ++i) {
-      const std::string mk = i < mine.size() ? mine[i].first : "(nothing)";
-      const std::string tk = i < theirs.size() ? theirs[i].first : "(nothing)";
+    for (std::size_t i = 0; i < std::min(mine.size(), theirs.size()); ++i) {
+      const std::string& mk = mine[i].first;
+      const std::string& tk = theirs[i].first;
       if (mk != tk) c.fail("the configuration lists '" + tk + "' where this optimizer has '" + mk + "'");
       if (mine[i].second != theirs[i].second)
         c.fail("the checkpoint was saved with " + tk + " = " + theirs[i].second + ", this optimizer has " +
                mine[i].second);
     }
+    if (theirs.size() > mine.size())
+      c.fail("the configuration lists '" + theirs[mine.size()].first + "' after this optimizer's last item '" +
+             (mine.empty() ? std::string() : mine.back().first) + "'");
+    if (theirs.size() < mine.size())
+      c.fail("the configuration ends where this optimizer has '" + mine[theirs.size()].first + "'");
     const double lr = c.f64();
     if (!(std::isfinite(lr) && lr >= 0.0)) c.fail("the saved learning rate is invalid");
+    // The learning rate goes in through set_lr, on a copy: its checks run now.
+    auto adam = opt.adam_;
+    try {
+      adam.set_lr(lr);
+    } catch (const std::exception& e) {
+      c.fail(std::string("the saved learning rate is refused: ") + e.what());
+    }
     if (c.u64() != L) c.fail("the checkpoint holds another number of layers than this optimizer (" + std::to_string(L) + ")");
     c.expect_done();
 
@@ -227,6 +297,8 @@ struct Access {
     s = read_section(is, index++);
     std::vector<std::function<void()>> commit_weights;
     const std::size_t bound = weights ? weights->entries_.size() : 0;
+    if (sections == 3 + L && s.tag != kWeights)
+      throw checkpoint_error("galore checkpoint: the header announces a weights section, found " + tag_name(s.tag));
     if (s.tag == kWeights) {
       Reader r(s.payload.data(), s.payload.size(), "weights");
       if (sections != 3 + L) r.fail("a weights section the header did not announce");
@@ -269,14 +341,14 @@ struct Access {
     if (s.tag != kEnd) e.fail("expected the end section, found " + tag_name(s.tag));
     if (e.u64() != L) e.fail("the end section disagrees on the layer count");
     e.expect_done();
+    expect_end_of_input(is);
 
-    // Everything read and checked: commit.
+    // Everything read and checked: commit (moves only, nothing here throws).
     opt.layers_ = std::move(layers);
-    opt.set_lr(lr);
+    opt.adam_ = std::move(adam);
     for (auto& f : commit_weights) f();
   }
 
- private:
   template <class Opt, class Layer>
   static void load_layer(const Opt& opt, Reader& r, Layer& l) {
     const std::string name = r.str();
@@ -287,9 +359,8 @@ struct Access {
              (projected ? " projected" : " dense") + " where this optimizer has '" + l.name + "' " +
              std::to_string(l.shape.rows) + "x" + std::to_string(l.shape.cols) +
              (l.projector ? " projected" : " dense"));
-    l.step = r.i64();
-    l.skipped = r.i64();
-    if (l.step < 0 || l.skipped < 0) r.fail("negative step counters");
+    l.step = counter(r, "step counter");
+    l.skipped = counter(r, "skipped-step counter");
     Shape moments_shape = shape;
     if (projected) {
       auto& p = *l.projector;
@@ -300,10 +371,12 @@ struct Access {
         r.fail("projection options differ from this layer's (rank " + std::to_string(rank) + ", type " +
                std::to_string(type) + ", scale " + text(scale) + ")");
       const bool has_basis = r.boolean();
-      const std::int64_t svd_count = r.i64();
-      if (svd_count < 0 || (has_basis && svd_count == 0)) r.fail("inconsistent SVD count");
+      const std::int64_t svd_count = counter(r, "SVD count");
+      // Every refresh counts one SVD and installs a basis.
+      if (has_basis != (svd_count > 0)) r.fail("the SVD count disagrees with whether a basis exists");
       typename Opt::projector_type::ScheduleState sched = opt.schedule_policy().init();
       checkpoint::load(r, opt.schedule_policy(), sched, p.side() == Side::Right ? shape.cols : shape.rows);
+      check_schedule_state(r, opt.schedule_policy(), sched, svd_count);
       typename Opt::projector_type::Storage left, right;
       if (has_basis) {
         if (p.side() != Side::Right) checkpoint::load(r, opt.quant_policy(), left, Shape{shape.rows, rank});
@@ -316,50 +389,192 @@ struct Access {
   }
 };
 
-// Writes to a temporary file beside `path`, flushes it to disk, then renames it
-// over `path`: readers see the old checkpoint or the new one, never a mix.
+// ---- saving to a path ----
+//
+// A save to `path` writes a temporary file in the directory of the file it
+// replaces, flushes it to disk, renames it over that file and flushes the
+// directory, so that readers see the old checkpoint or the new one, never a mix,
+// and the new one survives a power loss once save_checkpoint returns.
+//  - A symbolic link is written through: the file replaced is the one at the end
+//    of its chain of links (created if the link dangles); the links stay.
+//  - Anything but a regular file there (a directory, a device, a FIFO, a socket)
+//    is refused with checkpoint_error and left alone.
+//  - Temporaries are named <name>.galore-tmp-<pid>-<16 hex digits> beside the
+//    target. A save removes those of the same target whose process no longer
+//    runs on this machine (left by a killed save), and nothing else.
+//  - A replaced file's permission bits carry over to the new one.
+
+// The temporaries of target file `name`: "<name>.galore-tmp-<pid>-<16 hex>".
+inline constexpr const char* kTempInfix = ".galore-tmp-";
+
+// If `file` is a temporary of `name`, its process id; otherwise -1.
+inline long temp_owner(const std::string& file, const std::string& name) {
+  const std::string prefix = name + kTempInfix;
+  if (file.size() <= prefix.size() || file.compare(0, prefix.size(), prefix) != 0) return -1;
+  const std::string rest = file.substr(prefix.size());
+  const std::size_t dash = rest.find('-');
+  if (dash == 0 || dash == std::string::npos || dash > 10 || rest.size() - dash - 1 != 16) return -1;
+  long pid = 0;
+  for (std::size_t i = 0; i < dash; ++i) {
+    if (rest[i] < '0' || rest[i] > '9') return -1;
+    pid = pid * 10 + (rest[i] - '0');
+  }
+  for (std::size_t i = dash + 1; i < rest.size(); ++i) {
+    const char c = rest[i];
+    if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return -1;
+  }
+  return pid;
+}
+
+#if defined(__unix__) || defined(__APPLE__)
+
+inline std::string errno_text(int err) { return std::error_code(err, std::generic_category()).message(); }
+
+// The file a save to `path` replaces: `path`, or the end of its chain of
+// symbolic links. Refuses anything that exists there and is not a regular file.
+inline std::string save_target(const std::string& path, struct ::stat& st, bool& exists) {
+  namespace fs = std::filesystem;
+  fs::path p(path);
+  for (int hops = 0;; ++hops) {
+    if (::lstat(p.c_str(), &st) != 0) {
+      const int err = errno;
+      if (err != ENOENT)
+        throw checkpoint_error("galore checkpoint: cannot examine " + p.string() + ": " + errno_text(err));
+      exists = false;
+      return p.string();
+    }
+    if (!S_ISLNK(st.st_mode)) {
+      if (!S_ISREG(st.st_mode))
+        throw checkpoint_error("galore checkpoint: " + p.string() +
+                               " is not a regular file (a directory, device, FIFO or socket); refusing to replace it");
+      exists = true;
+      return p.string();
+    }
+    if (hops == 40) throw checkpoint_error("galore checkpoint: too many levels of symbolic links at " + path);
+    std::error_code ec;
+    const fs::path link = fs::read_symlink(p, ec);
+    if (ec) throw checkpoint_error("galore checkpoint: cannot read the link " + p.string() + ": " + ec.message());
+    p = link.is_absolute() ? link : p.parent_path() / link;
+  }
+}
+
+// Removes the temporaries of `name` in `dir` whose process no longer runs.
+inline void remove_stale_temporaries(const std::filesystem::path& dir, const std::string& name) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  fs::directory_iterator it(dir.empty() ? fs::path(".") : dir, ec), end;
+  for (; !ec && it != end; it.increment(ec)) {
+    const std::string file = it->path().filename().string();
+    const long pid = temp_owner(file, name);
+    if (pid <= 0 || pid == static_cast<long>(::getpid())) continue;
+    if (pid <= static_cast<long>(std::numeric_limits<::pid_t>::max()) &&
+        !(::kill(static_cast<::pid_t>(pid), 0) != 0 && errno == ESRCH))
+      continue;  // the process exists (or may: not ours to signal)
+    struct ::stat st;
+    if (::lstat(it->path().c_str(), &st) == 0 && S_ISREG(st.st_mode)) ::unlink(it->path().c_str());
+  }
+}
+
+inline std::string random_hex16() {
+  static std::atomic<std::uint64_t> counter{0};
+  std::uint64_t x = counter++ * 0x9E3779B97F4A7C15ull;
+  try {
+    std::random_device rd;
+    x ^= (static_cast<std::uint64_t>(rd()) << 32) ^ rd();
+  } catch (const std::exception&) {
+  }
+  x ^= static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
+  static const char digits[] = "0123456789abcdef";
+  std::string s(16, '0');
+  for (int i = 15; i >= 0; --i, x >>= 4) s[static_cast<std::size_t>(i)] = digits[x & 0xF];
+  return s;
+}
+
 inline void write_atomically(const std::string& path, const std::string& bytes) {
   namespace fs = std::filesystem;
-  static std::atomic<unsigned> counter{0};
-  const std::string tmp = path + ".tmp." + std::to_string(
-#if defined(__unix__) || defined(__APPLE__)
-                                               static_cast<long>(::getpid())
-#else
-                                               0L
-#endif
-                                               ) + "." + std::to_string(counter++);
-#if defined(__unix__) || defined(__APPLE__)
-  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-  if (fd < 0) throw checkpoint_error("galore checkpoint: cannot create " + tmp);
+  struct ::stat st {};
+  bool exists = false;
+  const std::string target = save_target(path, st, exists);
+  const fs::path target_path(target);
+  const fs::path dir = target_path.parent_path();
+  const std::string name = target_path.filename().string();
+  if (name.empty() || name == "." || name == "..")
+    throw checkpoint_error("galore checkpoint: " + path + " does not name a file");
+  remove_stale_temporaries(dir, name);
+
+  std::string tmp;
+  int fd = -1;
+  for (int attempt = 0; fd < 0; ++attempt) {
+    tmp = (dir / (name + kTempInfix + std::to_string(static_cast<long>(::getpid())) + "-" + random_hex16())).string();
+    fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0644);
+    if (fd < 0 && (errno != EEXIST || attempt == 16))
+      throw checkpoint_error("galore checkpoint: cannot create " + tmp + ": " + errno_text(errno));
+  }
+  auto fail = [&](const std::string& what, int err) {
+    if (fd >= 0) ::close(fd);
+    ::unlink(tmp.c_str());
+    throw checkpoint_error("galore checkpoint: " + what + " " + tmp + " failed: " + errno_text(err));
+  };
+  if (exists) (void)::fchmod(fd, st.st_mode & 07777);  // best effort: keep the replaced file's mode
   std::size_t done = 0;
   while (done < bytes.size()) {
     const ::ssize_t k = ::write(fd, bytes.data() + done, bytes.size() - done);
-    if (k <= 0) {
-      ::close(fd);
-      std::remove(tmp.c_str());
-      throw checkpoint_error("galore checkpoint: writing " + tmp + " failed");
-    }
+    if (k < 0 && errno == EINTR) continue;
+    if (k <= 0) fail("writing", k < 0 ? errno : EIO);
     done += static_cast<std::size_t>(k);
   }
-  if (::fsync(fd) != 0 || ::close(fd) != 0) {
-    std::remove(tmp.c_str());
-    throw checkpoint_error("galore checkpoint: flushing " + tmp + " to disk failed");
+  if (::fsync(fd) != 0) fail("flushing", errno);
+  const int fd_closed = fd;
+  fd = -1;
+  if (::close(fd_closed) != 0) fail("closing", errno);
+  if (::rename(tmp.c_str(), target.c_str()) != 0) {
+    const int err = errno;
+    ::unlink(tmp.c_str());
+    throw checkpoint_error("galore checkpoint: renaming " + tmp + " to " + target + " failed: " + errno_text(err));
   }
+  // The rename is durable once the directory is flushed.
+  const std::string d = dir.empty() ? std::string(".") : dir.string();
+  const int dfd = ::open(d.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  int err = dfd < 0 ? errno : 0;
+  if (dfd >= 0) {
+    if (::fsync(dfd) != 0) err = errno;
+    ::close(dfd);
+  }
+  if (err != 0 && err != EINVAL && err != ENOTSUP)  // a file system that cannot sync directories
+    throw checkpoint_error("galore checkpoint: " + target + " was written, but flushing its directory " + d +
+                           " failed: " + errno_text(err));
+}
+
 #else
+
+inline void write_atomically(const std::string& path, const std::string& bytes) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::file_status status = fs::status(path, ec);
+  if (fs::exists(status) && !fs::is_regular_file(status))
+    throw checkpoint_error("galore checkpoint: " + path + " is not a regular file; refusing to replace it");
+  static std::atomic<unsigned long long> counter{0};
+  char hex[17];
+  std::snprintf(hex, sizeof hex, "%016llx", counter++);
+  const std::string tmp = path + kTempInfix + "0-" + hex;
   {
     std::ofstream out(tmp, std::ios::binary | std::ios::trunc);
     out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
     out.flush();
-    if (!out) throw checkpoint_error("galore checkpoint: writing " + tmp + " failed");
+    if (!out) {
+      out.close();
+      std::remove(tmp.c_str());
+      throw checkpoint_error("galore checkpoint: writing " + tmp + " failed");
+    }
   }
-#endif
-  std::error_code ec;
   fs::rename(tmp, path, ec);
   if (ec) {
     std::remove(tmp.c_str());
     throw checkpoint_error("galore checkpoint: renaming " + tmp + " to " + path + " failed: " + ec.message());
   }
 }
+
+#endif
 
 }  // namespace checkpoint
 

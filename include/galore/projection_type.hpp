@@ -8,7 +8,7 @@
 
 namespace galore {
 
-// How a gradient G (m x n) is projected at rank r (DESIGN.md 2.1).
+// How a gradient G (m x n) is projected at rank r (galore_torch's proj_type).
 enum class ProjectionType {
   Std,         // m >= n: right (R = G P^T, P r x n); otherwise left (R = P^T G, P m x r)
   ReverseStd,  // the opposite choice of Std

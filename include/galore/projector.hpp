@@ -2,7 +2,14 @@
 //
 // It chooses the side from the projection type and the shape, refreshes its basis
 // when the schedule says so (always when it has none), stores the basis through
-// the quantization policy and lends it back dequantized. DESIGN.md 2.1 and 2.3.
+// the quantization policy and lends it back dequantized (galore_torch's and
+// q_galore_torch's GaLoreProjector).
+//
+// A refresh runs in two phases, so that a step can be abandoned without a trace:
+// prepare_refresh() / prepare_adopt() compute the new basis, store it through the
+// quantization policy and advance a copy of the schedule state, all into a
+// Pending, changing nothing in the projector (and throwing, if they throw, with
+// nothing changed); commit() then puts the Pending in force with moves only.
 #pragma once
 
 #include <algorithm>
@@ -15,6 +22,7 @@
 #include "basis.hpp"
 #include "projection.hpp"
 #include "projection_type.hpp"
+#include "projector_options.hpp"
 #include "quant/none.hpp"
 #include "schedule/fixed_gap.hpp"
 #include "svd/exact.hpp"
@@ -22,13 +30,33 @@
 
 namespace galore {
 
-struct ProjectorOptions {
-  Index rank = 128;
-  ProjectionType type = ProjectionType::Std;
-  float scale = 0.25f;  // alpha: the back-projection is multiplied by it
-};
+
+// The largest scale accepted: with the Adam step clamped to 2^64 per element,
+// scale * back(D) stays far below float32's limit (2^128).
+inline constexpr float kMaxProjectionScale = 65536.0f;
+
+// Throws galore::invalid_argument unless rank >= 1, type is one of the
+// ProjectionType enumerators and 0 < scale <= kMaxProjectionScale. What depends on
+// the shape (rank <= min(m, n)) is checked by Projector::validate.
+inline void validate_projector_options(const ProjectorOptions& o) {
+  detail::require(o.rank >= 1, "rank must be at least 1 (got ", o.rank, ")");
+  (void)resolve_side(o.type, 1, 1);  // throws on an invalid enum value
+  detail::require(o.scale > 0.0f && o.scale <= kMaxProjectionScale, "scale must be in (0, ", kMaxProjectionScale,
+                  "] (got ", o.scale, ")");
+}
 
 namespace detail {
+
+// Calls p.validate() when the policy has one (SVD, quantization and rounding
+// policies may; schedules validate in init()).
+template <class P, class = void>
+struct has_validate : std::false_type {};
+template <class P>
+struct has_validate<P, std::void_t<decltype(std::declval<const P&>().validate())>> : std::true_type {};
+template <class P>
+void validate_policy(const P& p) {
+  if constexpr (has_validate<P>::value) p.validate();
+}
 
 template <class P, class = void>
 struct is_svd_policy : std::false_type {};
@@ -102,6 +130,8 @@ class Projector {
         schedule_(std::move(schedule)),
         schedule_state_(schedule_.init()) {
     validate(shape, options);
+    detail::validate_policy(svd_);
+    detail::validate_policy(quant_);
   }
 
   // Throws galore::invalid_argument if a projector of these options cannot exist.
@@ -111,9 +141,17 @@ class Projector {
     const Index max_rank = std::min(shape.rows, shape.cols);
     detail::require(o.rank >= 1 && o.rank <= max_rank, "rank ", o.rank, " is out of range for a ",
                     shape.rows, "x", shape.cols, " matrix; choose 1 <= rank <= ", max_rank);
-    detail::require(std::isfinite(o.scale), "scale must be finite (got ", o.scale, ")");
-    (void)resolve_side(o.type, shape.rows, shape.cols);  // throws on an invalid enum value
+    validate_projector_options(o);
   }
+
+  // A refresh (or a drift measurement) computed but not in force yet; see commit().
+  struct Pending {
+    Storage left, right;          // the new basis, as the quant policy stores it
+    ScheduleState schedule{};     // the schedule state after the refresh or measurement
+    bool has_basis = false;
+    bool has_schedule = false;
+    std::int64_t refreshes = 0;   // SVDs to count
+  };
 
   Shape shape() const { return shape_; }
   Side side() const { return side_; }
@@ -135,11 +173,11 @@ class Projector {
     return !has_basis_ || schedule_.due(schedule_state_, step);
   }
 
-  // Refreshes the basis from G if it is due at `step`; returns whether it did.
+  // Refreshes the basis from G if it is due at `step`; returns whether it did (a
+  // refresh whose SVD gives non-finite vectors does not happen; see refresh()).
   bool update_basis(ConstMatrixRef<float> G, std::int64_t step) {
     if (!refresh_due(step)) return false;
-    refresh(G, step);
-    return true;
+    return refresh(G, step);
   }
 
   // Does the schedule watch drift (schedule/drift.hpp)?
@@ -153,59 +191,106 @@ class Projector {
   }
   // Reports that fraction; true means the schedule asks for a refresh now.
   bool report_captured(std::int64_t step, double captured, bool just_refreshed) {
-    if constexpr (watches_drift) return schedule_.on_measurement(schedule_state_, step, captured, just_refreshed);
-    else return false;
+    Pending p;
+    const bool want = prepare_measurement(step, captured, just_refreshed, p);
+    commit(p);
+    return want;
   }
 
   // Recomputes the basis from G now, whatever the schedule says (`step` is the
-  // layer's step, for schedules that keep time).
-  void refresh(ConstMatrixRef<float> G, std::int64_t step = 0) {
+  // layer's step, for schedules that keep time). Returns false, changing nothing,
+  // when the SVD policy gives non-finite vectors (G holds NaN or Inf).
+  bool refresh(ConstMatrixRef<float> G, std::int64_t step = 0) {
+    Pending p;
+    if (!prepare_refresh(G, step, p)) return false;
+    commit(p);
+    return true;
+  }
+
+  // Installs a basis computed elsewhere (for example by a replay or a custom
+  // solver); it counts as a refresh for the schedule. Throws, changing nothing,
+  // for a basis of the wrong side or shape, or holding NaN or Inf.
+  void adopt(Basis fresh, std::int64_t step = 0) {
+    Pending p;
+    prepare_adopt(std::move(fresh), step, p);
+    commit(p);
+  }
+
+  // ---- The two phases of a refresh (see the top of this file) ----
+
+  // Computes the basis of G as refresh() would, into p (on top of what p already
+  // holds: a basis prepared earlier in the same step is the previous one). Returns
+  // false, leaving p as it was, when the SVD policy gives non-finite vectors.
+  bool prepare_refresh(ConstMatrixRef<float> G, std::int64_t step, Pending& p) const {
     check_shape(G);
     Basis fresh;
-    if (has_basis_) {
+    if (p.has_basis || has_basis_) {
       BasisScratch scratch;
-      const BasisView previous = basis(scratch);
+      const BasisView previous = basis(p, scratch);
       svd_.compute(G, options_.rank, side_, &previous, fresh);
     } else {
       svd_.compute(G, options_.rank, side_, nullptr, fresh);
     }
-    adopt(std::move(fresh), step);
+    check_basis_shape(fresh);
+    if (!detail::basis_is_finite(fresh)) return false;
+    stage(fresh, step, p);
+    return true;
   }
 
-  // Installs a basis computed elsewhere (for example by a replay or a custom
-  // solver); it counts as a refresh for the schedule.
-  void adopt(Basis fresh, std::int64_t step = 0) {
-    detail::require(fresh.side == side_, "basis side ", to_string(fresh.side),
-                    " does not match the projector's side ", to_string(side_));
-    if (side_ != Side::Right)
-      detail::require(fresh.left.rows() == shape_.rows && fresh.left.cols() == options_.rank,
-                      "left factor must be ", shape_.rows, "x", options_.rank, " (got ",
-                      fresh.left.rows(), "x", fresh.left.cols(), ")");
-    if (side_ != Side::Left)
-      detail::require(fresh.right.rows() == options_.rank && fresh.right.cols() == shape_.cols,
-                      "right factor must be ", options_.rank, "x", shape_.cols, " (got ",
-                      fresh.right.rows(), "x", fresh.right.cols(), ")");
-    ++svd_count_;
-    schedule_.on_refresh(schedule_state_, step, first_singular_vector(BasisView(fresh)));
-    if (side_ != Side::Right) quant_.store(fresh.left, left_);
-    if (side_ != Side::Left) quant_.store(fresh.right, right_);
-    has_basis_ = true;
+  // The same for a basis computed elsewhere; throws on a wrong side or shape, or NaN or Inf.
+  void prepare_adopt(Basis fresh, std::int64_t step, Pending& p) const {
+    check_basis_shape(fresh);
+    detail::require(detail::basis_is_finite(fresh), "the basis to adopt holds NaN or Inf");
+    stage(fresh, step, p);
+  }
+
+  // For drift-watching schedules: the measurement of report_captured(), applied to
+  // p's schedule state (or a copy of the one in force). True asks for a refresh now.
+  bool prepare_measurement(std::int64_t step, double captured, bool just_refreshed, Pending& p) const {
+    if constexpr (watches_drift) {
+      ScheduleState next = p.has_schedule ? p.schedule : schedule_state_;
+      const bool want = schedule_.on_measurement(next, step, captured, just_refreshed);
+      p.schedule = std::move(next);
+      p.has_schedule = true;
+      return want;
+    } else {
+      (void)step, (void)captured, (void)just_refreshed, (void)p;
+      return false;
+    }
+  }
+
+  // Puts p in force (basis, schedule state, SVD count) with moves only, and empties it.
+  void commit(Pending& p) {
+    if (p.has_basis) {
+      if (side_ != Side::Right) left_ = std::move(p.left);
+      if (side_ != Side::Left) right_ = std::move(p.right);
+      has_basis_ = true;
+    }
+    if (p.has_schedule) schedule_state_ = std::move(p.schedule);
+    svd_count_ += p.refreshes;
+    p.has_basis = p.has_schedule = false;
+    p.refreshes = 0;
   }
 
   // The basis in use, dequantized into `scratch` when the policy stores it quantized.
   BasisView basis(BasisScratch& scratch) const {
     detail::require(has_basis_, "the projector has no basis yet; call update_basis() or refresh() first");
-    BasisView v;
-    v.side = side_;
-    if (side_ != Side::Right) v.left = &quant_.load(left_, scratch.left);
-    if (side_ != Side::Left) v.right = &quant_.load(right_, scratch.right);
-    return v;
+    return view(left_, right_, scratch);
+  }
+
+  // The basis p holds if it holds one, else the basis in use. The view points
+  // into p (or scratch) until p is committed or changed.
+  BasisView basis(const Pending& p, BasisScratch& scratch) const {
+    return p.has_basis ? view(p.left, p.right, scratch) : basis(scratch);
   }
 
   // The reference's project(G, step): refresh if due, then R = projection of G.
-  void project(ConstMatrixRef<float> G, std::int64_t step, MatrixF& R) {
-    update_basis(G, step);
+  // Returns false, changing neither the projector nor R, when a due refresh
+  // cannot compute a finite basis from G.
+  bool project(ConstMatrixRef<float> G, std::int64_t step, MatrixF& R) {
+    if (refresh_due(step) && !refresh(G, step)) return false;
     project(G, R);
+    return true;
   }
 
   // R = projection of G with the basis in use.
@@ -274,6 +359,42 @@ class Projector {
   std::size_t schedule_bytes() const {
     if constexpr (std::is_empty_v<ScheduleState>) return 0;
     else return schedule_.state_bytes(schedule_state_);
+  }
+
+  BasisView view(const Storage& left, const Storage& right, BasisScratch& scratch) const {
+    BasisView v;
+    v.side = side_;
+    if (side_ != Side::Right) v.left = &quant_.load(left, scratch.left);
+    if (side_ != Side::Left) v.right = &quant_.load(right, scratch.right);
+    return v;
+  }
+
+  void check_basis_shape(const Basis& fresh) const {
+    detail::require(fresh.side == side_, "basis side ", to_string(fresh.side),
+                    " does not match the projector's side ", to_string(side_));
+    if (side_ != Side::Right)
+      detail::require(fresh.left.rows() == shape_.rows && fresh.left.cols() == options_.rank,
+                      "left factor must be ", shape_.rows, "x", options_.rank, " (got ",
+                      fresh.left.rows(), "x", fresh.left.cols(), ")");
+    if (side_ != Side::Left)
+      detail::require(fresh.right.rows() == options_.rank && fresh.right.cols() == shape_.cols,
+                      "right factor must be ", options_.rank, "x", shape_.cols, " (got ",
+                      fresh.right.rows(), "x", fresh.right.cols(), ")");
+  }
+
+  // Stores `fresh` and advances the schedule into temporaries first (either may
+  // throw), then moves them into p.
+  void stage(const Basis& fresh, std::int64_t step, Pending& p) const {
+    Storage left, right;
+    if (side_ != Side::Right) quant_.store(fresh.left, left);
+    if (side_ != Side::Left) quant_.store(fresh.right, right);
+    ScheduleState next = p.has_schedule ? p.schedule : schedule_state_;
+    schedule_.on_refresh(next, step, first_singular_vector(BasisView(fresh)));
+    if (side_ != Side::Right) p.left = std::move(left);
+    if (side_ != Side::Left) p.right = std::move(right);
+    p.schedule = std::move(next);
+    p.has_basis = p.has_schedule = true;
+    ++p.refreshes;
   }
 
   void check_shape(const ConstMatrixRef<float>& G) const {

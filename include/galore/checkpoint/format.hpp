@@ -40,6 +40,10 @@ inline constexpr char kMagic[8] = {'G', 'A', 'L', 'O', 'R', 'E', 'C', 'K'};
 inline constexpr std::uint32_t kFormatVersion = 1;
 // Upper bound on any single section payload (1 TiB): beyond it a length is corrupt.
 inline constexpr std::uint64_t kMaxSection = std::uint64_t{1} << 40;
+// Upper bound on every saved counter (steps, skipped steps, SVD count, schedule
+// steps and gaps): 2^62 leaves 2^62 increments of headroom, so no counter loaded
+// from a file can overflow a signed 64-bit integer while training continues.
+inline constexpr std::int64_t kMaxCounter = std::int64_t{1} << 62;
 
 constexpr std::uint32_t tag(const char (&s)[5]) {
   return static_cast<std::uint32_t>(static_cast<unsigned char>(s[0])) |
@@ -165,6 +169,28 @@ class Reader {
     if (n > 0) std::memcpy(out, p_ + off_, static_cast<std::size_t>(n) * sizeof(T));
     off_ += static_cast<std::size_t>(n) * sizeof(T);
   }
+  // Checks, without consuming anything, that the next array holds exactly n
+  // elements of `size` bytes and that all of them are in the payload. Called
+  // before allocating for the array, so that a size taken from elsewhere (a
+  // shape) never allocates more than the input holds.
+  void expect_array(std::uint64_t n, std::size_t size, const char* what) const {
+    if (n_ - off_ < sizeof(std::uint64_t)) fail(std::string("truncated while reading ") + what);
+    std::uint64_t stored;
+    std::memcpy(&stored, p_ + off_, sizeof stored);
+    if (stored != n) fail(std::string(what) + " holds " + std::to_string(stored) + " elements, expected " + std::to_string(n));
+    const std::size_t rest = n_ - off_ - sizeof(std::uint64_t);
+    if (size != 0 && n > rest / size)
+      fail(std::string(what) + " claims " + std::to_string(n) + " elements but only " + std::to_string(rest) +
+           " bytes are left");
+  }
+  // Fails unless at least `bytes` bytes are left (checked before allocating
+  // several arrays at once).
+  void expect_left(std::uint64_t bytes, const char* what) const {
+    if (bytes > n_ - off_)
+      fail(std::string(what) + " needs " + std::to_string(bytes) + " bytes but only " + std::to_string(n_ - off_) +
+           " are left");
+  }
+  std::size_t left() const { return n_ - off_; }
   bool done() const { return off_ == n_; }
   void expect_done() {
     if (!done()) fail(std::to_string(n_ - off_) + " unexpected bytes at the end");
@@ -197,6 +223,12 @@ inline void read_exact(std::istream& is, std::uint8_t* out, std::size_t n, const
   is.read(reinterpret_cast<char*>(out), static_cast<std::streamsize>(n));
   if (static_cast<std::size_t>(is.gcount()) != n)
     throw checkpoint_error("galore checkpoint: the input ends inside " + what + " (truncated file?)");
+}
+
+// A checkpoint ends with its end section: anything after it is an error.
+inline void expect_end_of_input(std::istream& is) {
+  if (is.peek() != std::istream::traits_type::eof())
+    throw checkpoint_error("galore checkpoint: bytes follow the end section (a concatenated or damaged file?)");
 }
 
 struct Section {

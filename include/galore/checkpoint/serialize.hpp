@@ -4,9 +4,14 @@
 // Every read validates what it reads against what the loading optimizer
 // expects (shapes, sizes, ranges), so that a payload with a valid checksum but
 // inconsistent contents is an error, never a crash or a silently wrong state.
+// A checksum detects damage, not a hostile or buggy writer: every count is
+// checked against the bytes left before anything is allocated for it, and every
+// value against the range the library works in (docs/checkpoint.md lists them).
 #pragma once
 
 #include <cmath>
+#include <cstdint>
+#include <limits>
 #include <sstream>
 #include <string>
 #include <utility>
@@ -110,6 +115,29 @@ inline void describe(const AdamConfig& c, Items& out, const std::string& p) {
   out.push_back({p + ".correct_bias", text(c.correct_bias)});
 }
 
+// ---- value checks ----
+// Fails unless every value is finite (bf16 values are checked as floats).
+template <class T>
+void expect_finite(Reader& r, const T* p, std::size_t n, const char* what) {
+  for (std::size_t i = 0; i < n; ++i)
+    if (!std::isfinite(static_cast<float>(p[i]))) r.fail(std::string(what) + " holds a NaN or an infinity");
+}
+// Fails unless every value is finite and >= 0.
+template <class T>
+void expect_finite_nonnegative(Reader& r, const T* p, std::size_t n, const char* what) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const float v = static_cast<float>(p[i]);
+    if (!(std::isfinite(v) && v >= 0.0f)) r.fail(std::string(what) + " holds a negative, NaN or infinite value");
+  }
+}
+// A counter (steps, skipped steps, SVD count, a schedule's step): in [0, kMaxCounter].
+inline std::int64_t counter(Reader& r, const char* what) {
+  const std::int64_t v = r.i64();
+  if (v < 0 || v > kMaxCounter)
+    r.fail(std::string(what) + " " + std::to_string(v) + " is outside [0, 2^62]");
+  return v;
+}
+
 // ---- shapes and arrays ----
 inline void save(Writer& w, Shape s) {
   w.i64(s.rows);
@@ -138,6 +166,7 @@ template <class T>
 void load_matrix(Reader& r, Matrix<T>& m, Shape want, const char* what) {
   const Shape s = load_shape(r);
   expect_shape(r, s, want, what);
+  r.expect_array(static_cast<std::uint64_t>(s.size()), sizeof(T), what);
   Matrix<T> tmp(s.rows, s.cols);
   r.exactly(tmp.data(), static_cast<std::uint64_t>(s.size()), what);
   m = std::move(tmp);
@@ -146,11 +175,17 @@ void load_matrix(Reader& r, Matrix<T>& m, Shape want, const char* what) {
 // ---- projector storages ----
 inline void save(Writer& w, const quant::None&, const quant::None::Storage& s) { save(w, s.matrix); }
 inline void load(Reader& r, const quant::None&, quant::None::Storage& s, Shape want) {
-  load_matrix(r, s.matrix, want, "float32 basis");
+  MatrixF m;
+  load_matrix(r, m, want, "float32 basis");
+  expect_finite(r, m.data(), static_cast<std::size_t>(m.size()), "float32 basis");
+  s.matrix = std::move(m);
 }
 inline void save(Writer& w, const quant::BFloat16&, const quant::BFloat16::Storage& s) { save(w, s.matrix); }
 inline void load(Reader& r, const quant::BFloat16&, quant::BFloat16::Storage& s, Shape want) {
-  load_matrix(r, s.matrix, want, "bf16 basis");
+  decltype(s.matrix) m;
+  load_matrix(r, m, want, "bf16 basis");
+  expect_finite(r, m.data(), static_cast<std::size_t>(m.size()), "bf16 basis");
+  s.matrix = std::move(m);
 }
 template <int B>
 void save_codes(Writer& w, const quant::GroupQuantized<B>& q) {
@@ -160,21 +195,31 @@ void save_codes(Writer& w, const quant::GroupQuantized<B>& q) {
   w.array(q.scales.data(), q.scales.size());
   w.array(q.zeros.data(), q.zeros.size());
 }
+// Codes, scales and zeros of min-max quantization. A value dequantizes to
+// scale * (code - zero) with |code - zero| <= max_code, so a scale in
+// (0, FLT_MAX / max_code] keeps every dequantized value finite; the zero point is
+// a code, in [0, max_code]. Every code is valid.
 template <int B>
 void load_group_quantized(Reader& r, quant::GroupQuantized<B>& q, Shape want, Index want_group, const char* what) {
+  using Q = quant::GroupQuantized<B>;
   const Shape s = load_shape(r);
   expect_shape(r, s, want, what);
   const std::int64_t g = r.i64();
   if (g != want_group) r.fail(std::string(what) + " has group size " + std::to_string(g) + ", expected " + std::to_string(want_group));
-  quant::GroupQuantized<B> tmp;
+  const auto n_codes = static_cast<std::uint64_t>((s.size() + Q::per_byte - 1) / Q::per_byte);
+  const auto n_groups = static_cast<std::uint64_t>(Q::groups_for(s.size(), g));
+  r.expect_left(3 * 8 + n_codes + n_groups * (sizeof(float) + 1), what);
+  Q tmp;
   tmp.resize(s, g);
   r.exactly(tmp.codes.data(), tmp.codes.size(), what);
   r.exactly(tmp.scales.data(), tmp.scales.size(), what);
   r.exactly(tmp.zeros.data(), tmp.zeros.size(), what);
   for (std::uint8_t z : tmp.zeros)
-    if (z > quant::GroupQuantized<B>::max_code) r.fail(std::string(what) + " has a zero point out of range");
+    if (z > Q::max_code) r.fail(std::string(what) + " has a zero point out of range");
+  const float max_scale = std::numeric_limits<float>::max() / Q::max_code;
   for (float sc : tmp.scales)
-    if (!(std::isfinite(sc) && sc > 0.0f)) r.fail(std::string(what) + " has a non-positive or non-finite scale");
+    if (!(sc > 0.0f && sc <= max_scale))
+      r.fail(std::string(what) + " has a scale outside (0, FLT_MAX / " + text(Q::max_code) + "]");
   q = std::move(tmp);
 }
 template <int B>
@@ -196,13 +241,18 @@ inline void load(Reader& r, const quant::NF4& policy, quant::NF4::Storage& s, Sh
   expect_shape(r, sh, want, "NF4 basis");
   const std::int64_t block = r.i64();
   if (block != policy.block_size) r.fail("NF4 basis has block size " + std::to_string(block));
+  const auto n_codes = static_cast<std::uint64_t>((sh.size() + 1) / 2);
+  const auto n_blocks = static_cast<std::uint64_t>((sh.size() + block - 1) / block);
+  r.expect_left(2 * 8 + n_codes + n_blocks * sizeof(float), "NF4 basis");
   quant::NF4::Storage tmp;
   tmp.shape_ = sh;
   tmp.block_size = block;
-  tmp.codes.resize(static_cast<std::size_t>((sh.size() + 1) / 2));
-  tmp.absmax.resize(static_cast<std::size_t>((sh.size() + block - 1) / block));
+  tmp.codes.resize(static_cast<std::size_t>(n_codes));
+  tmp.absmax.resize(static_cast<std::size_t>(n_blocks));
   r.exactly(tmp.codes.data(), tmp.codes.size(), "NF4 codes");
   r.exactly(tmp.absmax.data(), tmp.absmax.size(), "NF4 absmax");
+  // Values are an NF4 level in [-1, 1] times the absmax: finite if it is.
+  expect_finite_nonnegative(r, tmp.absmax.data(), tmp.absmax.size(), "NF4 absmax");
   s = std::move(tmp);
 }
 
@@ -215,19 +265,35 @@ inline void save(Writer& w, const schedule::Lazy&, const schedule::Lazy::State& 
   w.array(s.past.data(), static_cast<std::size_t>(s.past.size()));
   w.f32(s.last_cosine);
 }
+// The gap grows to int64(gap * gamma) when the queue's mean reaches the
+// threshold, so a loaded gap must satisfy gap * gamma <= 2^62: the growth then
+// stays in range. Cosines are in [-1, 1]; the last one is NaN before the second
+// refresh.
 inline void load(Reader& r, const schedule::Lazy& policy, schedule::Lazy::State& s, Index vector_length) {
   schedule::Lazy::State tmp = policy.init();
   tmp.gap = r.i64();
-  if (tmp.gap < 1) r.fail("lazy schedule gap " + std::to_string(tmp.gap) + " is not positive");
-  const std::vector<float> queue = r.array<float>("cosine queue");
-  if (queue.size() > static_cast<std::size_t>(policy.queue_size)) r.fail("cosine queue longer than its size");
-  tmp.queue.assign(queue.begin(), queue.end());
-  const std::vector<float> past = r.array<float>("previous singular vector");
-  if (!past.empty() && static_cast<Index>(past.size()) != vector_length)
-    r.fail("previous singular vector has " + std::to_string(past.size()) + " elements, expected " +
+  // floor(2^62 / gamma) in integers (gamma >= 1: init() checked it), so that the
+  // comparison is exact.
+  const auto max_gap = static_cast<std::int64_t>(std::floor(static_cast<double>(kMaxCounter) / policy.gamma));
+  if (tmp.gap < 1 || tmp.gap > max_gap)
+    r.fail("lazy schedule gap " + std::to_string(tmp.gap) + " is outside [1, 2^62 / gamma]");
+  const std::uint64_t n_queue = r.count(sizeof(float), "cosine queue");
+  if (n_queue > static_cast<std::uint64_t>(policy.queue_size)) r.fail("cosine queue longer than its size");
+  tmp.queue.resize(static_cast<std::size_t>(n_queue));
+  for (float& c : tmp.queue) {
+    c = r.f32();
+    if (!(c >= -1.0f && c <= 1.0f)) r.fail("a cosine in the queue is outside [-1, 1]");
+  }
+  const std::uint64_t n_past = r.count(sizeof(float), "previous singular vector");
+  if (n_past != 0 && n_past != static_cast<std::uint64_t>(vector_length))
+    r.fail("previous singular vector has " + std::to_string(n_past) + " elements, expected " +
            std::to_string(vector_length));
-  tmp.past = Eigen::Map<const VectorF>(past.data(), static_cast<Index>(past.size()));
+  tmp.past.resize(static_cast<Index>(n_past));
+  for (Index i = 0; i < tmp.past.size(); ++i) tmp.past(i) = r.f32();
+  expect_finite(r, tmp.past.data(), static_cast<std::size_t>(tmp.past.size()), "previous singular vector");
   tmp.last_cosine = r.f32();
+  if (!(std::isnan(tmp.last_cosine) || (tmp.last_cosine >= -1.0f && tmp.last_cosine <= 1.0f)))
+    r.fail("the last cosine is outside [-1, 1]");
   s = std::move(tmp);
 }
 inline void save(Writer& w, const schedule::Drift&, const schedule::Drift::State& s) {
@@ -235,11 +301,30 @@ inline void save(Writer& w, const schedule::Drift&, const schedule::Drift::State
   w.f64(s.baseline);
   w.f64(s.last_captured);
 }
+// Captured fractions are |R|^2 / |G|^2: >= 0 (+inf when |R|^2 overflows a
+// float), NaN before the first measurement.
 inline void load(Reader& r, const schedule::Drift&, schedule::Drift::State& s, Index) {
-  s.last_refresh = r.i64();
-  s.baseline = r.f64();
-  s.last_captured = r.f64();
-  if (s.last_refresh < 0) r.fail("drift schedule refresh step is negative");
+  schedule::Drift::State tmp;
+  tmp.last_refresh = counter(r, "drift schedule refresh step");
+  tmp.baseline = r.f64();
+  tmp.last_captured = r.f64();
+  for (double c : {tmp.baseline, tmp.last_captured})
+    if (!(std::isnan(c) || c >= 0.0)) r.fail("a drift measurement is negative");
+  s = tmp;
+}
+
+// Checks of a schedule state against the projector's SVD count. A schedule sees
+// every refresh (on_refresh), so its state follows from how many there were.
+template <class Policy, class State>
+void check_schedule_state(Reader&, const Policy&, const State&, std::int64_t) {}
+// The lazy schedule keeps the first singular vector of the latest refresh, and
+// appends one cosine per refresh after the first.
+inline void check_schedule_state(Reader& r, const schedule::Lazy&, const schedule::Lazy::State& s,
+                                 std::int64_t svd_count) {
+  if ((s.past.size() > 0) != (svd_count > 0))
+    r.fail("the lazy schedule's previous singular vector disagrees with the SVD count");
+  if (static_cast<std::int64_t>(s.queue.size()) > std::max<std::int64_t>(svd_count - 1, 0))
+    r.fail("the cosine queue holds more values than there were refreshes after the first");
 }
 
 // ---- Adam moments ----
@@ -249,13 +334,18 @@ void save(Writer& w, const state::Dense<T>&, const typename state::Dense<T>::Mom
   w.array(m.m.data(), static_cast<std::size_t>(m.m.size()));
   w.array(m.v.data(), static_cast<std::size_t>(m.v.size()));
 }
+// First moments finite, second moments finite and >= 0.
 template <class T>
 void load(Reader& r, const state::Dense<T>& policy, typename state::Dense<T>::Moments& out, Shape want) {
   const Shape s = load_shape(r);
   expect_shape(r, s, want, "moments");
+  const auto n = static_cast<std::uint64_t>(s.size());
+  r.expect_left(2 * (8 + n * sizeof(T)), "moments");
   auto tmp = policy.init(s);
-  r.exactly(tmp.m.data(), static_cast<std::uint64_t>(s.size()), "first moment");
-  r.exactly(tmp.v.data(), static_cast<std::uint64_t>(s.size()), "second moment");
+  r.exactly(tmp.m.data(), n, "first moment");
+  r.exactly(tmp.v.data(), n, "second moment");
+  expect_finite(r, tmp.m.data(), static_cast<std::size_t>(n), "first moment");
+  expect_finite_nonnegative(r, tmp.v.data(), static_cast<std::size_t>(n), "second moment");
   out = std::move(tmp);
 }
 inline void save(Writer& w, const state::Blockwise8bit&, const state::Blockwise8bit::Moments& m) {
@@ -275,17 +365,27 @@ inline void save(Writer& w, const state::Blockwise8bit&, const state::Blockwise8
 inline void load(Reader& r, const state::Blockwise8bit& policy, state::Blockwise8bit::Moments& out, Shape want) {
   const Shape s = load_shape(r);
   expect_shape(r, s, want, "8-bit moments");
+  if (r.i64() != policy.block_size) r.fail("8-bit moments have another block size");
+  const bool quantized = s.size() >= policy.min_8bit_size;
+  if (r.boolean() != quantized) r.fail("8-bit moments disagree on the 8-bit / float32 path");
+  const auto n = static_cast<std::uint64_t>(s.size());
+  const auto blocks = static_cast<std::uint64_t>((s.size() + policy.block_size - 1) / policy.block_size);
+  r.expect_left(quantized ? 4 * 8 + 2 * n + 2 * blocks * sizeof(float) : 2 * (8 + n * sizeof(float)), "8-bit moments");
   auto tmp = policy.init(s);
-  if (r.i64() != tmp.block_size) r.fail("8-bit moments have another block size");
-  if (r.boolean() != tmp.quantized) r.fail("8-bit moments disagree on the 8-bit / float32 path");
   if (tmp.quantized) {
+    // Codes index the 256-entry dynamic maps (every code is valid); a block's
+    // values are its code's map value times the block's absmax.
     r.exactly(tmp.m_code.data(), tmp.m_code.size(), "first-moment codes");
     r.exactly(tmp.v_code.data(), tmp.v_code.size(), "second-moment codes");
     r.exactly(tmp.m_absmax.data(), tmp.m_absmax.size(), "first-moment absmax");
     r.exactly(tmp.v_absmax.data(), tmp.v_absmax.size(), "second-moment absmax");
+    expect_finite_nonnegative(r, tmp.m_absmax.data(), tmp.m_absmax.size(), "first-moment absmax");
+    expect_finite_nonnegative(r, tmp.v_absmax.data(), tmp.v_absmax.size(), "second-moment absmax");
   } else {
     r.exactly(tmp.m32.data(), tmp.m32.size(), "first moment");
     r.exactly(tmp.v32.data(), tmp.v32.size(), "second moment");
+    expect_finite(r, tmp.m32.data(), tmp.m32.size(), "first moment");
+    expect_finite_nonnegative(r, tmp.v32.data(), tmp.v32.size(), "second moment");
   }
   out = std::move(tmp);
 }

@@ -1,10 +1,15 @@
-// galore: Adam's hyperparameters, kept apart from any state (DESIGN.md 2.2).
+// galore: Adam's hyperparameters, kept apart from any state (galore_torch's AdamW),
+// and the range of inputs the float32 Adam math holds.
 #pragma once
 
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "../config.hpp"
+#include "../types.hpp"
 
 namespace galore {
 
@@ -16,14 +21,32 @@ struct AdamConfig {
   double weight_decay = 0.0;   // decoupled, applied after the update
   bool correct_bias = true;
 
-  // Same checks as galore_torch's AdamW, plus finiteness.
+  // The largest |g| an Adam step accepts (2^60, about 1.2e18). Beyond it g*g, and so
+  // the second moment, can overflow float32 (at 1.8e19); steps skip such gradients.
+  static constexpr float max_input = 1152921504606846976.0f;  // 2^60
+  // Every element of the step d = step_size * m / (sqrt(v) + eps) is clamped to
+  // +-max_update (2^64, about 1.8e19), so no finite input makes it Inf.
+  static constexpr float max_update = 18446744073709551616.0f;  // 2^64
+  // The smallest eps accepted: with eps = 0 a zero or tiny gradient gives 0/0 or x/0,
+  // and an eps that is 0 or subnormal in float32 does the same.
+  static constexpr double min_eps = 1e-30;
+
+  // galore_torch's checks (0 <= lr, 0 <= beta < 1, 0 <= eps), tightened to what
+  // float32 math holds: lr representable in float32, beta below 1 after rounding
+  // to float32, eps >= min_eps, and 1 - lr * weight_decay >= 0.
   void validate() const {
-    detail::require(std::isfinite(lr) && lr >= 0.0, "learning rate must be finite and >= 0 (got ", lr, ")");
-    detail::require(beta1 >= 0.0 && beta1 < 1.0, "beta1 must be in [0, 1) (got ", beta1, ")");
-    detail::require(beta2 >= 0.0 && beta2 < 1.0, "beta2 must be in [0, 1) (got ", beta2, ")");
-    detail::require(std::isfinite(eps) && eps >= 0.0, "eps must be finite and >= 0 (got ", eps, ")");
+    detail::require(std::isfinite(lr) && lr >= 0.0 && lr <= static_cast<double>(FLT_MAX),
+                    "learning rate must be >= 0 and finite in float32 (got ", lr, ")");
+    detail::require(beta1 >= 0.0 && beta1 < 1.0 && static_cast<float>(beta1) < 1.0f,
+                    "beta1 must be in [0, 1), and below 1 once rounded to float32 (got ", beta1, ")");
+    detail::require(beta2 >= 0.0 && beta2 < 1.0 && static_cast<float>(beta2) < 1.0f,
+                    "beta2 must be in [0, 1), and below 1 once rounded to float32 (got ", beta2, ")");
+    detail::require(std::isfinite(eps) && eps >= min_eps, "eps must be finite and at least ", min_eps, " (got ", eps,
+                    "); with eps = 0 a zero or tiny gradient divides by zero");
     detail::require(std::isfinite(weight_decay) && weight_decay >= 0.0,
                     "weight decay must be finite and >= 0 (got ", weight_decay, ")");
+    detail::require(lr * weight_decay <= 1.0, "lr * weight decay must be at most 1 (got ", lr * weight_decay,
+                    "); the decoupled weight decay multiplies W by 1 - lr * weight_decay");
   }
 
   // galore_torch's step size at step t (1-based): lr * sqrt(1 - b2^t) / (1 - b1^t).
@@ -34,8 +57,45 @@ struct AdamConfig {
     return lr * std::sqrt(bc2) / bc1;
   }
 
-  // The factor decoupled weight decay multiplies the updated weight by.
+  // The step size as the float32 kernels use it, at most FLT_MAX (an Inf step size
+  // would turn m = 0 into 0 * Inf = NaN).
+  float step_size_float(std::int64_t t) const {
+    const double s = step_size(t);
+    return s < static_cast<double>(FLT_MAX) ? static_cast<float>(s) : FLT_MAX;
+  }
+
+  // The factor decoupled weight decay multiplies the updated weight by, in [0, 1].
   float decay_factor() const { return static_cast<float>(1.0 - lr * weight_decay); }
 };
+
+namespace detail {
+
+// |x| <= AdamConfig::max_input, on the bit pattern (false for NaN and Inf), so that
+// it vectorizes and stays exact under -ffast-math.
+inline bool in_adam_range(float x) {
+  std::uint32_t u;
+  std::memcpy(&u, &x, sizeof u);
+  return (u & 0x7fffffffu) <= 0x5d800000u;  // the bits of 2^60
+}
+inline bool in_adam_range(bfloat16 x) { return (x.value & 0x7fffu) <= 0x5d80u; }
+
+// Whether every element of A is a gradient an Adam step accepts.
+template <class T>
+bool adam_input_in_range(const ConstMatrixRef<T>& A) {
+  for (Index i = 0; i < A.rows(); ++i) {
+    const T* row = A.row(i).data();
+    bool ok = true;
+    for (Index j = 0; j < A.cols(); ++j) ok &= in_adam_range(row[j]);
+    if (!ok) return false;
+  }
+  return true;
+}
+
+// x clamped to [-AdamConfig::max_update, AdamConfig::max_update] (x is not NaN).
+inline float clamp_update(float x) {
+  return std::min(std::max(x, -AdamConfig::max_update), AdamConfig::max_update);
+}
+
+}  // namespace detail
 
 }  // namespace galore

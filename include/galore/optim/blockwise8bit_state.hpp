@@ -1,5 +1,5 @@
-// galore: bitsandbytes' 8-bit blockwise Adam state (DESIGN.md 2.4), a StateT for
-// LowRankAdam.
+// galore: bitsandbytes' 8-bit blockwise Adam state (bitsandbytes' Adam8bit with
+// blockwise quantization), a StateT for LowRankAdam.
 //
 // m is stored as codes of the signed dynamic map, v of the unsigned one, each
 // block of `block_size` elements scaled by its own float32 absmax. Tensors under
@@ -11,11 +11,16 @@
 // nearest code (quant::CodeIndex: a table lookup and a few comparisons instead of
 // bitsandbytes' binary search, the same codes but for exact halfway ties); an m
 // whose code would flip its sign moves one code towards it.
-// An element whose gradient is NaN or Inf keeps its state and gets d = 0.
+// An element whose gradient is NaN or Inf keeps its state and gets d = 0, as in
+// bitsandbytes; so does one beyond +-AdamConfig::max_input, whose square could
+// overflow float32 and store an Inf absmax (0 * Inf = NaN at the next step). Every
+// element of d is clamped to +-AdamConfig::max_update. (LowRankAdam::update and
+// the steps skip a gradient holding any such element as a whole.)
 // With correct_bias off, both corrections are 1.
 #pragma once
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -47,9 +52,16 @@ struct Blockwise8bit {
     }
   };
 
-  Moments init(Shape s) const {
+  // Throws galore::invalid_argument for a block size outside [1, 65536] or a
+  // negative min_8bit_size (LowRankAdam's constructor calls it).
+  void validate() const {
     detail::require(block_size > 0 && block_size <= 65536, "8-bit block size must be in [1, 65536] (got ",
                     block_size, ")");
+    detail::require(min_8bit_size >= 0, "min_8bit_size must be >= 0 (got ", min_8bit_size, ")");
+  }
+
+  Moments init(Shape s) const {
+    validate();
     Moments mo;
     mo.shape_ = s;
     mo.block_size = block_size;
@@ -81,8 +93,9 @@ struct Blockwise8bit {
     const float a1 = 1.0f - b1, a2 = 1.0f - b2;
     const float corr1 = c.correct_bias ? 1.0f - std::pow(b1, static_cast<float>(t)) : 1.0f;
     const float corr2 = c.correct_bias ? std::sqrt(1.0f - std::pow(b2, static_cast<float>(t))) : 1.0f;
-    const float step = static_cast<float>(c.lr) * corr2 / corr1;
-    const float eps = corr2 * static_cast<float>(c.eps);
+    float step = static_cast<float>(c.lr) * corr2 / corr1;
+    if (!(step <= FLT_MAX)) step = FLT_MAX;  // an Inf step size would make 0 * Inf = NaN
+    const float eps = corr2 * static_cast<float>(c.eps);  // > 0: eps >= AdamConfig::min_eps, corr2 >= 2^-12
     const Index n = mo.shape_.size();
 
     if (!mo.quantized) {
@@ -92,7 +105,7 @@ struct Blockwise8bit {
         for (Index k = 0; k < len; ++k) {
           const Index i = off + k;
           const float x = g[i];
-          if (!std::isfinite(x)) {
+          if (!galore::detail::in_adam_range(x)) {
             d[k] = 0.0f;
             continue;
           }
@@ -100,7 +113,7 @@ struct Blockwise8bit {
           float& v = mo.v32[static_cast<std::size_t>(i)];
           m = m * b1 + a1 * x;
           v = v * b2 + a2 * x * x;
-          d[k] = step * (m / (std::sqrt(v) + eps));
+          d[k] = galore::detail::clamp_update(step * (m / (std::sqrt(v) + eps)));
         }
         sink(off, d, len);
       }
@@ -133,16 +146,18 @@ GALORE_OMP(omp for schedule(static))
       float new_am = 0.0f, new_av = 0.0f;
       for (Index k = 0; k < len; ++k) {
         const float m = qm[mc[k]] * am, v = qv[vc[k]] * av, gk = x[k];
-        const bool finite = galore::detail::is_finite_bits(gk);
-        const float gz = finite ? gk : 0.0f;
-        const float mn = finite ? m * b1 + a1 * gz : m;
-        const float vn = finite ? v * b2 + a2 * gz * gz : v;
+        const bool ok = galore::detail::in_adam_range(gk);
+        const float gz = ok ? gk : 0.0f;
+        const float mn = ok ? m * b1 + a1 * gz : m;
+        const float vn = ok ? v * b2 + a2 * gz * gz : v;
         m1[k] = mn;
         v1[k] = vn;
-        dd[k] = finite ? step * (mn / (std::sqrt(vn) + eps)) : 0.0f;
+        dd[k] = ok ? step * (mn / (std::sqrt(vn) + eps)) : 0.0f;
         new_am = std::max(new_am, std::abs(mn));
         new_av = std::max(new_av, vn);
       }
+      // The clamp as its own pass: inside the loop above it slows the block by ~10%.
+      for (Index k = 0; k < len; ++k) dd[k] = galore::detail::clamp_update(dd[k]);
       mo.m_absmax[static_cast<std::size_t>(b)] = new_am;
       mo.v_absmax[static_cast<std::size_t>(b)] = new_av;
       std::uint8_t* mcw = mo.m_code.data() + lo;

@@ -14,6 +14,11 @@
 // applies W -= d (after back-projection). Chunks keep d in cache, so a dense
 // (full-rank) update needs no temporary of W's size. With OpenMP, large updates
 // call the sink from several threads at once, always for disjoint ranges.
+//
+// Range: every element of g must satisfy |g| <= AdamConfig::max_input (callers
+// check it: LowRankAdam::update, galore_step, adamw_step); then m and v stay
+// finite (|m| <= max |g|, v <= max g^2, up to rounding), and every element of d is
+// clamped to +-AdamConfig::max_update, so d is finite for any valid AdamConfig.
 #pragma once
 
 #include <algorithm>
@@ -57,7 +62,8 @@ struct Dense {
     const float b1 = static_cast<float>(c.beta1), b2 = static_cast<float>(c.beta2);
     const float a1 = static_cast<float>(1.0 - c.beta1), a2 = static_cast<float>(1.0 - c.beta2);
     const float eps = static_cast<float>(c.eps);
-    const float step = static_cast<float>(c.step_size(t));
+    const float step = c.step_size_float(t);
+    const float cap = AdamConfig::max_update;
     const Index n = mo.m.size();
     const Index chunks = (n + kChunk - 1) / kChunk;
     // Chunks are independent: with OpenMP they are spread over threads (the sink
@@ -71,7 +77,7 @@ GALORE_OMP(omp parallel for schedule(static) if (n >= (Index{1} << 16)))
       auto v = mo.v.segment(off, len);
       const ChunkArray mf = b1 * m.template cast<float>() + a1 * ga;
       const ChunkArray vf = b2 * v.template cast<float>() + a2 * ga.square();
-      const ChunkArray d = step * mf / (vf.sqrt() + eps);
+      const ChunkArray d = (step * mf / (vf.sqrt() + eps)).max(-cap).min(cap);
       m = mf.template cast<T>();
       v = vf.template cast<T>();
       sink(off, d.data(), len);

@@ -54,8 +54,14 @@ class GaLoreOptimizer {
         svd_(std::move(svd)),
         quant_(std::move(quant)),
         rounder_(std::move(rounder)) {
-    detail::require(projection.rank >= 1, "rank must be at least 1 (got ", projection.rank, ")");
-    (void)schedule_.init();  // validates the schedule's hyperparameters now
+    // Every setting is checked here, before any layer exists: projection options
+    // (those that do not depend on a shape), the schedule, and the SVD, quant and
+    // rounding policies that provide validate(). The Adam policy checked its own.
+    validate_projector_options(projection_);
+    (void)schedule_.init();
+    detail::validate_policy(svd_);
+    detail::validate_policy(quant_);
+    detail::validate_policy(rounder_);
   }
 
   // A GaLore-projected matrix, with the optimizer's projection options.

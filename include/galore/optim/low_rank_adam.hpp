@@ -3,7 +3,12 @@
 // The hyperparameters live here; the per-tensor moments (built when the shape is
 // known, in the StateT's format) live with the caller. The update is the
 // descent step D in R's space: the caller applies W -= scale * back(D), then
-// decoupled weight decay (DESIGN.md 2.2).
+// decoupled weight decay (galore_torch's AdamW).
+//
+// update() refuses, changing nothing, an R holding NaN, Inf or an element beyond
+// +-AdamConfig::max_input (whose square could overflow the second moment); every
+// update it applies leaves the moments finite and D clamped to
+// +-AdamConfig::max_update.
 #pragma once
 
 #include <cstdint>
@@ -25,6 +30,16 @@ struct is_state_policy<S, std::void_t<typename S::Moments,
                                       decltype(std::declval<const S&>().init(Shape{})),
                                       decltype(std::declval<const S&>().bytes_for(Shape{}))>>
     : std::true_type {};
+
+// Calls s.validate() when the state policy has one.
+template <class S, class = void>
+struct has_state_validate : std::false_type {};
+template <class S>
+struct has_state_validate<S, std::void_t<decltype(std::declval<const S&>().validate())>> : std::true_type {};
+template <class S>
+void validate_state_policy(const S& s) {
+  if constexpr (has_state_validate<S>::value) s.validate();
+}
 }  // namespace detail
 
 template <class StateT = state::Float32>
@@ -40,6 +55,7 @@ class LowRankAdam {
   explicit LowRankAdam(AdamConfig config = {}, StateT state = {})
       : config_(config), state_(std::move(state)) {
     config_.validate();
+    detail::validate_state_policy(state_);
   }
 
   const AdamConfig& config() const { return config_; }
@@ -57,8 +73,27 @@ class LowRankAdam {
   std::size_t moments_bytes(Shape s) const { return state_.bytes_for(s); }
 
   // Advances `moments` with R at step t (1-based) and writes the descent step D
-  // (R's shape).
-  void update(Moments& moments, ConstMatrixRef<float> R, std::int64_t t, MatrixF& D) const {
+  // (R's shape). Returns false, changing neither the moments nor D, when R holds
+  // NaN, Inf or an element beyond +-AdamConfig::max_input.
+  bool update(Moments& moments, ConstMatrixRef<float> R, std::int64_t t, MatrixF& D) const {
+    check(moments, shape_of(R), t);
+    if (!detail::adam_input_in_range(R)) return false;
+    update_in_range(moments, R, t, D);
+    return true;
+  }
+
+  // The same, handing D to sink(offset, d, length) in chunks instead of storing it.
+  template <class Sink>
+  bool update(Moments& moments, ConstMatrixRef<float> R, std::int64_t t, Sink&& sink) const {
+    check(moments, shape_of(R), t);
+    if (!detail::adam_input_in_range(R)) return false;
+    update_in_range(moments, R, t, std::forward<Sink>(sink));
+    return true;
+  }
+
+  // update() without the range check, for callers that have checked R with
+  // detail::adam_input_in_range (the steps check R, or G, anyway).
+  void update_in_range(Moments& moments, ConstMatrixRef<float> R, std::int64_t t, MatrixF& D) const {
     check(moments, shape_of(R), t);
     D.resize(R.rows(), R.cols());
     float* out = D.data();
@@ -68,10 +103,8 @@ class LowRankAdam {
       });
     });
   }
-
-  // The same, handing D to sink(offset, d, length) in chunks instead of storing it.
   template <class Sink>
-  void update(Moments& moments, ConstMatrixRef<float> R, std::int64_t t, Sink&& sink) const {
+  void update_in_range(Moments& moments, ConstMatrixRef<float> R, std::int64_t t, Sink&& sink) const {
     check(moments, shape_of(R), t);
     with_contiguous(R, [&](const float* g) { state_.update(moments, g, t, config_, sink); });
   }

@@ -30,6 +30,16 @@ QuantizedUpdate<Bits, Encoder> requantize_with(QuantizedWeight<Bits>& weight, En
 
 namespace galore::detail {
 
+// The shape of a weight as galore_step receives it.
+template <class Derived>
+Shape weight_shape(const Eigen::EigenBase<Derived>& W) {
+  return shape_of(W);
+}
+template <int Bits, class Encoder>
+Shape weight_shape(const QuantizedUpdate<Bits, Encoder>& W) {
+  return W.weight.shape();
+}
+
 // Calls f(W_rows_as_float, row0) over W and stores what f left there.
 template <class F>
 void update_in_float(MatrixRef<float> W, F&& f) {

@@ -1,15 +1,20 @@
-// galore: Q-GaLore's lazy layer-adaptive refresh schedule (DESIGN.md 2.3).
+// galore: Q-GaLore's lazy layer-adaptive refresh schedule (q_galore_torch's
+// GaLoreProjector with its cosine queue).
 //
 // At each refresh after the first, the cosine similarity between the new and the
 // previous first singular vector (both unquantized) joins a queue of the last
 // `queue_size` values. When the queue is full and its mean is at least
-// `cos_threshold`, the gap grows: gap = int(gap * gamma). The queue is kept after
-// a growth. A refresh happens when step % gap == 0, with the gap in force then.
+// `cos_threshold`, the gap grows: gap = int(gap * gamma), saturating at the largest
+// int64 (the reference's Python int never overflows; an int64 must not). The queue
+// is kept after a growth. A refresh happens when step % gap == 0, with the gap in
+// force then.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <vector>
 
 #include "../types.hpp"
@@ -34,7 +39,9 @@ struct Lazy {
     detail::require(queue_size >= 1, "the cosine queue needs at least one slot (got ", queue_size, ")");
     detail::require(std::isfinite(gamma) && gamma >= 1.0, "gamma must be >= 1 so the gap never shrinks (got ",
                     gamma, ")");
-    detail::require(std::isfinite(cos_threshold), "cos_threshold must be finite");
+    detail::require(cos_threshold >= -1.0 && cos_threshold <= 1.0,
+                    "cos_threshold must be in [-1, 1], the range of a mean cosine (got ", cos_threshold,
+                    "); gamma = 1 keeps the gap fixed");
     State s;
     s.gap = gap;
     s.queue.reserve(static_cast<std::size_t>(queue_size));
@@ -44,6 +51,9 @@ struct Lazy {
   bool due(const State& s, std::int64_t step) const { return step % s.gap == 0; }
 
   void on_refresh(State& s, std::int64_t /*step*/, const VectorF& first) const {
+    // A copied State (the projector advances a copy, then moves it in) has lost
+    // the capacity init() reserved; state_bytes() counts it.
+    s.queue.reserve(static_cast<std::size_t>(queue_size));
     s.last_cosine = NAN;
     if (s.past.size() == first.size() && s.past.size() > 0) {
       s.last_cosine = cosine(s.past, first);
@@ -52,14 +62,21 @@ struct Lazy {
       if (static_cast<int>(s.queue.size()) == queue_size) {
         double sum = 0.0;
         for (float c : s.queue) sum += c;
-        if (sum / queue_size >= cos_threshold)
-          s.gap = static_cast<std::int64_t>(static_cast<double>(s.gap) * gamma);
+        if (sum / queue_size >= cos_threshold) s.gap = grown(s.gap, gamma);
       }
     }
     s.past = first;
   }
 
   std::int64_t current_gap(const State& s) const { return s.gap; }
+
+  // int(gap * gamma) as the reference computes it (a double product, truncated),
+  // or the largest int64 when that does not fit.
+  static std::int64_t grown(std::int64_t gap, double gamma) {
+    const double g = static_cast<double>(gap) * gamma;
+    constexpr double limit = 9223372036854775808.0;  // 2^63: the first double beyond int64
+    return g < limit ? static_cast<std::int64_t>(g) : std::numeric_limits<std::int64_t>::max();
+  }
 
   // Bytes held: the previous first singular vector and the cosine queue.
   std::size_t state_bytes(const State& s) const {

@@ -16,7 +16,21 @@ struct Randomized {
   int power_iterations = 2;
   std::uint64_t seed = 0x67a1043eULL;  // the sketch is a pure function of (seed, shape)
 
+  // Throws galore::invalid_argument for a negative oversampling or iteration count.
+  void validate() const {
+    galore::detail::require(oversample >= 0, "randomized SVD oversampling must be >= 0 (got ", oversample, ")");
+    galore::detail::require(power_iterations >= 0, "randomized SVD power iterations must be >= 0 (got ",
+                            power_iterations, ")");
+  }
+
   void compute(ConstMatrixRef<float> G, Index rank, Side side, const BasisView* previous, Basis& out) const {
+    detail::compute_with_rescaling(G, out, [&](ConstMatrixRef<float> g, Basis& b) {
+      compute_unscaled(g, rank, side, previous, b);
+    });
+  }
+
+ private:
+  void compute_unscaled(ConstMatrixRef<float> G, Index rank, Side side, const BasisView* previous, Basis& out) const {
     const Index m = G.rows(), n = G.cols();
     const Index l = std::min(rank + std::max<Index>(oversample, 0), std::min(m, n));
     // Sketch the smaller side's space: for a right basis the row space, for a

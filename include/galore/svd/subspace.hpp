@@ -5,6 +5,7 @@
 
 #include <Eigen/Eigenvalues>
 #include <Eigen/QR>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -13,8 +14,52 @@
 
 namespace galore::svd::detail {
 
-// Y <- an orthonormal basis of its column space (thin Householder QR).
+// The exponent e with max |A| in [2^(e-1), 2^e), or 0 when A is zero or holds NaN or Inf.
+template <class Derived>
+int magnitude_exponent(const Eigen::MatrixBase<Derived>& A) {
+  if (A.size() == 0) return 0;
+  const float mx = A.cwiseAbs().template maxCoeff<Eigen::PropagateNaN>();
+  if (!(mx > 0.0f) || !std::isfinite(mx)) return 0;
+  int e = 0;
+  (void)std::frexp(mx, &e);
+  return e;
+}
+
+// A *= 2^e, in factors that are normal floats (2^-128 is not): exact but for
+// entries that fall below float32's normal range.
+inline void scale_by_power_of_two(MatrixF& A, int e) {
+  while (e != 0) {
+    const int part = std::max(-100, std::min(100, e));
+    A *= std::ldexp(1.0f, part);
+    e -= part;
+  }
+}
+
+// Brings max |A| into [0.5, 1) by a power of two. Column spaces, singular vectors
+// and Rayleigh quotients do not depend on the scale, and products and squares of
+// a normalized A neither overflow nor underflow float32: without it a gradient of
+// 1e20 overflows a Gram matrix (1e40) and one of 1e-25 underflows it to 0.
+inline void normalize_magnitude(MatrixF& A) { scale_by_power_of_two(A, -magnitude_exponent(A)); }
+
+// Runs compute(G, out); when out holds NaN or Inf because a product of G itself
+// overflowed float32 (|G| near 1e38), runs it again on a copy of G normalized as
+// above. A G holding NaN or Inf still gives a non-finite basis, which the
+// projector refuses.
+template <class F>
+void compute_with_rescaling(ConstMatrixRef<float> G, Basis& out, F&& compute) {
+  compute(G, out);
+  if (galore::detail::basis_is_finite(out)) return;
+  const int e = magnitude_exponent(G);
+  if (e == 0) return;
+  MatrixF scaled = G;
+  scale_by_power_of_two(scaled, -e);
+  compute(ConstMatrixRef<float>(scaled), out);
+}
+
+// Y <- an orthonormal basis of its column space (thin Householder QR), computed
+// on Y normalized in magnitude.
 inline void orthonormalize(MatrixF& Y) {
+  normalize_magnitude(Y);
   const Index n = Y.rows(), l = Y.cols();
   Eigen::HouseholderQR<Eigen::MatrixXf> qr(Y);
   Y = qr.householderQ() * Eigen::MatrixXf::Identity(n, l);
@@ -55,8 +100,11 @@ inline void finish_from_range(ConstMatrixRef<float> G, const MatrixF& Q, bool co
                               const BasisView* previous, Basis& out) {
   out.side = side;
   Eigen::VectorXd ev;
+  // B is normalized in magnitude before its Gram matrix is formed; the singular
+  // vectors below are those of the normalized B, which are G's.
   if (column_space) {
-    const MatrixF B = Q.transpose() * G;                // l x n
+    MatrixF B = Q.transpose() * G;                      // l x n
+    normalize_magnitude(B);
     const MatrixF gram = B * B.transpose();             // l x l
     const Eigen::MatrixXd W = top_eigenvectors(gram, ev);
     const MatrixF Wr = W.leftCols(rank).cast<float>();
@@ -71,7 +119,8 @@ inline void finish_from_range(ConstMatrixRef<float> G, const MatrixF& Q, bool co
       out.right = V.transpose();
     }
   } else {
-    const MatrixF B = G * Q;                            // m x l
+    MatrixF B = G * Q;                                  // m x l
+    normalize_magnitude(B);
     const MatrixF gram = B.transpose() * B;             // l x l
     const Eigen::MatrixXd W = top_eigenvectors(gram, ev);
     const MatrixF Wr = W.leftCols(rank).cast<float>();

@@ -15,24 +15,41 @@ struct WarmStart {
   int iterations = 1;
   Randomized cold{};  // the first refresh
 
+  // Throws galore::invalid_argument for fewer than one iteration or invalid cold-start options.
+  void validate() const {
+    galore::detail::require(iterations >= 1, "warm-start SVD iterations must be >= 1 (got ", iterations, ")");
+    cold.validate();
+  }
+
   void compute(ConstMatrixRef<float> G, Index rank, Side side, const BasisView* previous, Basis& out) const {
     if (previous == nullptr || previous->rank() != rank) {
       cold.compute(G, rank, side, previous, out);
       return;
     }
-    const bool column_space = previous->side != Side::Right;
-    MatrixF X = column_space ? *previous->left : MatrixF(previous->right->transpose());
+    detail::compute_with_rescaling(G, out, [&](ConstMatrixRef<float> g, Basis& b) {
+      compute_unscaled(g, rank, side, *previous, b);
+    });
+  }
+
+ private:
+  void compute_unscaled(ConstMatrixRef<float> G, Index rank, Side side, const BasisView& previous, Basis& out) const {
+    const bool column_space = previous.side != Side::Right;
+    MatrixF X = column_space ? *previous.left : MatrixF(previous.right->transpose());
     for (int it = 0; it < iterations; ++it) {
+      // Y is normalized in magnitude between the two products, so that G^T G X
+      // neither overflows nor underflows float32.
       if (column_space) {
-        const MatrixF Y = G.transpose() * X;  // n x r
-        X.noalias() = G * Y;                  // m x r
+        MatrixF Y = G.transpose() * X;  // n x r
+        detail::normalize_magnitude(Y);
+        X.noalias() = G * Y;            // m x r
       } else {
-        const MatrixF Y = G * X;              // m x r
-        X.noalias() = G.transpose() * Y;      // n x r
+        MatrixF Y = G * X;              // m x r
+        detail::normalize_magnitude(Y);
+        X.noalias() = G.transpose() * Y;  // n x r
       }
       detail::orthonormalize(X);
     }
-    detail::finish_from_range(G, X, column_space, rank, side, previous, out);
+    detail::finish_from_range(G, X, column_space, rank, side, &previous, out);
   }
 };
 
