@@ -35,15 +35,21 @@ inline constexpr float kMaxInput = 1152921504606846976.0f;     // 2^60
 inline constexpr float kMaxUpdate = 18446744073709551616.0f;   // 2^64
 inline constexpr std::uint32_t kMaxInputBits = 0x5d800000u;    // the bits of 2^60
 
-// |x| <= kMaxInput, false for NaN and Inf; on the bit pattern, so that it is
-// exact under -ffast-math and vectorizes.
-GALORE_HOST_DEVICE bool in_adam_range(float x) {
+// The bit pattern of x, on the host and on the device.
+GALORE_HOST_DEVICE std::uint32_t float_bits(float x) {
 #if defined(__CUDA_ARCH__)
-  const std::uint32_t u = __float_as_uint(x);
+  return __float_as_uint(x);
 #else
   std::uint32_t u;
   std::memcpy(&u, &x, sizeof u);
+  return u;
 #endif
+}
+
+// |x| <= kMaxInput, false for NaN and Inf; on the bit pattern, so that it is
+// exact under -ffast-math and vectorizes.
+GALORE_HOST_DEVICE bool in_adam_range(float x) {
+  const std::uint32_t u = float_bits(x);
   return (u & 0x7fffffffu) <= kMaxInputBits;
 }
 
@@ -76,12 +82,7 @@ GALORE_HOST_DEVICE float adam_step_size_float(double lr, double beta1, double be
 // Finite test on the bit pattern (exponent not all ones): exact under
 // -ffast-math and on both backends.
 GALORE_HOST_DEVICE bool is_finite(float x) {
-#if defined(__CUDA_ARCH__)
-  const std::uint32_t u = __float_as_uint(x);
-#else
-  std::uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-#endif
+  const std::uint32_t u = float_bits(x);
   return (u & 0x7f800000u) != 0x7f800000u;
 }
 

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "../config.hpp"
+#include "../math/adam.hpp"
 #include "../types.hpp"
 
 namespace galore {
@@ -23,10 +24,10 @@ struct AdamConfig {
 
   // The largest |g| an Adam step accepts (2^60, about 1.2e18). Beyond it g*g, and so
   // the second moment, can overflow float32 (at 1.8e19); steps skip such gradients.
-  static constexpr float max_input = 1152921504606846976.0f;  // 2^60
+  static constexpr float max_input = math::kMaxInput;  // 2^60
   // Every element of the step d = step_size * m / (sqrt(v) + eps) is clamped to
   // +-max_update (2^64, about 1.8e19), so no finite input makes it Inf.
-  static constexpr float max_update = 18446744073709551616.0f;  // 2^64
+  static constexpr float max_update = math::kMaxUpdate;  // 2^64
   // The smallest eps accepted: with eps = 0 a zero or tiny gradient gives 0/0 or x/0,
   // and an eps that is 0 or subnormal in float32 does the same.
   static constexpr double min_eps = 1e-30;
@@ -75,7 +76,7 @@ namespace detail {
 inline bool in_adam_range(float x) {
   std::uint32_t u;
   std::memcpy(&u, &x, sizeof u);
-  return (u & 0x7fffffffu) <= 0x5d800000u;  // the bits of 2^60
+  return (u & 0x7fffffffu) <= math::kMaxInputBits;
 }
 inline bool in_adam_range(bfloat16 x) { return (x.value & 0x7fffu) <= 0x5d80u; }
 
