@@ -20,10 +20,10 @@ void BM_Refresh(benchmark::State& state, Policy policy, Shape s, Index rank, boo
   const MatrixF G = warm ? later(G0, s, 23) : G0;
   const Side side = s.rows >= s.cols ? Side::Right : Side::Left;
   Basis previous, fresh;
-  svd::Exact{}.compute(G0, rank, side, nullptr, previous);
+  eigen::compute_basis(svd::Exact{}, G0, rank, side, nullptr, previous);
   const BasisView prev(previous);
   for (auto _ : state) {
-    policy.compute(G, rank, side, warm ? &prev : nullptr, fresh);
+    eigen::compute_basis(policy, G, rank, side, warm ? &prev : nullptr, fresh);
     benchmark::DoNotOptimize(fresh.right.data());
     benchmark::DoNotOptimize(fresh.left.data());
   }

@@ -131,7 +131,7 @@ TEST_CASE("golden qgalore_projector: quantized bases, projections and the lazy s
         if (!refreshed) continue;
         CAPTURE(current);
         Basis ours;
-        svd::Exact{}.compute(slice(G, current), rank, side, nullptr, ours);
+        eigen::compute_basis(svd::Exact{}, slice(G, current), rank, side, nullptr, ours);
         const MatrixF ref = slice(ortho_float, current);
         const MatrixF proj_ours = side == Side::Right ? MatrixF(ours.right.transpose() * ours.right)
                                                       : MatrixF(ours.left * ours.left.transpose());

@@ -38,9 +38,9 @@ void check_policy(const Policy& policy, double min_energy) {
       const MatrixF G0 = decaying_spectrum(s.rows, s.cols, 21, 0.75f, 0.01f);
       const MatrixF G1 = drifted(G0, 40, 0.05f);
       Basis first, second;
-      policy.compute(G0, r, side, nullptr, first);
+      eigen::compute_basis(policy, G0, r, side, nullptr, first);
       const BasisView prev(first);
-      policy.compute(G1, r, side, &prev, second);
+      eigen::compute_basis(policy, G1, r, side, &prev, second);
       for (const Basis* b : {&first, &second}) {
         CHECK(b->side == side);
         if (side != Side::Right) CHECK(b->left.rows() == s.rows);
@@ -66,12 +66,55 @@ TEST_CASE("every SVD policy returns an orthonormal, sign-continuous basis captur
   SUBCASE("warm start") { check_policy(svd::WarmStart{}, 0.99); }
 }
 
+TEST_CASE("warm start without Rayleigh-Ritz keeps the iterate: the same subspace, orthonormal, near the previous vectors") {
+  const MatrixF G0 = decaying_spectrum(200, 150, 17, 0.85f, 0.02f);
+  const MatrixF G1 = drifted(G0, 71, 0.1f);
+  for (Side side : {Side::Right, Side::Left}) {
+    Basis b0, with_rr, without_rr;
+    eigen::compute_basis(svd::Exact{}, G0, 12, side, nullptr, b0);
+    const BasisView prev(b0);
+    svd::WarmStart iterate_only;
+    iterate_only.rayleigh_ritz = false;
+    eigen::compute_basis(svd::WarmStart{}, G1, 12, side, &prev, with_rr);
+    eigen::compute_basis(iterate_only, G1, 12, side, &prev, without_rr);
+    const MatrixF& A = side == Side::Right ? with_rr.right : with_rr.left;
+    const MatrixF& B = side == Side::Right ? without_rr.right : without_rr.left;
+    REQUIRE(B.rows() == A.rows());
+    REQUIRE(B.cols() == A.cols());
+    // Orthonormal, and the projector onto its span is Rayleigh-Ritz's.
+    const MatrixF gram = side == Side::Right ? MatrixF(B * B.transpose()) : MatrixF(B.transpose() * B);
+    CHECK((gram - MatrixF::Identity(12, 12)).norm() < 1e-4f);
+    const MatrixF PA = side == Side::Right ? MatrixF(A.transpose() * A) : MatrixF(A * A.transpose());
+    const MatrixF PB = side == Side::Right ? MatrixF(B.transpose() * B) : MatrixF(B * B.transpose());
+    CHECK((PA - PB).norm() < 1e-4f);
+    // The vectors stay near their predecessors, each oriented like it.
+    const MatrixF& P0 = side == Side::Right ? b0.right : b0.left;
+    float mean = 0.0f;
+    for (Index i = 0; i < 12; ++i) {
+      const float dot = side == Side::Right ? B.row(i).dot(P0.row(i)) : B.col(i).dot(P0.col(i));
+      CHECK(dot > -1e-3f);
+      mean += dot / 12.0f;
+    }
+    CHECK(mean > 0.5f);
+  }
+  // A two-sided projection always uses Rayleigh-Ritz.
+  Basis b0, both_rr, both_iterate;
+  eigen::compute_basis(svd::Exact{}, G0, 6, Side::Both, nullptr, b0);
+  const BasisView prev(b0);
+  svd::WarmStart iterate_only;
+  iterate_only.rayleigh_ritz = false;
+  eigen::compute_basis(svd::WarmStart{}, G1, 6, Side::Both, &prev, both_rr);
+  eigen::compute_basis(iterate_only, G1, 6, Side::Both, &prev, both_iterate);
+  CHECK(both_rr.left == both_iterate.left);
+  CHECK(both_rr.right == both_iterate.right);
+}
+
 TEST_CASE("captured energy is 1 for the exact basis and falls for a stale one") {
   const MatrixF G = decaying_spectrum(100, 60, 3, 0.8f, 0.01f);
   Basis exact, stale;
-  svd::Exact{}.compute(G, 8, Side::Right, nullptr, exact);
+  eigen::compute_basis(svd::Exact{}, G, 8, Side::Right, nullptr, exact);
   CHECK(svd::captured_energy(G, exact) == doctest::Approx(1.0).epsilon(1e-5));
-  svd::Exact{}.compute(decaying_spectrum(100, 60, 99, 0.8f, 0.01f), 8, Side::Right, nullptr, stale);
+  eigen::compute_basis(svd::Exact{}, decaying_spectrum(100, 60, 99, 0.8f, 0.01f), 8, Side::Right, nullptr, stale);
   CHECK(svd::captured_energy(G, stale) < 0.5);
 }
 
@@ -79,13 +122,13 @@ TEST_CASE("warm start improves on the stale basis and randomized is reproducible
   const MatrixF G0 = decaying_spectrum(200, 150, 7, 0.85f, 0.02f);
   const MatrixF G1 = drifted(G0, 70, 0.1f);
   Basis b0, warm, r1, r2;
-  svd::Exact{}.compute(G0, 16, Side::Right, nullptr, b0);
+  eigen::compute_basis(svd::Exact{}, G0, 16, Side::Right, nullptr, b0);
   const BasisView prev(b0);
-  svd::WarmStart{}.compute(G1, 16, Side::Right, &prev, warm);
+  eigen::compute_basis(svd::WarmStart{}, G1, 16, Side::Right, &prev, warm);
   const Eigen::VectorXf sv = svd::singular_values(G1);
   CHECK(svd::captured_energy(G1, BasisView(warm), sv) > svd::captured_energy(G1, prev, sv));
-  svd::Randomized{}.compute(G1, 16, Side::Right, nullptr, r1);
-  svd::Randomized{}.compute(G1, 16, Side::Right, nullptr, r2);
+  eigen::compute_basis(svd::Randomized{}, G1, 16, Side::Right, nullptr, r1);
+  eigen::compute_basis(svd::Randomized{}, G1, 16, Side::Right, nullptr, r2);
   CHECK(r1.right == r2.right);
 }
 

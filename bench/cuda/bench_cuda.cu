@@ -133,7 +133,7 @@ double gemm_flops(const Model& m) {
 void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step) {
   cuda::Context ctx;
   Weights& w = weights_for(m, ctx);
-  cuda::GaLoreOptimizer<cuda::refresh::Randomized> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f},
+  cuda::GaLoreOptimizer<svd::Randomized> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f},
                                                        AdamConfig{}, schedule::FixedGap{1000000000});
   std::vector<LayerId> ids;
   for (Shape s : w.shapes)
@@ -229,8 +229,8 @@ void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm) {
     P.emplace_back(static_cast<std::size_t>(m.rank * side_len));
     Pnew.emplace_back(static_cast<std::size_t>(m.rank * side_len));
     ws_bytes = std::max({ws_bytes, cuda::compute_basis_bytes<bf16>(ctx, policy, s.rows, s.cols, m.rank, Side::Right),
-                         cuda::compute_basis_bytes<bf16>(ctx, cuda::refresh::Randomized{}, s.rows, s.cols, m.rank, Side::Right),
-                         cuda::compute_basis_bytes<bf16>(ctx, cuda::refresh::Exact{}, s.rows, s.cols, m.rank, Side::Right)});
+                         cuda::compute_basis_bytes<bf16>(ctx, svd::Randomized{}, s.rows, s.cols, m.rank, Side::Right),
+                         cuda::compute_basis_bytes<bf16>(ctx, svd::Exact{}, s.rows, s.cols, m.rank, Side::Right)});
   }
   ctx.reserve_workspace(ws_bytes);
   auto basis_of = [&](std::size_t i, cuda::DeviceBuffer<bf16>& buf) {
@@ -246,7 +246,7 @@ void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm) {
   if (warm) {  // previous bases: the randomized basis of each gradient before a 2% drift
     for (std::size_t i = 0; i < shapes.size(); ++i) {
       auto ws = ctx.arena();
-      cuda::compute_basis(ctx, ws, cuda::refresh::Randomized{}, DeviceView<const bf16>(G[i].data(), shapes[i].rows, shapes[i].cols),
+      cuda::compute_basis(ctx, ws, svd::Randomized{}, DeviceView<const bf16>(G[i].data(), shapes[i].rows, shapes[i].cols),
                           m.rank, basis_of(i, P[i]), nullptr);
     }
     for (std::size_t i = 0; i < shapes.size(); ++i) {  // drift: G += 2% fresh noise (via a GEMM-free axpy in float)
@@ -281,7 +281,7 @@ void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm) {
     cuda::DeviceBuffer<bf16> Pex(P[i].size());
     {
       auto ws = ctx.arena();
-      cuda::compute_basis(ctx, ws, cuda::refresh::Exact{}, DeviceView<const bf16>(G[i].data(), s.rows, s.cols), m.rank,
+      cuda::compute_basis(ctx, ws, svd::Exact{}, DeviceView<const bf16>(G[i].data(), s.rows, s.cols), m.rank,
                           basis_of(i, Pex), nullptr);
     }
     auto captured = [&](cuda::DeviceBuffer<bf16>& basis) {
@@ -318,15 +318,15 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(("BM_CudaStep/galore/" + m->name).c_str(), BM_CudaStep, *m, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep, *m, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
   }
-  benchmark::RegisterBenchmark("BM_CudaRefresh/exact/llama1b/r512", BM_CudaRefresh<cuda::refresh::Exact>, cuda::refresh::Exact{}, false)
+  benchmark::RegisterBenchmark("BM_CudaRefresh/exact/llama1b/r512", BM_CudaRefresh<svd::Exact>, svd::Exact{}, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);
-  benchmark::RegisterBenchmark("BM_CudaRefresh/randomized/llama1b/r512", BM_CudaRefresh<cuda::refresh::Randomized>, cuda::refresh::Randomized{}, false)
+  benchmark::RegisterBenchmark("BM_CudaRefresh/randomized/llama1b/r512", BM_CudaRefresh<svd::Randomized>, svd::Randomized{}, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
-  benchmark::RegisterBenchmark("BM_CudaRefresh/warm/llama1b/r512", BM_CudaRefresh<cuda::refresh::WarmStart>, cuda::refresh::WarmStart{}, true)
+  benchmark::RegisterBenchmark("BM_CudaRefresh/warm/llama1b/r512", BM_CudaRefresh<svd::WarmStart>, svd::WarmStart{}, true)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
-  cuda::refresh::WarmStart subspace;
+  svd::WarmStart subspace;
   subspace.rayleigh_ritz = false;
-  benchmark::RegisterBenchmark("BM_CudaRefresh/warm_subspace/llama1b/r512", BM_CudaRefresh<cuda::refresh::WarmStart>, subspace, true)
+  benchmark::RegisterBenchmark("BM_CudaRefresh/warm_subspace/llama1b/r512", BM_CudaRefresh<svd::WarmStart>, subspace, true)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();

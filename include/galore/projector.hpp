@@ -19,6 +19,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "backend/eigen/svd.hpp"
 #include "basis.hpp"
 #include "projection.hpp"
 #include "projection_type.hpp"
@@ -47,24 +48,37 @@ inline void validate_projector_options(const ProjectorOptions& o) {
 
 namespace detail {
 
-// Calls p.validate() when the policy has one (SVD, quantization and rounding
-// policies may; schedules validate in init()).
-template <class P, class = void>
-struct has_validate : std::false_type {};
-template <class P>
-struct has_validate<P, std::void_t<decltype(std::declval<const P&>().validate())>> : std::true_type {};
-template <class P>
-void validate_policy(const P& p) {
-  if constexpr (has_validate<P>::value) p.validate();
-}
 
+// An SVD policy on the CPU: a member compute(), or a compute_basis(policy, ...)
+// found among the Eigen backend's overloads or by ADL.
 template <class P, class = void>
-struct is_svd_policy : std::false_type {};
+struct has_member_compute : std::false_type {};
 template <class P>
-struct is_svd_policy<P, std::void_t<decltype(std::declval<const P&>().compute(
-                            std::declval<ConstMatrixRef<float>>(), Index{}, Side{},
-                            std::declval<const BasisView*>(), std::declval<Basis&>()))>>
+struct has_member_compute<P, std::void_t<decltype(std::declval<const P&>().compute(
+                                 std::declval<ConstMatrixRef<float>>(), Index{}, Side{},
+                                 std::declval<const BasisView*>(), std::declval<Basis&>()))>>
     : std::true_type {};
+
+namespace svd_dispatch {
+using eigen::compute_basis;
+template <class P, class = void>
+struct has_compute_basis : std::false_type {};
+template <class P>
+struct has_compute_basis<P, std::void_t<decltype(compute_basis(std::declval<const P&>(),
+                                                               std::declval<ConstMatrixRef<float>>(), Index{},
+                                                               Side{}, std::declval<const BasisView*>(),
+                                                               std::declval<Basis&>()))>> : std::true_type {};
+template <class P>
+void compute(const P& policy, ConstMatrixRef<float> G, Index rank, Side side, const BasisView* previous,
+             Basis& out) {
+  if constexpr (has_member_compute<P>::value) policy.compute(G, rank, side, previous, out);
+  else compute_basis(policy, G, rank, side, previous, out);
+}
+}  // namespace svd_dispatch
+
+template <class P>
+struct is_svd_policy
+    : std::bool_constant<has_member_compute<P>::value || svd_dispatch::has_compute_basis<P>::value> {};
 
 template <class Q, class = void>
 struct is_quant_policy : std::false_type {};
@@ -104,7 +118,7 @@ template <class SVDPolicy = svd::Exact, class QuantPolicy = quant::None,
           class SchedulePolicy = schedule::FixedGap>
 class Projector {
   static_assert(detail::is_svd_policy<SVDPolicy>::value,
-                "SVDPolicy needs: void compute(ConstMatrixRef<float> G, Index rank, Side side, "
+                "SVDPolicy needs, on the CPU: void compute(ConstMatrixRef<float> G, Index rank, Side side, "
                 "const BasisView* previous, Basis& out) const");
   static_assert(detail::is_quant_policy<QuantPolicy>::value,
                 "QuantPolicy needs: a nested Storage, store(const MatrixF&, Storage&) and "
@@ -227,9 +241,9 @@ class Projector {
     if (p.has_basis || has_basis_) {
       BasisScratch scratch;
       const BasisView previous = basis(p, scratch);
-      svd_.compute(G, options_.rank, side_, &previous, fresh);
+      detail::svd_dispatch::compute(svd_, G, options_.rank, side_, &previous, fresh);
     } else {
-      svd_.compute(G, options_.rank, side_, nullptr, fresh);
+      detail::svd_dispatch::compute(svd_, G, options_.rank, side_, nullptr, fresh);
     }
     check_basis_shape(fresh);
     if (!detail::basis_is_finite(fresh)) return false;

@@ -31,7 +31,7 @@ AdamConfig adam_of(const RunSpec& s) {
 }
 
 // W after every step on the GPU (T: the weights' element type; M: the moments').
-template <class T, class M = float, class Policy = cuda::refresh::Exact>
+template <class T, class M = float, class Policy = svd::Exact>
 std::vector<std::vector<float>> gpu_run(const RunSpec& s, const std::vector<float>& W0,
                                         const std::vector<std::vector<float>>& grads, Policy policy = {}) {
   cuda::Context ctx;
@@ -377,9 +377,11 @@ TEST_CASE("randomized and warm-started refreshes capture the exact top-r energy"
     }
     CHECK(opt.svd_count(id) == 3);
   };
-  run(cuda::refresh::Randomized{}, "randomized");
-  run(cuda::refresh::WarmStart{}, "warm start");
-  run(cuda::refresh::Exact{false}, "exact, float32 eigensolver");
+  run(svd::Randomized{}, "randomized");
+  run(svd::WarmStart{}, "warm start");
+  svd::WarmStart iterate_only;
+  iterate_only.rayleigh_ritz = false;
+  run(iterate_only, "warm start without Rayleigh-Ritz");
 }
 
 TEST_CASE("a zero or rank-deficient gradient gives a finite step and a finite basis") {
@@ -404,9 +406,9 @@ TEST_CASE("a zero or rank-deficient gradient gives a finite step and a finite ba
       for (float x : Device<float>::download(opt.template basis<float>(id).right, static_cast<std::size_t>(r * n)))
         REQUIRE(std::isfinite(x));
     };
-    if (policy == 0) go(cuda::refresh::Exact{});
-    if (policy == 1) go(cuda::refresh::Randomized{});
-    if (policy == 2) go(cuda::refresh::WarmStart{});
+    if (policy == 0) go(svd::Exact{});
+    if (policy == 1) go(svd::Randomized{});
+    if (policy == 2) go(svd::WarmStart{});
   }
 }
 

@@ -64,7 +64,7 @@ struct DeviceStepResult {
   StepStatus status = StepStatus::Applied;
 };
 
-template <class SVDPolicy = refresh::Exact, class MomentT = float, class SchedulePolicy = schedule::FixedGap>
+template <class SVDPolicy = svd::Exact, class MomentT = float, class SchedulePolicy = schedule::FixedGap>
 class GaLoreOptimizer {
   static_assert(is_device_scalar_v<MomentT>, "galore: MomentT is float or __nv_bfloat16");
   static_assert(std::is_same_v<SchedulePolicy, schedule::FixedGap>,
@@ -81,6 +81,7 @@ class GaLoreOptimizer {
     adam_.validate();
     validate_options(projection_);
     (void)schedule_.init();
+    detail::validate_policy(svd_);
   }
 
   // A GaLore-projected matrix whose weight and gradient hold `dtype` elements.

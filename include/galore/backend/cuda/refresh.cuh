@@ -1,15 +1,17 @@
-// galore (CUDA backend): computing a layer's basis on the GPU with the three SVD
-// policies of the CPU backend.
+// galore (CUDA backend): computing a layer's basis on the GPU for the SVD
+// policies both backends share (svd/*.hpp: hyperparameters only; the CPU's
+// overloads are in backend/eigen/svd.hpp).
 //
-// - Exact: the eigenvectors of the smaller Gram matrix (G^T G or G G^T, formed in
-//   float32 by cuBLAS) from cuSOLVER's syevd, in float64 by default (float32 on
-//   request); the other side's vectors are G v / |G v|. Relative to the CPU's
+// - svd::Exact: the eigenvectors of the smaller Gram matrix (G^T G or G G^T,
+//   formed in float32 by cuBLAS) from cuSOLVER's syevd in float64; the other
+//   side's vectors are G v / |G v|. Relative to the CPU's
 //   float32 SVD the subspaces agree to about 1e-5 in float64 (the Gram matrix
 //   squares the condition number, so vectors of singular values below
 //   sqrt(float epsilon) * s_1 are not resolved; GaLore keeps the top ones).
-// - Randomized: the Gaussian sketch of the CPU policy (same Philox numbers),
+// - svd::Randomized: the Gaussian sketch of the CPU (same Philox numbers),
 //   power iterations, then Rayleigh-Ritz.
-// - WarmStart: subspace iteration from the previous basis, then Rayleigh-Ritz.
+// - svd::WarmStart: subspace iteration from the previous basis, then
+//   Rayleigh-Ritz (or the orthonormalized iterate, with rayleigh_ritz off).
 // Orthonormalization is CholeskyQR2 with a shifted first pass (the shift,
 // 1e-7 of the mean diagonal, keeps the Gram matrix positive definite when the
 // vectors are nearly dependent; two more passes restore orthonormality).
@@ -28,6 +30,9 @@
 #include "../../core/matrix_view.hpp"
 #include "../../projection_type.hpp"
 #include "../../rounding/philox.hpp"
+#include "../../svd/exact.hpp"
+#include "../../svd/randomized.hpp"
+#include "../../svd/warm_start.hpp"
 #include "basis_kernels.cuh"
 #include "context.cuh"
 #include "gemm.cuh"
@@ -44,26 +49,6 @@ struct DeviceBasis {
   Index rows = 0, cols = 0, rank = 0;
 };
 
-// Hyperparameters of the GPU refresh, mirroring the CPU policies of the same names.
-namespace refresh {
-struct Exact {
-  bool float64 = true;  // the eigensolver's precision
-};
-struct Randomized {
-  Index oversample = 16;
-  int power_iterations = 2;
-  std::uint64_t seed = 0x67a1043eULL;
-};
-struct WarmStart {
-  int iterations = 1;
-  Randomized cold{};
-  // Rayleigh-Ritz sorts the vectors by singular value and rotates them to the
-  // singular vectors within the subspace, as the CPU policy does. Without it
-  // (one-sided bases only) the refreshed basis is the orthonormalized iterate:
-  // the same subspace, vectors near the previous ones, no r x r eigensolver.
-  bool rayleigh_ritz = true;
-};
-}  // namespace refresh
 
 namespace impl {
 
@@ -95,47 +80,32 @@ inline std::size_t potrf_bytes(Context& ctx, Index k, std::size_t* host_bytes = 
   return dev;
 }
 
-// Top-r eigenvectors (largest first) of the k x k symmetric float matrix `gram`
-// (overwritten), vector-major into vecs (r x k float).
-inline void top_eigenvectors(Context& ctx, WorkspaceArena& ws, float* gram, Index k, Index r, bool float64,
-                             float* vecs) {
+// Top-r eigenvectors (largest first) of the k x k symmetric float matrix `gram`,
+// solved in float64 by cuSOLVER's syevd, vector-major into vecs (r x k float).
+inline void top_eigenvectors(Context& ctx, WorkspaceArena& ws, const float* gram, Index k, Index r, float* vecs) {
   std::size_t host_bytes = 0;
+  const std::size_t dev_bytes = syevd_bytes<double>(ctx, k, &host_bytes);
   int* info = ws.take<int>(1);
-  auto run = [&](auto* a, auto* w, std::size_t dev_bytes) {
-    void* dwork = ws.take<unsigned char>(dev_bytes);
-    auto& h = ctx.host_scratch();
-    if (h.size() < host_bytes) h.resize(host_bytes);
-    using E = std::remove_pointer_t<decltype(a)>;
-    check(cusolverDnXsyevd(ctx.solver(), ctx.solver_params(), CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, k,
-                           data_type<E>(), a, k, data_type<E>(), w, data_type<E>(), dwork, dev_bytes,
-                           host_bytes ? h.data() : nullptr, host_bytes, info),
-          "cusolverDnXsyevd");
-    top_eigenvectors<<<dim3(static_cast<unsigned>(std::max<Index>(1, std::min<Index>((k + 255) / 256, 64))),
-                            static_cast<unsigned>(r)),
-                       256, 0, ctx.stream()>>>(a, static_cast<int>(k), static_cast<int>(r), vecs);
-    check_launch("galore::cuda::top_eigenvectors");
-  };
-  if (float64) {
-    const std::size_t dev_bytes = syevd_bytes<double>(ctx, k, &host_bytes);
-    double* a = ws.take<double>(static_cast<std::size_t>(k * k));
-    double* w = ws.take<double>(static_cast<std::size_t>(k));
-    convert(ctx, gram, a, k * k);
-    run(a, w, dev_bytes);
-  } else {
-    const std::size_t dev_bytes = syevd_bytes<float>(ctx, k, &host_bytes);
-    float* w = ws.take<float>(static_cast<std::size_t>(k));
-    run(gram, w, dev_bytes);
-  }
+  double* a = ws.take<double>(static_cast<std::size_t>(k * k));
+  double* w = ws.take<double>(static_cast<std::size_t>(k));
+  void* dwork = ws.take<unsigned char>(dev_bytes);
+  convert(ctx, gram, a, k * k);
+  auto& h = ctx.host_scratch();
+  if (h.size() < host_bytes) h.resize(host_bytes);
+  check(cusolverDnXsyevd(ctx.solver(), ctx.solver_params(), CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, k,
+                         CUDA_R_64F, a, k, CUDA_R_64F, w, CUDA_R_64F, dwork, dev_bytes,
+                         host_bytes ? h.data() : nullptr, host_bytes, info),
+        "cusolverDnXsyevd");
+  top_eigenvectors<<<dim3(static_cast<unsigned>(std::max<Index>(1, std::min<Index>((k + 255) / 256, 64))),
+                          static_cast<unsigned>(r)),
+                     256, 0, ctx.stream()>>>(a, static_cast<int>(k), static_cast<int>(r), vecs);
+  check_launch("galore::cuda::top_eigenvectors");
 }
 
-inline std::size_t top_eigenvectors_bytes(Context& ctx, Index k, bool float64) {
-  std::size_t b = WorkspaceArena::align(sizeof(int));
-  if (float64)
-    b += WorkspaceArena::align(syevd_bytes<double>(ctx, k)) + WorkspaceArena::align(sizeof(double) * k * k) +
-         WorkspaceArena::align(sizeof(double) * k);
-  else
-    b += WorkspaceArena::align(syevd_bytes<float>(ctx, k)) + WorkspaceArena::align(sizeof(float) * k);
-  return b;
+inline std::size_t top_eigenvectors_bytes(Context& ctx, Index k) {
+  using A = WorkspaceArena;
+  return A::align(sizeof(int)) + A::align(sizeof(double) * k * k) + A::align(sizeof(double) * k) +
+         A::align(syevd_bytes<double>(ctx, k));
 }
 
 // Canonical signs, orientation and storage of vector-major vecs (r x len) as
@@ -226,7 +196,7 @@ void finish_from_range(Context& ctx, WorkspaceArena& ws, DeviceView<const T> G, 
   const DeviceView<const float> Bv(B, l, other);
   gemm(ctx, Op::N, Op::T, 1.0f, Bv, Bv, 0.0f, DeviceView<float>(gram, l, l));
   float* w = ws.take<float>(static_cast<std::size_t>(r * l));  // top-r eigenvectors of the l x l Gram, vector-major
-  top_eigenvectors(ctx, ws, gram, l, r, true, w);
+  top_eigenvectors(ctx, ws, gram, l, r, w);
   const DeviceView<const float> Wv(w, r, l);
   const bool want_in_span = column_space ? out.side != Side::Right : out.side != Side::Left;
   const bool want_other = column_space ? out.side != Side::Left : out.side != Side::Right;
@@ -249,7 +219,7 @@ std::size_t finish_from_range_bytes(Context& ctx, Index m, Index n, Index l, boo
   const Index len = column_space ? m : n, other = column_space ? n : m;
   using A = WorkspaceArena;
   return as_type_bytes<T>(len * l) + A::align(sizeof(float) * other * l) + A::align(sizeof(float) * l * l) +
-         A::align(sizeof(float) * r * l) + top_eigenvectors_bytes(ctx, l, true) + A::align(sizeof(float) * r * len) +
+         A::align(sizeof(float) * r * l) + top_eigenvectors_bytes(ctx, l) + A::align(sizeof(float) * r * len) +
          A::align(sizeof(float) * r * other);
 }
 
@@ -263,7 +233,7 @@ std::size_t finish_from_range_bytes(Context& ctx, Index m, Index n, Index l, boo
 // ---- Exact -------------------------------------------------------------------------------------
 
 template <class T>
-void compute_basis(Context& ctx, WorkspaceArena& ws, const refresh::Exact& policy, DeviceView<const T> G, Index r,
+void compute_basis(Context& ctx, WorkspaceArena& ws, const svd::Exact&, DeviceView<const T> G, Index r,
                    const DeviceBasis<T>& out, const DeviceBasis<std::common_type_t<T>>* previous) {
   const Index m = G.rows, n = G.cols;
   const bool rows_side = m >= n;  // eigenvectors of G^T G (right vectors) when m >= n
@@ -272,7 +242,7 @@ void compute_basis(Context& ctx, WorkspaceArena& ws, const refresh::Exact& polic
   if (rows_side) gemm(ctx, Op::T, Op::N, 1.0f, G, G, 0.0f, DeviceView<float>(gram, k, k));
   else gemm(ctx, Op::N, Op::T, 1.0f, G, G, 0.0f, DeviceView<float>(gram, k, k));
   float* native = ws.take<float>(static_cast<std::size_t>(r * k));
-  impl::top_eigenvectors(ctx, ws, gram, k, r, policy.float64, native);
+  impl::top_eigenvectors(ctx, ws, gram, k, r, native);
   const bool want_right = out.side != Side::Left, want_left = out.side != Side::Right;
   const bool want_native = rows_side ? want_right : want_left;
   const bool want_other = rows_side ? want_left : want_right;
@@ -292,18 +262,18 @@ void compute_basis(Context& ctx, WorkspaceArena& ws, const refresh::Exact& polic
 }
 
 template <class T>
-std::size_t compute_basis_bytes(Context& ctx, const refresh::Exact& policy, Index m, Index n, Index r, Side) {
+std::size_t compute_basis_bytes(Context& ctx, const svd::Exact&, Index m, Index n, Index r, Side) {
   const Index k = std::min(m, n), other = std::max(m, n);
   using A = WorkspaceArena;
   return A::align(sizeof(float) * k * k) + A::align(sizeof(float) * r * k) +
-         impl::top_eigenvectors_bytes(ctx, k, policy.float64) + impl::as_type_bytes<T>(r * k) +
+         impl::top_eigenvectors_bytes(ctx, k) + impl::as_type_bytes<T>(r * k) +
          A::align(sizeof(float) * r * other);
 }
 
 // ---- Randomized ----------------------------------------------------------------------------------
 
 template <class T>
-void compute_basis(Context& ctx, WorkspaceArena& ws, const refresh::Randomized& p, DeviceView<const T> G, Index r,
+void compute_basis(Context& ctx, WorkspaceArena& ws, const svd::Randomized& p, DeviceView<const T> G, Index r,
                    const DeviceBasis<T>& out, const DeviceBasis<std::common_type_t<T>>* previous) {
   const Index m = G.rows, n = G.cols;
   const Index l = std::min(r + std::max<Index>(p.oversample, 0), std::min(m, n));
@@ -331,7 +301,7 @@ void compute_basis(Context& ctx, WorkspaceArena& ws, const refresh::Randomized& 
 }
 
 template <class T>
-std::size_t compute_basis_bytes(Context& ctx, const refresh::Randomized& p, Index m, Index n, Index r, Side side) {
+std::size_t compute_basis_bytes(Context& ctx, const svd::Randomized& p, Index m, Index n, Index r, Side side) {
   const Index l = std::min(r + std::max<Index>(p.oversample, 0), std::min(m, n));
   const bool column_space = side == Side::Left || (side == Side::Both && m <= n);
   const Index len = column_space ? m : n, other = column_space ? n : m;
@@ -347,7 +317,7 @@ std::size_t compute_basis_bytes(Context& ctx, const refresh::Randomized& p, Inde
 // ---- WarmStart -----------------------------------------------------------------------------------
 
 template <class T>
-void compute_basis(Context& ctx, WorkspaceArena& ws, const refresh::WarmStart& p, DeviceView<const T> G, Index r,
+void compute_basis(Context& ctx, WorkspaceArena& ws, const svd::WarmStart& p, DeviceView<const T> G, Index r,
                    const DeviceBasis<T>& out, const DeviceBasis<std::common_type_t<T>>* previous) {
   if (previous == nullptr) {
     compute_basis(ctx, ws, p.cold, G, r, out, previous);
@@ -395,7 +365,7 @@ void compute_basis(Context& ctx, WorkspaceArena& ws, const refresh::WarmStart& p
 }
 
 template <class T>
-std::size_t compute_basis_bytes(Context& ctx, const refresh::WarmStart& p, Index m, Index n, Index r, Side side) {
+std::size_t compute_basis_bytes(Context& ctx, const svd::WarmStart& p, Index m, Index n, Index r, Side side) {
   const bool column_space = side != Side::Right;
   const Index len = column_space ? m : n, other = column_space ? n : m;
   using A = WorkspaceArena;

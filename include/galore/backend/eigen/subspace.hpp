@@ -1,6 +1,6 @@
-// galore (internal to the SVD policies): orthonormalization, Gaussian test
-// matrices and the Rayleigh-Ritz step that turns an approximate range into
-// sorted singular vectors. Shared by svd::Randomized and svd::WarmStart.
+// galore, Eigen backend (internal to the SVD policies): orthonormalization,
+// Gaussian test matrices and the Rayleigh-Ritz step that turns an approximate
+// range into sorted singular vectors. Shared by svd::Randomized and svd::WarmStart.
 #pragma once
 
 #include <Eigen/Eigenvalues>
@@ -9,10 +9,10 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../basis.hpp"
-#include "../rounding/philox.hpp"
+#include "../../basis.hpp"
+#include "../../rounding/philox.hpp"
 
-namespace galore::svd::detail {
+namespace galore::eigen::detail {
 
 // The exponent e with max |A| in [2^(e-1), 2^e), or 0 when A is zero or holds NaN or Inf.
 template <class Derived>
@@ -137,4 +137,4 @@ inline void finish_from_range(ConstMatrixRef<float> G, const MatrixF& Q, bool co
   fix_signs(out, previous);
 }
 
-}  // namespace galore::svd::detail
+}  // namespace galore::eigen::detail
