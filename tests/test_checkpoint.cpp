@@ -13,9 +13,11 @@
 #include <functional>
 #include <galore/galore.hpp>
 #include <limits>
+#include <memory>
 
 #include "fuzz/checkpoint_mutator.hpp"
 #include "support/checkpoint_fixtures.hpp"
+#include "support/random.hpp"
 
 using namespace galore;
 using galore_test::FacadeKind;
@@ -227,6 +229,44 @@ TEST_CASE("a checkpoint of another configuration or layout is an error, not a si
   CHECK(with([](AdamConfig&, ProjectorOptions&, std::int64_t& g) { g = 5; }).find("schedule.gap") != std::string::npos);
   // The learning rate alone differs: accepted (it is state).
   CHECK(with([](AdamConfig& a, ProjectorOptions&, std::int64_t&) { a.lr = 0.5; }).find("weights") != std::string::npos);
+}
+
+TEST_CASE("the warm start's rayleigh_ritz is part of the configuration, and described only when off") {
+  using WarmOpt = GaLoreOptimizer<Projector<svd::WarmStart>, LowRankAdam<>>;
+  auto make = [](bool rayleigh_ritz) {
+    svd::WarmStart warm;
+    warm.rayleigh_ritz = rayleigh_ritz;
+    auto opt = std::make_unique<WarmOpt>(ProjectorOptions{4, ProjectionType::Std, 0.25f}, LowRankAdam<>(),
+                                         schedule::FixedGap{2}, warm);
+    opt->add_layer({24, 16}, "w");
+    return opt;
+  };
+  auto save = [](const WarmOpt& opt) {
+    std::ostringstream os;
+    save_checkpoint(opt, os);
+    return os.str();
+  };
+  auto loads = [](WarmOpt& opt, const std::string& bytes) {
+    std::istringstream is(bytes);
+    try {
+      load_checkpoint(opt, is);
+      return std::string();
+    } catch (const checkpoint_error& e) {
+      return std::string(e.what());
+    }
+  };
+  const auto on = make(true), off = make(false);
+  MatrixF W = galore_test::gaussian(24, 16, 1), G = galore_test::gaussian(24, 16, 2);
+  on->step(LayerId{0}, W, G);
+  off->step(LayerId{0}, W, G);
+  const std::string with_rr = save(*on), without_rr = save(*off);
+  // The default writes the description of files from before the option (no such item).
+  CHECK(with_rr.find("rayleigh_ritz") == std::string::npos);
+  CHECK(without_rr.find("rayleigh_ritz") != std::string::npos);
+  CHECK(loads(*make(true), with_rr).empty());
+  CHECK(loads(*make(false), without_rr).empty());
+  CHECK(loads(*make(false), with_rr).find("rayleigh_ritz") != std::string::npos);
+  CHECK_FALSE(loads(*make(true), without_rr).empty());
 }
 
 TEST_CASE("layer names, shapes and counts must match") {

@@ -72,7 +72,7 @@ TEST_CASE("LLaMA parameter lists have the papers' sizes") {
   // 2 x 32000 x 2048 embeddings + 24 x (4 x 2048^2 + 3 x 2048 x 5461) + 49 norms of 2048
   CHECK(count("llama1b") == 1339082752);
   CHECK(count("llama7b") == 6738415616);  // LLaMA-7B's published count
-  CHECK(llama_linear_layers(llama_preset("llama1b")).size() == 168);  // DESIGN.md: 168 matrices
+  CHECK(llama_linear_layers(llama_preset("llama1b")).size() == 168);  // 24 blocks x 7 matrices
   CHECK_THROWS_AS(llama_preset("llama13b"), galore::invalid_argument);
 }
 

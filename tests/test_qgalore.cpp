@@ -66,7 +66,8 @@ TEST_CASE("the lazy schedule grows the gap when the queue of cosines is full and
   CHECK(s.queue.size() == 3);
   CHECK(lazy.due(s, 18));
   CHECK_FALSE(lazy.due(s, 12));
-  CHECK(schedule::Lazy::cosine(e0, -e0) == -1.0f);
+  const VectorF minus_e0 = -e0;
+  CHECK(schedule::Lazy::cosine(e0, minus_e0) == -1.0f);
 
   CHECK_THROWS_AS((schedule::Lazy{0, 0.4, 2, 5}.init()), galore::invalid_argument);
   CHECK_THROWS_AS((schedule::Lazy{10, 0.4, 0.5, 5}.init()), galore::invalid_argument);

@@ -252,13 +252,13 @@ TEST_CASE("the vectorized stochastic encoder equals the scalar element functions
           r8.bind(4, 6)(w.data(), len, scale, zero, first, codes.data());
           Index mismatch = 0;
           for (Index k = 0; k < len; ++k)
-            mismatch += codes[k] != detail::to_code(stochastic_round(w[k] / scale, r8.random_bits(4, 6, first + k)) + zero,
+            mismatch += codes[k] != math::to_code(stochastic_round(w[k] / scale, r8.random_bits(4, 6, first + k)) + zero,
                                                     255.0f);
           CHECK(mismatch == 0);
           r4.bind(9, 1)(w.data(), len, scale, std::min(zero, 15.0f), first, codes.data());
           mismatch = 0;
           for (Index k = 0; k < len; ++k)
-            mismatch += codes[k] != detail::to_code(stochastic_round(w[k] / scale, r4.random_bits(9, 1, first + k)) +
+            mismatch += codes[k] != math::to_code(stochastic_round(w[k] / scale, r4.random_bits(9, 1, first + k)) +
                                                         std::min(zero, 15.0f),
                                                     15.0f);
           CHECK(mismatch == 0);

@@ -4,6 +4,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <utility>
 
 #define GALORE_VERSION_MAJOR 0
@@ -68,6 +69,17 @@ std::string concat(Parts&&... parts) {
 template <class... Parts>
 void require(bool condition, Parts&&... parts) {
   if (!condition) throw invalid_argument(concat("galore: ", std::forward<Parts>(parts)...));
+}
+
+// Calls p.validate() when the policy has one (SVD, quantization, state and
+// rounding policies may; schedules validate in init()).
+template <class P, class = void>
+struct has_validate : std::false_type {};
+template <class P>
+struct has_validate<P, std::void_t<decltype(std::declval<const P&>().validate())>> : std::true_type {};
+template <class P>
+void validate_policy(const P& p) {
+  if constexpr (has_validate<P>::value) p.validate();
 }
 
 // Lets a static_assert in a primary template fire only when it is instantiated.

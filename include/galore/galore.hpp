@@ -22,6 +22,7 @@
 #include "schedule/drift.hpp"
 #include "schedule/fixed_gap.hpp"
 #include "schedule/lazy.hpp"
+#include "backend/eigen/svd.hpp"
 #include "svd/energy.hpp"
 #include "svd/exact.hpp"
 #include "svd/randomized.hpp"

@@ -4,7 +4,8 @@
 #include <string>
 #include <string_view>
 
-#include "types.hpp"
+#include "config.hpp"
+#include "core/shape.hpp"
 
 namespace galore {
 

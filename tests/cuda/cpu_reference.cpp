@@ -49,7 +49,7 @@ void cpu_exact_basis(long rows, long cols, long rank, int type, const std::vecto
                      std::vector<float>& left, std::vector<float>& right) {
   const Eigen::Map<const MatrixF> g(G.data(), rows, cols);
   Basis b;
-  svd::Exact{}.compute(g, rank, resolve_side(static_cast<ProjectionType>(type), rows, cols), nullptr, b);
+  eigen::compute_basis(svd::Exact{}, g, rank, resolve_side(static_cast<ProjectionType>(type), rows, cols), nullptr, b);
   left.assign(b.left.data(), b.left.data() + b.left.size());
   right.assign(b.right.data(), b.right.data() + b.right.size());
 }
@@ -64,6 +64,62 @@ std::vector<float> round_to_bf16(const std::vector<float>& x) {
   std::vector<float> y(x.size());
   for (std::size_t i = 0; i < x.size(); ++i) y[i] = static_cast<float>(static_cast<bfloat16>(x[i]));
   return y;
+}
+
+void cpu_adam_dense(std::vector<float>& m, std::vector<float>& v, const std::vector<float>& g,
+                    std::vector<float>& d, std::int64_t t, double lr, double beta1, double beta2, double eps) {
+  const galore::AdamConfig c{lr, beta1, beta2, eps, 0.0, true};
+  const galore::state::Float32 policy;
+  auto mo = policy.init({1, static_cast<galore::Index>(g.size())});
+  for (std::size_t i = 0; i < g.size(); ++i) mo.m(static_cast<galore::Index>(i)) = m[i], mo.v(static_cast<galore::Index>(i)) = v[i];
+  d.assign(g.size(), 0.0f);
+  policy.update(mo, g.data(), t, c, [&](galore::Index off, const float* chunk, galore::Index len) {
+    std::copy(chunk, chunk + len, d.begin() + off);
+  });
+  for (std::size_t i = 0; i < g.size(); ++i) m[i] = mo.m(static_cast<galore::Index>(i)), v[i] = mo.v(static_cast<galore::Index>(i));
+}
+
+void cpu_adam_8bit_formula(std::vector<float>& m, std::vector<float>& v, const std::vector<float>& g,
+                           std::vector<float>& d, std::int64_t t, double lr, double beta1, double beta2,
+                           double eps) {
+  const galore::AdamConfig c{lr, beta1, beta2, eps, 0.0, true};
+  galore::state::Blockwise8bit policy;
+  policy.min_8bit_size = static_cast<galore::Index>(g.size()) + 1;  // the float32 path
+  auto mo = policy.init({1, static_cast<galore::Index>(g.size())});
+  mo.m32 = m;
+  mo.v32 = v;
+  d.assign(g.size(), 0.0f);
+  policy.update(mo, g.data(), t, c, [&](galore::Index off, const float* chunk, galore::Index len) {
+    std::copy(chunk, chunk + len, d.begin() + off);
+  });
+  m = mo.m32;
+  v = mo.v32;
+}
+
+namespace {
+template <class Encoder>
+CpuCodes codes_with(const std::vector<float>& x, long group, const Encoder& encode) {
+  galore::quant::GroupQuantized<8> q;
+  q.resize({1, static_cast<galore::Index>(x.size())}, group);
+  galore::quant::quantize_range(x.data(), 0, static_cast<galore::Index>(x.size()), encode, q);
+  return {q.codes, q.scales, q.zeros};
+}
+}  // namespace
+
+CpuCodes cpu_minmax_codes(const std::vector<float>& x, long group) {
+  return codes_with(x, group, galore::quant::NearestEncoder<8>{});
+}
+
+CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint64_t seed, std::uint32_t layer,
+                              std::uint32_t step) {
+  const galore::StochasticRounder<8> rounder(seed);
+  return codes_with(x, group, rounder.bind(layer, step));
+}
+
+std::vector<float> cpu_dynamic_map(bool is_signed) {
+  const galore::quant::CodeMap& map =
+      is_signed ? galore::quant::dynamic_map_signed() : galore::quant::dynamic_map_unsigned();
+  return {map.begin(), map.end()};
 }
 
 }  // namespace galore_test

@@ -35,4 +35,27 @@ std::vector<float> cpu_singular_values(long rows, long cols, const std::vector<f
 // Rounds float values to bfloat16 and back (round to nearest even).
 std::vector<float> round_to_bf16(const std::vector<float>& x);
 
+// The CPU's production element-wise paths, for bit-for-bit comparisons:
+// One step of state::Float32 (galore_torch's AdamW) from moments (m, v) with the
+// gradient g (every element in Adam's range) at step t: m, v and d replaced.
+void cpu_adam_dense(std::vector<float>& m, std::vector<float>& v, const std::vector<float>& g,
+                    std::vector<float>& d, std::int64_t t, double lr, double beta1, double beta2, double eps);
+// One step of state::Blockwise8bit's float32 moments (bitsandbytes' formula; d clamped).
+void cpu_adam_8bit_formula(std::vector<float>& m, std::vector<float>& v, const std::vector<float>& g,
+                           std::vector<float>& d, std::int64_t t, double lr, double beta1, double beta2,
+                           double eps);
+// Min-max codes of x (8 bits, groups of `group` elements): round to nearest
+// (quant::quantize_minmax), or stochastic (StochasticRounder<8> with seed,
+// layer, step, its AVX2 path where the CPU has it). One code per byte.
+struct CpuCodes {
+  std::vector<std::uint8_t> codes;
+  std::vector<float> scales;
+  std::vector<std::uint8_t> zeros;
+};
+CpuCodes cpu_minmax_codes(const std::vector<float>& x, long group);
+CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint64_t seed, std::uint32_t layer,
+                              std::uint32_t step);
+// bitsandbytes' signed and unsigned dynamic maps (256 values each).
+std::vector<float> cpu_dynamic_map(bool is_signed);
+
 }  // namespace galore_test

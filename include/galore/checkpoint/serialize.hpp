@@ -60,6 +60,9 @@ inline void describe(const svd::Randomized& s, Items& out, const std::string& p)
 inline void describe(const svd::WarmStart& s, Items& out, const std::string& p) {
   out.push_back({p, "warm_start"});
   out.push_back({p + ".iterations", text(s.iterations)});
+  // Described only when off, so that files written before the option existed
+  // (which always used Rayleigh-Ritz) keep loading.
+  if (!s.rayleigh_ritz) out.push_back({p + ".rayleigh_ritz", "0"});
   describe(s.cold, out, p + ".cold");
 }
 inline void describe(const quant::None&, Items& out, const std::string& p) { out.push_back({p, "none"}); }
@@ -262,7 +265,7 @@ inline void load(Reader&, const schedule::FixedGap&, schedule::FixedGap::State&,
 inline void save(Writer& w, const schedule::Lazy&, const schedule::Lazy::State& s) {
   w.i64(s.gap);
   w.array(s.queue.data(), s.queue.size());
-  w.array(s.past.data(), static_cast<std::size_t>(s.past.size()));
+  w.array(s.past.data(), s.past.size());
   w.f32(s.last_cosine);
 }
 // The gap grows to int64(gap * gamma) when the queue's mean reaches the
@@ -288,9 +291,9 @@ inline void load(Reader& r, const schedule::Lazy& policy, schedule::Lazy::State&
   if (n_past != 0 && n_past != static_cast<std::uint64_t>(vector_length))
     r.fail("previous singular vector has " + std::to_string(n_past) + " elements, expected " +
            std::to_string(vector_length));
-  tmp.past.resize(static_cast<Index>(n_past));
-  for (Index i = 0; i < tmp.past.size(); ++i) tmp.past(i) = r.f32();
-  expect_finite(r, tmp.past.data(), static_cast<std::size_t>(tmp.past.size()), "previous singular vector");
+  tmp.past.resize(static_cast<std::size_t>(n_past));
+  for (float& x : tmp.past) x = r.f32();
+  expect_finite(r, tmp.past.data(), tmp.past.size(), "previous singular vector");
   tmp.last_cosine = r.f32();
   if (!(std::isnan(tmp.last_cosine) || (tmp.last_cosine >= -1.0f && tmp.last_cosine <= 1.0f)))
     r.fail("the last cosine is outside [-1, 1]");

@@ -13,6 +13,7 @@
 #include <cstring>
 
 #include "../config.hpp"
+#include "fp.hpp"
 
 namespace galore::math {
 
@@ -53,13 +54,22 @@ GALORE_HOST_DEVICE bool in_adam_range(float x) {
   return (u & 0x7fffffffu) <= kMaxInputBits;
 }
 
-GALORE_HOST_DEVICE float clamp_update(float d) { return fminf(fmaxf(d, -kMaxUpdate), kMaxUpdate); }
+// d clamped to +-kMaxUpdate, written with compares (as std::min(std::max(d, lo),
+// hi)) rather than fminf/fmaxf: the same result on both backends, NaN included
+// (it stays NaN), and a loop over it vectorizes on the host without
+// -ffinite-math-only.
+GALORE_HOST_DEVICE float clamp_update(float d) {
+  const float lo = d < -kMaxUpdate ? -kMaxUpdate : d;
+  return kMaxUpdate < lo ? kMaxUpdate : lo;
+}
 
-// One element of Adam on an accepted input (in_adam_range(g)).
+// One element of Adam on an accepted input (in_adam_range(g)). Products that
+// feed sums go through mul/add (fp.hpp), so the GPU's result is the CPU's, bit
+// for bit, whatever the compiler's contraction setting.
 GALORE_HOST_DEVICE AdamElement adam_element(float g, float m, float v, float step, const AdamCoefficients& c) {
   AdamElement e;
-  e.m = c.b1 * m + c.a1 * g;
-  e.v = c.b2 * v + c.a2 * (g * g);
+  e.m = add(mul(c.b1, m), mul(c.a1, g));
+  e.v = add(mul(c.b2, v), mul(c.a2, mul(g, g)));
   e.d = clamp_update(step * e.m / (sqrtf(e.v) + c.eps));
   return e;
 }

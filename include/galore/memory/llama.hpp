@@ -1,5 +1,5 @@
 // galore: the parameter lists of the LLaMA configurations the papers train
-// (DESIGN.md 2.5), for the memory planner and the benchmarks.
+// (the architectures of GaLore's pre-training runs, arXiv 2403.03507: 60M to 7B), for the memory planner and the benchmarks.
 #pragma once
 
 #include <string>

@@ -1,16 +1,14 @@
-// galore: Adam's hyperparameters, kept apart from any state (galore_torch's AdamW),
-// and the range of inputs the float32 Adam math holds.
+// galore: Adam's hyperparameters, kept apart from any state (galore_torch's AdamW).
+// Backend-free: the CPU and CUDA optimizers take the same AdamConfig, and the
+// formulas it names live in math/adam.hpp, shared by both.
 #pragma once
 
-#include <algorithm>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 
 #include "../config.hpp"
 #include "../math/adam.hpp"
-#include "../types.hpp"
 
 namespace galore {
 
@@ -51,52 +49,16 @@ struct AdamConfig {
   }
 
   // galore_torch's step size at step t (1-based): lr * sqrt(1 - b2^t) / (1 - b1^t).
-  double step_size(std::int64_t t) const {
-    if (!correct_bias) return lr;
-    const double bc1 = 1.0 - std::pow(beta1, static_cast<double>(t));
-    const double bc2 = 1.0 - std::pow(beta2, static_cast<double>(t));
-    return lr * std::sqrt(bc2) / bc1;
-  }
+  double step_size(std::int64_t t) const { return math::adam_step_size(lr, beta1, beta2, t, correct_bias); }
 
   // The step size as the float32 kernels use it, at most FLT_MAX (an Inf step size
   // would turn m = 0 into 0 * Inf = NaN).
   float step_size_float(std::int64_t t) const {
-    const double s = step_size(t);
-    return s < static_cast<double>(FLT_MAX) ? static_cast<float>(s) : FLT_MAX;
+    return math::adam_step_size_float(lr, beta1, beta2, t, correct_bias);
   }
 
   // The factor decoupled weight decay multiplies the updated weight by, in [0, 1].
   float decay_factor() const { return static_cast<float>(1.0 - lr * weight_decay); }
 };
-
-namespace detail {
-
-// |x| <= AdamConfig::max_input, on the bit pattern (false for NaN and Inf), so that
-// it vectorizes and stays exact under -ffast-math.
-inline bool in_adam_range(float x) {
-  std::uint32_t u;
-  std::memcpy(&u, &x, sizeof u);
-  return (u & 0x7fffffffu) <= math::kMaxInputBits;
-}
-inline bool in_adam_range(bfloat16 x) { return (x.value & 0x7fffu) <= 0x5d80u; }
-
-// Whether every element of A is a gradient an Adam step accepts.
-template <class T>
-bool adam_input_in_range(const ConstMatrixRef<T>& A) {
-  for (Index i = 0; i < A.rows(); ++i) {
-    const T* row = A.row(i).data();
-    bool ok = true;
-    for (Index j = 0; j < A.cols(); ++j) ok &= in_adam_range(row[j]);
-    if (!ok) return false;
-  }
-  return true;
-}
-
-// x clamped to [-AdamConfig::max_update, AdamConfig::max_update] (x is not NaN).
-inline float clamp_update(float x) {
-  return std::min(std::max(x, -AdamConfig::max_update), AdamConfig::max_update);
-}
-
-}  // namespace detail
 
 }  // namespace galore

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../detail/elementwise.hpp"
+#include "../math/adam8bit.hpp"
 #include "../quant/dynamic_map.hpp"
 #include "../types.hpp"
 #include "adam_config.hpp"
@@ -89,13 +90,8 @@ struct Blockwise8bit {
 
   template <class Sink>
   void update(Moments& mo, const float* g, std::int64_t t, const AdamConfig& c, Sink&& sink) const {
-    const float b1 = static_cast<float>(c.beta1), b2 = static_cast<float>(c.beta2);
-    const float a1 = 1.0f - b1, a2 = 1.0f - b2;
-    const float corr1 = c.correct_bias ? 1.0f - std::pow(b1, static_cast<float>(t)) : 1.0f;
-    const float corr2 = c.correct_bias ? std::sqrt(1.0f - std::pow(b2, static_cast<float>(t))) : 1.0f;
-    float step = static_cast<float>(c.lr) * corr2 / corr1;
-    if (!(step <= FLT_MAX)) step = FLT_MAX;  // an Inf step size would make 0 * Inf = NaN
-    const float eps = corr2 * static_cast<float>(c.eps);  // > 0: eps >= AdamConfig::min_eps, corr2 >= 2^-12
+    const math::Adam8bitCoefficients coef =
+        math::adam8bit_coefficients(c.lr, c.beta1, c.beta2, c.eps, t, c.correct_bias);
     const Index n = mo.shape_.size();
 
     if (!mo.quantized) {
@@ -111,9 +107,10 @@ struct Blockwise8bit {
           }
           float& m = mo.m32[static_cast<std::size_t>(i)];
           float& v = mo.v32[static_cast<std::size_t>(i)];
-          m = m * b1 + a1 * x;
-          v = v * b2 + a2 * x * x;
-          d[k] = galore::detail::clamp_update(step * (m / (std::sqrt(v) + eps)));
+          const math::AdamElement e = math::adam8bit_element(x, m, v, coef);
+          m = e.m;
+          v = e.v;
+          d[k] = math::clamp_update(e.d);
         }
         sink(off, d, len);
       }
@@ -130,8 +127,13 @@ struct Blockwise8bit {
     // receives disjoint ranges).
 GALORE_OMP(omp parallel if (n >= (Index{1} << 16)))
     {
-    std::vector<float> s1(static_cast<std::size_t>(bs)), s2(static_cast<std::size_t>(bs)),
-        d(static_cast<std::size_t>(bs));
+    // Per-thread scratch for one block (3 x block_size floats), kept between
+    // calls so that a steady step allocates nothing.
+    static thread_local std::vector<float> scratch;
+    if (scratch.size() < static_cast<std::size_t>(3 * bs)) scratch.resize(static_cast<std::size_t>(3 * bs));
+    float* const s1 = scratch.data();
+    float* const s2 = s1 + bs;
+    float* const d = s2 + bs;
 GALORE_OMP(omp for schedule(static))
     for (Index b = 0; b < blocks; ++b) {
       const Index lo = b * bs, len = std::min(bs, n - lo);
@@ -139,25 +141,25 @@ GALORE_OMP(omp for schedule(static))
       const std::uint8_t* __restrict mc = mo.m_code.data() + lo;
       const std::uint8_t* __restrict vc = mo.v_code.data() + lo;
       const float* __restrict x = g + lo;
-      float* __restrict m1 = s1.data();
-      float* __restrict v1 = s2.data();
-      float* __restrict dd = d.data();
+      float* __restrict m1 = s1;
+      float* __restrict v1 = s2;
+      float* __restrict dd = d;
       // Dequantize, update, and the step: one vectorizable pass (table gathers aside).
       float new_am = 0.0f, new_av = 0.0f;
-      for (Index k = 0; k < len; ++k) {
-        const float m = qm[mc[k]] * am, v = qv[vc[k]] * av, gk = x[k];
-        const bool ok = galore::detail::in_adam_range(gk);
-        const float gz = ok ? gk : 0.0f;
-        const float mn = ok ? m * b1 + a1 * gz : m;
-        const float vn = ok ? v * b2 + a2 * gz * gz : v;
-        m1[k] = mn;
-        v1[k] = vn;
-        dd[k] = ok ? step * (mn / (std::sqrt(vn) + eps)) : 0.0f;
+      for (Index j = 0; j < len; ++j) {
+        const float m = qm[mc[j]] * am, v = qv[vc[j]] * av, gj = x[j];
+        const bool ok = galore::detail::in_adam_range(gj);
+        const math::AdamElement e = math::adam8bit_element(ok ? gj : 0.0f, m, v, coef);
+        const float mn = ok ? e.m : m;
+        const float vn = ok ? e.v : v;
+        m1[j] = mn;
+        v1[j] = vn;
+        dd[j] = ok ? e.d : 0.0f;
         new_am = std::max(new_am, std::abs(mn));
         new_av = std::max(new_av, vn);
       }
       // The clamp as its own pass: inside the loop above it slows the block by ~10%.
-      for (Index k = 0; k < len; ++k) dd[k] = galore::detail::clamp_update(dd[k]);
+      for (Index k = 0; k < len; ++k) dd[k] = math::clamp_update(dd[k]);
       mo.m_absmax[static_cast<std::size_t>(b)] = new_am;
       mo.v_absmax[static_cast<std::size_t>(b)] = new_av;
       std::uint8_t* mcw = mo.m_code.data() + lo;
@@ -174,7 +176,7 @@ GALORE_OMP(omp for schedule(static))
         mcw[k] = static_cast<std::uint8_t>(cm);
         vcw[k] = new_av > 0.0f ? iv.nearest(v1[k] / new_av) : 0;
       }
-      sink(lo, d.data(), len);
+      sink(lo, d, len);
     }
     }
   }

@@ -26,6 +26,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../detail/elementwise.hpp"
 #include "../types.hpp"
 #include "adam_config.hpp"
 
@@ -36,6 +37,8 @@ inline constexpr Index kChunk = 1024;
 using ChunkArray = Eigen::Array<float, Eigen::Dynamic, 1, 0, kChunk, 1>;
 
 // galore_torch's AdamW: m/(sqrt(v) + eps), step size lr*sqrt(1-b2^t)/(1-b1^t).
+// Element for element the same bits as math::adam_element (the CUDA backend's
+// formula), vectorized with Eigen.
 template <class T>
 struct Dense {
   static_assert(is_supported_scalar_v<T>, "state::Dense stores float or bfloat16 moments");
@@ -77,7 +80,9 @@ GALORE_OMP(omp parallel for schedule(static) if (n >= (Index{1} << 16)))
       auto v = mo.v.segment(off, len);
       const ChunkArray mf = b1 * m.template cast<float>() + a1 * ga;
       const ChunkArray vf = b2 * v.template cast<float>() + a2 * ga.square();
-      const ChunkArray d = (step * mf / (vf.sqrt() + eps)).max(-cap).min(cap);
+      ChunkArray root(len);
+      galore::detail::sqrt_exact(vf.data(), root.data(), len);  // not vf.sqrt(): see sqrt_exact
+      const ChunkArray d = (step * mf / (root + eps)).max(-cap).min(cap);
       m = mf.template cast<T>();
       v = vf.template cast<T>();
       sink(off, d.data(), len);

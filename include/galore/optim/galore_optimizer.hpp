@@ -24,6 +24,7 @@
 #include "galore_step.hpp"
 #include "low_rank_adam.hpp"
 #include "step_result.hpp"
+#include "step_workspace.hpp"
 
 namespace galore {
 
@@ -163,6 +164,13 @@ class GaLoreOptimizer {
     return b;
   }
 
+  // Bytes of step scratch held (not state): one workspace per step that ran
+  // concurrently with others, each grown to the largest layer it served: R and
+  // D of the low-rank shape, m x r floats on two-sided projections, a float
+  // panel of about 64 Ki elements for bf16 or quantized weights (all of G for a
+  // bf16 dense layer), and the dequantized basis of a quantizing projector.
+  std::size_t workspace_bytes() const { return workspaces_.bytes(); }
+
  private:
   friend struct checkpoint::Access;
 
@@ -210,8 +218,9 @@ class GaLoreOptimizer {
     detail::require(shape_of(W) == l.shape && shape_of(G) == l.shape, "layer ", describe(l),
                     " was registered as ", l.shape.rows, "x", l.shape.cols, " but got W ", W.rows(),
                     "x", W.cols(), " and G ", G.rows(), "x", G.cols());
-    const StepResult r = l.projector ? galore_step(*l.projector, adam_, l.moments, l.step, W, G)
-                                     : adamw_step(adam_, l.moments, l.step, W, G);
+    const auto ws = workspaces_.acquire();
+    const StepResult r = l.projector ? galore_step(*l.projector, adam_, l.moments, l.step, W, G, *ws)
+                                     : adamw_step(adam_, l.moments, l.step, W, G, *ws);
     if (!r.applied()) ++l.skipped;
     return r;
   }
@@ -225,7 +234,8 @@ class GaLoreOptimizer {
                     l.shape.rows, "x", l.shape.cols, " but got W ", W.rows(), "x", W.cols(), " and G ", G.rows(),
                     "x", G.cols());
     const auto encoder = rounder_.bind(static_cast<std::uint32_t>(id.index), static_cast<std::uint32_t>(l.step + 1));
-    const StepResult r = galore_step(*l.projector, adam_, l.moments, l.step, requantize_with(W, encoder), G);
+    const auto ws = workspaces_.acquire();
+    const StepResult r = galore_step(*l.projector, adam_, l.moments, l.step, requantize_with(W, encoder), G, *ws);
     if (!r.applied()) ++l.skipped;
     return r;
   }
@@ -246,6 +256,7 @@ class GaLoreOptimizer {
   QuantPolicy quant_;
   RounderT rounder_;
   std::vector<Layer> layers_;
+  StepWorkspacePool workspaces_;
 };
 
 // The common combinations.

@@ -18,7 +18,9 @@
 // force only once the step is sure to apply.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 
 #include "../detail/elementwise.hpp"
 #include "../projection.hpp"
@@ -26,15 +28,18 @@
 #include "../types.hpp"
 #include "adam_config.hpp"
 #include "step_result.hpp"
+#include "step_workspace.hpp"
 #include "weight_access.hpp"
 
 namespace galore {
 
 // `step` is the layer's count of applied steps (galore_torch's state["step"]); it
-// is the refresh clock before the update and Adam's t - 1.
+// is the refresh clock before the update and Adam's t - 1. Scratch comes from
+// `ws`, which a caller keeps between steps: a step that does not refresh then
+// allocates nothing (a refresh allocates inside the SVD policy).
 template <class ProjectorT, class AdamT, class WeightT, class GradT>
 StepResult galore_step(ProjectorT& projector, const AdamT& adam, typename AdamT::Moments& moments,
-                       std::int64_t& step, WeightT&& W, const ConstMatrixRef<GradT>& G) {
+                       std::int64_t& step, WeightT&& W, const ConstMatrixRef<GradT>& G, StepWorkspace& ws) {
   const Shape shape = projector.shape(), low = projector.low_rank_shape();
   detail::require(shape_of(G) == shape && detail::weight_shape(W) == shape, "the projector is for ", shape.rows,
                   "x", shape.cols, " but got W ", detail::weight_shape(W).rows, "x", detail::weight_shape(W).cols,
@@ -43,6 +48,16 @@ StepResult galore_step(ProjectorT& projector, const AdamT& adam, typename AdamT:
                   " but the projected gradient is ", low.rows, "x", low.cols);
   detail::require(step >= 0, "the step counter must be >= 0 (got ", step, ")");
   constexpr StepResult skipped{StepStatus::SkippedNonFinite, false};
+
+  // One buffer for R, D, the both-sided scratch (G Q^T, then P D: m x r each)
+  // and one panel of G or W in float.
+  const Index both = projector.side() == Side::Both ? shape.rows * projector.options().rank : 0;
+  const Index panel = std::max(detail::panel_floats(W), detail::panel_floats(G));
+  float* const buffer = ws.floats(static_cast<std::size_t>(2 * low.size() + both + panel));
+  Eigen::Map<MatrixF> R(buffer, low.rows, low.cols);
+  Eigen::Map<MatrixF> D(buffer + low.size(), low.rows, low.cols);
+  float* const both_scratch = both > 0 ? buffer + 2 * low.size() : nullptr;
+  float* const panel_scratch = buffer + 2 * low.size() + both;
 
   // Nothing below changes any state until the step is sure to apply: a new basis
   // waits in `pending`.
@@ -58,10 +73,8 @@ StepResult galore_step(ProjectorT& projector, const AdamT& adam, typename AdamT:
     if (!detail::all_finite(G) || !prepare_refresh()) return skipped;
     result.refreshed = true;
   }
-  BasisScratch scratch;
-  BasisView basis = projector.basis(pending, scratch);
-  MatrixF R;
-  detail::project_gradient(basis, G, R);
+  BasisView basis = projector.basis(pending, ws.basis());
+  detail::project_gradient(basis, G, R, panel_scratch, both_scratch);
   // NaN and Inf in G reach R through the product, so R's check covers G's; R's
   // range bounds the moments (a pass over the small R only).
   if (!detail::adam_input_in_range<float>(R)) return skipped;
@@ -77,34 +90,44 @@ StepResult galore_step(ProjectorT& projector, const AdamT& adam, typename AdamT:
       if (projector.prepare_measurement(step, captured, result.refreshed, pending)) {
         if (!prepare_refresh()) return skipped;
         result.refreshed = true;
-        basis = projector.basis(pending, scratch);
-        detail::project_gradient(basis, G, R);
+        basis = projector.basis(pending, ws.basis());
+        detail::project_gradient(basis, G, R, panel_scratch, both_scratch);
         if (!detail::adam_input_in_range<float>(R)) return skipped;
       }
     }
   }
 
   // The step applies: R is in range, so the moments stay finite and D is clamped.
-  MatrixF D;
-  adam.update_in_range(moments, R, step + 1, D);
+  adam.update_in_range(moments, R, step + 1, [&D](Index off, const float* d, Index len) {
+    std::copy(d, d + len, D.data() + off);
+  });
   const bool new_basis = pending.has_basis;
   projector.commit(pending);
   ++step;
-  if (new_basis) basis = projector.basis(scratch);  // the committed storage (the view pointed into `pending`)
-  MatrixF PN;
+  if (new_basis) basis = projector.basis(ws.basis());  // the committed storage (the view pointed into `pending`)
+  Eigen::Map<MatrixF> PN(both_scratch, both > 0 ? shape.rows : 0, both > 0 ? projector.options().rank : 0);
   const BackFactors factors = back_factors(basis, D, PN);
   const float decay = adam.config().decay_factor();
   const float alpha = -decay * projector.scale();
-  detail::update_in_float(std::forward<WeightT>(W), [&](MatrixRef<float> rows, Index row0) {
+  detail::update_in_float(std::forward<WeightT>(W), panel_scratch, [&](MatrixRef<float> rows, Index row0) {
     add_back_rows(factors, alpha, decay, rows, row0);
   });
   return result;
 }
 
-// Plain AdamW (R = G) for parameters that are not projected.
+// The same with a workspace of its own (allocated for this call).
+template <class ProjectorT, class AdamT, class WeightT, class GradT>
+StepResult galore_step(ProjectorT& projector, const AdamT& adam, typename AdamT::Moments& moments,
+                       std::int64_t& step, WeightT&& W, const ConstMatrixRef<GradT>& G) {
+  StepWorkspace ws;
+  return galore_step(projector, adam, moments, step, std::forward<WeightT>(W), G, ws);
+}
+
+// Plain AdamW (R = G) for parameters that are not projected. A bf16 G is
+// converted to float in `ws` (a steady step allocates nothing).
 template <class AdamT, class T>
 StepResult adamw_step(const AdamT& adam, typename AdamT::Moments& moments, std::int64_t& step,
-                      MatrixRef<T> W, const ConstMatrixRef<T>& G) {
+                      MatrixRef<T> W, const ConstMatrixRef<T>& G, StepWorkspace& ws) {
   detail::require(shape_of(W) == shape_of(G) && moments.shape() == shape_of(G), "W is ", W.rows(), "x", W.cols(),
                   ", G ", G.rows(), "x", G.cols(), " and the moments ", moments.shape().rows, "x",
                   moments.shape().cols, "; all three must match");
@@ -113,7 +136,7 @@ StepResult adamw_step(const AdamT& adam, typename AdamT::Moments& moments, std::
   if (!detail::adam_input_in_range(G)) return {StepStatus::SkippedNonFinite, false};
   const float decay = adam.config().decay_factor();
   const Index cols = W.cols();
-  detail::with_float(G, [&](ConstMatrixRef<float> Gf) {
+  auto update = [&](ConstMatrixRef<float> Gf) {
     adam.update_in_range(moments, Gf, step + 1, [&](Index off, const float* d, Index len) {
       detail::for_each_row_segment(cols, off, len, [&](Index row, Index col0, Index k0, Index n) {
         T* w = &W(row, col0);
@@ -121,9 +144,24 @@ StepResult adamw_step(const AdamT& adam, typename AdamT::Moments& moments, std::
           w[k] = static_cast<T>((static_cast<float>(w[k]) - d[k0 + k]) * decay);
       });
     });
-  });
+  };
+  if constexpr (std::is_same_v<T, float>) {
+    update(G);
+  } else {
+    Eigen::Map<MatrixF> Gf(ws.floats(static_cast<std::size_t>(G.size())), G.rows(), G.cols());
+    Gf = G.template cast<float>();
+    update(Gf);
+  }
   ++step;
   return {};
+}
+
+// The same with a workspace of its own (allocated for this call).
+template <class AdamT, class T>
+StepResult adamw_step(const AdamT& adam, typename AdamT::Moments& moments, std::int64_t& step,
+                      MatrixRef<T> W, const ConstMatrixRef<T>& G) {
+  StepWorkspace ws;
+  return adamw_step(adam, moments, step, W, G, ws);
 }
 
 }  // namespace galore

@@ -16,6 +16,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "../detail/elementwise.hpp"
 #include "../types.hpp"
 #include "adam_config.hpp"
 #include "dense_state.hpp"
@@ -31,15 +32,6 @@ struct is_state_policy<S, std::void_t<typename S::Moments,
                                       decltype(std::declval<const S&>().bytes_for(Shape{}))>>
     : std::true_type {};
 
-// Calls s.validate() when the state policy has one.
-template <class S, class = void>
-struct has_state_validate : std::false_type {};
-template <class S>
-struct has_state_validate<S, std::void_t<decltype(std::declval<const S&>().validate())>> : std::true_type {};
-template <class S>
-void validate_state_policy(const S& s) {
-  if constexpr (has_state_validate<S>::value) s.validate();
-}
 }  // namespace detail
 
 template <class StateT = state::Float32>
@@ -55,7 +47,7 @@ class LowRankAdam {
   explicit LowRankAdam(AdamConfig config = {}, StateT state = {})
       : config_(config), state_(std::move(state)) {
     config_.validate();
-    detail::validate_state_policy(state_);
+    detail::validate_policy(state_);
   }
 
   const AdamConfig& config() const { return config_; }

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string>
 
-#include "../types.hpp"
+#include "../core/shape.hpp"
 
 namespace galore {
 

@@ -40,16 +40,32 @@ Shape weight_shape(const QuantizedUpdate<Bits, Encoder>& W) {
   return W.weight.shape();
 }
 
-// Calls f(W_rows_as_float, row0) over W and stores what f left there.
+// Floats of panel scratch update_in_float and project_gradient need for a weight
+// or gradient: none for float (used in place), one panel of rows otherwise.
+inline Index panel_floats(const MatrixRef<float>&) { return 0; }
+inline Index panel_floats(const ConstMatrixRef<float>&) { return 0; }
+inline Index panel_floats(const MatrixRef<bfloat16>& W) {
+  return std::min(panel_rows(W.cols()), W.rows()) * W.cols();
+}
+inline Index panel_floats(const ConstMatrixRef<bfloat16>& G) {
+  return std::min(panel_rows(G.cols()), G.rows()) * G.cols();
+}
+template <int Bits, class Encoder>
+Index panel_floats(const QuantizedUpdate<Bits, Encoder>& W) {
+  return std::min(panel_rows(W.weight.cols(), W.weight.row_alignment()), W.weight.rows()) * W.weight.cols();
+}
+
+// Calls f(W_rows_as_float, row0) over W and stores what f left there; `panel`
+// holds panel_floats(W) floats.
 template <class F>
-void update_in_float(MatrixRef<float> W, F&& f) {
+void update_in_float(MatrixRef<float> W, float* /*panel*/, F&& f) {
   f(W, Index{0});
 }
 
 template <class F>
-void update_in_float(MatrixRef<bfloat16> W, F&& f) {
-  MatrixF buf;
+void update_in_float(MatrixRef<bfloat16> W, float* panel, F&& f) {
   for_each_panel(W.rows(), panel_rows(W.cols()), [&](Index r0, Index k) {
+    Eigen::Map<MatrixF> buf(panel, k, W.cols());
     buf = W.middleRows(r0, k).template cast<float>();
     f(MatrixRef<float>(buf), r0);
     W.middleRows(r0, k) = buf.template cast<bfloat16>();
@@ -57,30 +73,32 @@ void update_in_float(MatrixRef<bfloat16> W, F&& f) {
 }
 
 template <int Bits, class Encoder, class F>
-void update_in_float(QuantizedUpdate<Bits, Encoder> W, F&& f) {
+void update_in_float(QuantizedUpdate<Bits, Encoder> W, float* panel, F&& f) {
   QuantizedWeight<Bits>& q = W.weight;
-  MatrixF buf;
   for_each_panel(q.rows(), panel_rows(q.cols(), q.row_alignment()), [&](Index r0, Index k) {
-    buf.resize(k, q.cols());
+    Eigen::Map<MatrixF> buf(panel, k, q.cols());
     q.dequantize_rows(r0, buf);
     f(MatrixRef<float>(buf), r0);
     q.quantize_rows(r0, buf, W.encode);
   });
 }
 
-// R = projection of G, converting G to float a panel at a time if needed.
-inline void project_gradient(const BasisView& b, ConstMatrixRef<float> G, MatrixF& R) {
-  project(b, G, R);
+// R (presized to the low-rank shape) = projection of G, converting G to float a
+// panel at a time if needed. `panel` holds panel_floats(G) floats; on both
+// sides `both_scratch` holds G.rows() x rank floats (see project_rows).
+inline void project_gradient(const BasisView& b, ConstMatrixRef<float> G, MatrixRef<float> R, float* /*panel*/,
+                             float* both_scratch) {
+  if (b.side != Side::Right) R.setZero();
+  project_rows(b, G, 0, R, both_scratch);
 }
 
-inline void project_gradient(const BasisView& b, ConstMatrixRef<bfloat16> G, MatrixF& R) {
-  const Shape s = low_rank_shape(b.side, shape_of(G), b.rank());
-  R.resize(s.rows, s.cols);
+inline void project_gradient(const BasisView& b, ConstMatrixRef<bfloat16> G, MatrixRef<float> R, float* panel,
+                             float* both_scratch) {
   if (b.side != Side::Right) R.setZero();
-  MatrixF buf;
   for_each_panel(G.rows(), panel_rows(G.cols()), [&](Index r0, Index k) {
+    Eigen::Map<MatrixF> buf(panel, k, G.cols());
     buf = G.middleRows(r0, k).template cast<float>();
-    project_rows(b, buf, r0, R);
+    project_rows(b, buf, r0, R, both_scratch);
   });
 }
 

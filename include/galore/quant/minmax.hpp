@@ -28,27 +28,10 @@
 #include <cstring>
 #include <vector>
 
+#include "../math/quant_codes.hpp"
 #include "../types.hpp"
 
 namespace galore::detail {
-
-// x rounded half to even, in the default rounding mode, as a vectorizable
-// expression (adding and removing 1.5 * 2^23; two separate float additions, no
-// contraction possible). Exact for |x| < 2^22; beyond, the result stays beyond
-// +-2^21, so a clamp to a code range gives the same code. NaN stays NaN.
-GALORE_HOST_DEVICE float round_half_even(float x) {
-  constexpr float magic = 12582912.0f;  // 1.5 * 2^23
-  return (x + magic) - magic;
-}
-
-// The code of an integer-valued v: clamp(v, 0, max_code) in float, NaN to 0, then
-// converted through int32 (so the conversion vectorizes). The comparisons are
-// written out because std::max(NaN, 0) is NaN: the value converted is always in
-// [0, max_code], for every input.
-GALORE_HOST_DEVICE std::uint8_t to_code(float v, float max_code) {
-  const float c = v > 0.0f ? (v < max_code ? v : max_code) : 0.0f;
-  return static_cast<std::uint8_t>(static_cast<std::int32_t>(c));
-}
 
 // Whether x[0, n) holds only finite values: the largest magnitude bit pattern
 // is below the exponent of Inf (NaN and Inf have it all ones), an integer max
@@ -150,18 +133,7 @@ inline Index resolve_group_size(Index group_size, Shape s) {
   return group_size;
 }
 
-// The reference's scale and zero point of a group with extremes lo <= hi. zero
-// is an integer value in [0, max_code] for every input (NaN gives 0), so its
-// conversion to a byte is always defined.
-GALORE_HOST_DEVICE void minmax_scale_zero(float lo, float hi, float max_code, float& scale, float& zero) {
-  const float range = hi - lo;
-  // std::max(range, 1e-5f) written out (std::max is not device code); a NaN range
-  // keeps a NaN scale, so the group dequantizes to NaN rather than to finite noise.
-  scale = (range < 1e-5f ? 1e-5f : range) / max_code;
-  const float z = std::nearbyint(-lo / scale);
-  zero = z > 0.0f ? (z < max_code ? z : max_code) : 0.0f;
-}
-
+using math::minmax_scale_zero;
 
 // Round-to-nearest-even encoding, as torch.round: the quantizer's default.
 // codes[k] = clamp(round(w[k] / scale) + zero, 0, 2^Bits - 1), with a true float
@@ -174,7 +146,7 @@ struct NearestEncoder {
     constexpr float max_code = static_cast<float>((1 << Bits) - 1);
     const float* __restrict x = w;  // the byte-sized codes must not be taken to alias the floats
     std::uint8_t* __restrict q = codes;
-    for (Index k = 0; k < n; ++k) q[k] = galore::detail::to_code(galore::detail::round_half_even(x[k] / scale) + zero, max_code);
+    for (Index k = 0; k < n; ++k) q[k] = math::minmax_code(x[k], scale, zero, max_code);
   }
 };
 
@@ -225,9 +197,9 @@ void dequantize_serial(const GroupQuantized<Bits>& q, Index first, Index n, floa
     const float zero = q.zeros[static_cast<std::size_t>(group)];
     if constexpr (Bits == 8) {
       const std::uint8_t* c = q.codes.data() + i;
-      for (Index j = 0; j < len; ++j) out[k + j] = scale * (static_cast<float>(c[j]) - zero);
+      for (Index j = 0; j < len; ++j) out[k + j] = math::minmax_value(c[j], scale, zero);
     } else {
-      for (Index j = 0; j < len; ++j) out[k + j] = scale * (static_cast<float>(q.code(i + j)) - zero);
+      for (Index j = 0; j < len; ++j) out[k + j] = math::minmax_value(q.code(i + j), scale, zero);
     }
     k += len;
   }

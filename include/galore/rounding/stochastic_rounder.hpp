@@ -33,6 +33,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "../math/quant_codes.hpp"
 #include "../quant/minmax.hpp"
 #include "../types.hpp"
 #include "philox.hpp"
@@ -56,28 +57,7 @@ inline const char* to_string(RoundingMode m) {
   return "unknown";
 }
 
-// x rounded stochastically to an integer value with the 32 random bits u:
-//   a = |x|, f = a - floor(a), r = floor(a) + (u < ceil(f * 2^32)), result copysign(r, x).
-// Every operation is exact: f = a - floor(a) (Sterbenz, or floor(a) = 0); f - 1/2
-// for f >= 1/2 (Sterbenz); the scaling by 2^32 (a power of two); ceil of a value
-// in [0, 2^31 - 128], an integer that int32 holds; floor(a) + 1 (f > 0 only when
-// a < 2^23). For f >= 1/2 the threshold ceil(f * 2^32) = ceil((f - 1/2) * 2^32) +
-// 2^31 still fits 32 bits (at most 2^32 - 256). A NaN or infinite x gives NaN or
-// x (f is taken as 0, so no conversion sees a non-finite value). Only fabs,
-// floor, ceil, copysign, compares and one multiplication by a power of two: the
-// same results in device code (fabsf, floorf, ceilf, copysignf), with nothing an
-// FMA could contract.
-GALORE_HOST_DEVICE float stochastic_round(float x, std::uint32_t u) {
-  const float a = std::fabs(x);
-  const float whole = std::floor(a);
-  float frac = a - whole;
-  frac = frac > 0.0f ? frac : 0.0f;  // NaN (x NaN or infinite) -> 0
-  const bool high = frac >= 0.5f;
-  const float rest = high ? frac - 0.5f : frac;  // in [0, 1/2)
-  const auto t = static_cast<std::int32_t>(std::ceil(rest * 4294967296.0f));
-  const std::uint32_t threshold = static_cast<std::uint32_t>(t) + (high ? 0x80000000u : 0u);  // ceil(f * 2^32)
-  return std::copysign(whole + (u < threshold ? 1.0f : 0.0f), x);
-}
+using math::stochastic_round;
 
 namespace detail {
 
@@ -140,11 +120,7 @@ class StochasticRounder {
 
   // The 32 random bits that element i of (layer, step) is rounded with.
   GALORE_HOST_DEVICE std::uint32_t random_bits(std::uint32_t layer, std::uint32_t step, std::uint64_t i) const {
-    const std::uint64_t counter = (i >> 6) * 16 + (i & 15);
-    const Philox4x32 p = philox4x32_10(static_cast<std::uint32_t>(counter), static_cast<std::uint32_t>(counter >> 32),
-                                       step, layer, static_cast<std::uint32_t>(seed_),
-                                       static_cast<std::uint32_t>(seed_ >> 32));
-    return p.v[(i >> 4) & 3];
+    return math::stochastic_bits(seed_, layer, step, i);
   }
 
   // x rounded to an integer value (not yet offset or clamped).
@@ -157,7 +133,7 @@ class StochasticRounder {
   //   codes[k] = to_code(round(w[k] / scale) + zero, 2^Bits - 1),
   // element k being element `first + k` of the tensor (the random counter), with
   // a true float division as the reference. Total: NaN gives code 0, values
-  // beyond the code range saturate (quant::detail::to_code).
+  // beyond the code range saturate (math::to_code).
   struct Encoder {
     const StochasticRounder* rounder;
     std::uint32_t layer, step;
@@ -178,7 +154,7 @@ class StochasticRounder {
         k = detail::encode_stochastic_avx2(w + k0, len, scale, zero, max_code, u, codes + k0);
 #endif
         for (; k < len; ++k)
-          codes[k0 + k] = detail::to_code(stochastic_round(w[k0 + k] / scale, u[k]) + zero, max_code);
+          codes[k0 + k] = math::stochastic_code(w[k0 + k], scale, zero, max_code, u[k]);
       }
     }
   };

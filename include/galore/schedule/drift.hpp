@@ -14,7 +14,8 @@
 #include <cmath>
 #include <cstdint>
 
-#include "../types.hpp"
+#include "../config.hpp"
+#include "../core/span.hpp"
 
 namespace galore::schedule {
 
@@ -41,7 +42,7 @@ struct Drift {
 
   bool due(const State& s, std::int64_t step) const { return step - s.last_refresh >= max_gap; }
 
-  void on_refresh(State& s, std::int64_t step, const VectorF&) const {
+  void on_refresh(State& s, std::int64_t step, Span<const float>) const {
     s.last_refresh = step;
     s.baseline = NAN;
   }

@@ -4,10 +4,12 @@
 //
 //   State init() const;                                   // validates the hyperparameters
 //   bool due(const State&, std::int64_t step) const;      // refresh before this step?
-//   void on_refresh(State&, std::int64_t step, const VectorF& first_singular_vector) const;
+//   void on_refresh(State&, std::int64_t step, Span<const float> first_singular_vector) const;
 //   std::int64_t current_gap(const State&) const;
 //
 // The projector always refreshes when it has no basis yet, whatever due() says.
+// Schedules hold host-side bookkeeping only, so both backends share them: the
+// CUDA facade hands on_refresh() a host copy of the first singular vector.
 // A schedule that watches drift (schedule/drift.hpp) also provides
 //   bool wants_measurement(const State&, std::int64_t step, bool just_refreshed) const;
 //   bool on_measurement(State&, std::int64_t step, double captured, bool just_refreshed) const;
@@ -17,7 +19,8 @@
 
 #include <cstdint>
 
-#include "../types.hpp"
+#include "../config.hpp"
+#include "../core/span.hpp"
 
 namespace galore::schedule {
 
@@ -31,7 +34,7 @@ struct FixedGap {
     return {};
   }
   bool due(const State&, std::int64_t step) const { return step % gap == 0; }
-  void on_refresh(State&, std::int64_t, const VectorF&) const {}
+  void on_refresh(State&, std::int64_t, Span<const float>) const {}
   std::int64_t current_gap(const State&) const { return gap; }
 };
 

@@ -17,7 +17,8 @@
 #include <limits>
 #include <vector>
 
-#include "../types.hpp"
+#include "../config.hpp"
+#include "../core/span.hpp"
 
 namespace galore::schedule {
 
@@ -30,7 +31,7 @@ struct Lazy {
   struct State {
     std::int64_t gap = 0;
     std::vector<float> queue;  // oldest first, at most queue_size values
-    VectorF past;              // previous first singular vector (empty before the first refresh)
+    std::vector<float> past;   // previous first singular vector (empty before the first refresh)
     float last_cosine = NAN;   // the value appended at the latest refresh (NaN if none)
   };
 
@@ -50,12 +51,12 @@ struct Lazy {
 
   bool due(const State& s, std::int64_t step) const { return step % s.gap == 0; }
 
-  void on_refresh(State& s, std::int64_t /*step*/, const VectorF& first) const {
+  void on_refresh(State& s, std::int64_t /*step*/, Span<const float> first) const {
     // A copied State (the projector advances a copy, then moves it in) has lost
     // the capacity init() reserved; state_bytes() counts it.
     s.queue.reserve(static_cast<std::size_t>(queue_size));
     s.last_cosine = NAN;
-    if (s.past.size() == first.size() && s.past.size() > 0) {
+    if (static_cast<Index>(s.past.size()) == first.size() && !s.past.empty()) {
       s.last_cosine = cosine(s.past, first);
       if (static_cast<int>(s.queue.size()) == queue_size) s.queue.erase(s.queue.begin());
       s.queue.push_back(s.last_cosine);
@@ -65,7 +66,7 @@ struct Lazy {
         if (sum / queue_size >= cos_threshold) s.gap = grown(s.gap, gamma);
       }
     }
-    s.past = first;
+    s.past.assign(first.begin(), first.end());
   }
 
   std::int64_t current_gap(const State& s) const { return s.gap; }
@@ -89,12 +90,12 @@ struct Lazy {
 
   // Signed cosine similarity, accumulated in double and rounded to float as
   // torch's float32 result.
-  static float cosine(const VectorF& a, const VectorF& b) {
+  static float cosine(Span<const float> a, Span<const float> b) {
     double dot = 0.0, na = 0.0, nb = 0.0;
     for (Index i = 0; i < a.size(); ++i) {
-      dot += double(a(i)) * b(i);
-      na += double(a(i)) * a(i);
-      nb += double(b(i)) * b(i);
+      dot += double(a[i]) * b[i];
+      na += double(a[i]) * a[i];
+      nb += double(b[i]) * b[i];
     }
     const double denom = std::sqrt(na) * std::sqrt(nb);
     return static_cast<float>(dot / std::max(denom, 1e-8));
