@@ -8,17 +8,16 @@ using namespace galore;
 
 namespace {
 
-template <class State, class T>
+template <class State, class T, class Schedule>
 std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& W0,
-                                    const std::vector<std::vector<float>>& grads) {
+                                    const std::vector<std::vector<float>>& grads, Schedule schedule, RunInfo* info) {
   AdamConfig c;
   c.lr = s.lr;
   c.weight_decay = s.weight_decay;
   c.eps = s.eps;
   c.correct_bias = s.correct_bias;
-  GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::FixedGap>, LowRankAdam<State>> opt(
-      ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, LowRankAdam<State>(c),
-      schedule::FixedGap{s.gap});
+  GaLoreOptimizer<Projector<svd::Exact, quant::None, Schedule>, LowRankAdam<State>> opt(
+      ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, LowRankAdam<State>(c), schedule);
   const Shape shape{s.rows, s.cols};
   const LayerId id = s.dense ? opt.add_dense(shape) : opt.add_layer(shape);
   Matrix<T> W(s.rows, s.cols);
@@ -33,16 +32,30 @@ std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& 
     for (Index i = 0; i < W.size(); ++i) w[static_cast<std::size_t>(i)] = static_cast<float>(W.data()[i]);
     out.push_back(std::move(w));
   }
+  if (info) {
+    const LayerStats st = opt.stats(id);
+    info->svd_count = st.svd_count;
+    info->gap = st.update_gap;
+  }
   return out;
+}
+
+template <class State, class T>
+std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& W0,
+                                    const std::vector<std::vector<float>>& grads, RunInfo* info) {
+  if (s.lazy_queue > 0)
+    return run<State, T>(s, W0, grads, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue}, info);
+  return run<State, T>(s, W0, grads, schedule::FixedGap{s.gap}, info);
 }
 
 }  // namespace
 
 std::vector<std::vector<float>> cpu_run(const RunSpec& spec, std::vector<float> W,
-                                        const std::vector<std::vector<float>>& grads, bool bf16) {
+                                        const std::vector<std::vector<float>>& grads, bool bf16, RunInfo* info) {
   if (spec.bf16_moments)
-    return bf16 ? run<state::BFloat16, bfloat16>(spec, W, grads) : run<state::BFloat16, float>(spec, W, grads);
-  return bf16 ? run<state::Float32, bfloat16>(spec, W, grads) : run<state::Float32, float>(spec, W, grads);
+    return bf16 ? run<state::BFloat16, bfloat16>(spec, W, grads, info)
+                : run<state::BFloat16, float>(spec, W, grads, info);
+  return bf16 ? run<state::Float32, bfloat16>(spec, W, grads, info) : run<state::Float32, float>(spec, W, grads, info);
 }
 
 void cpu_exact_basis(long rows, long cols, long rank, int type, const std::vector<float>& G,

@@ -17,12 +17,21 @@ struct RunSpec {
   bool bf16_moments = false;
   bool dense = false;           // plain AdamW instead of GaLore
   std::vector<double> lrs;      // learning rate per step (set_lr before it), if not empty
+  int lazy_queue = 0;           // > 0: schedule::Lazy{gap, lazy_threshold, lazy_gamma, lazy_queue}
+  double lazy_threshold = 0.4, lazy_gamma = 2.0;
+};
+
+// What the CPU's projector reports after a run.
+struct RunInfo {
+  long svd_count = 0;
+  long gap = 0;  // the refresh gap in force
 };
 
 // W after every step of the CPU GaLoreAdamW (exact SVD, fixed gap) over `grads`
 // (row-major). bf16: weights and gradients held as bfloat16 (inputs rounded).
 std::vector<std::vector<float>> cpu_run(const RunSpec& spec, std::vector<float> W,
-                                        const std::vector<std::vector<float>>& grads, bool bf16 = false);
+                                        const std::vector<std::vector<float>>& grads, bool bf16 = false,
+                                        RunInfo* info = nullptr);
 
 // The CPU's exact basis of G for a projection type: left (m x r) and right
 // (r x n) row-major, empty where the side has none.

@@ -92,6 +92,45 @@ TEST_CASE("float32 GaLore steps match the CPU for every projection type over sev
     }
 }
 
+TEST_CASE("the lazy schedule on the GPU refreshes and grows its gap as on the CPU (left and right bases)") {
+  // A still subspace: every cosine is about 1, so with gap 2, a queue of 2 and
+  // gamma 2 the refreshes come at steps 0, 2, 4 (the gap grows to 4), 8 (to 8)
+  // and 16 (to 16).
+  for (ProjectionType type : {ProjectionType::Right, ProjectionType::Left}) {
+    RunSpec s = spec_for(40, 24, type);
+    s.gap = 2;
+    s.lazy_queue = 2;
+    s.lazy_threshold = 0.5;
+    s.lazy_gamma = 2.0;
+    const auto grads = galore_test::separated_gradients(40, 24, 10, 20, 21u);
+    const auto W0 = galore_test::gaussian(40 * 24, 22u);
+    galore_test::RunInfo cpu_info;
+    const auto cpu = galore_test::cpu_run(s, W0, grads, false, &cpu_info);
+    cuda::Context ctx;
+    cuda::GaLoreOptimizer<svd::Exact, float, schedule::Lazy> opt(
+        ProjectorOptions{s.rank, type, s.scale}, adam_of(s), schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, 2});
+    const LayerId id = opt.add_layer({40, 24}, cuda::DType::Float32);
+    ctx.reserve_workspace(opt.workspace_bytes(ctx));
+    Device<float> W(W0), G(grads[0]);
+    std::vector<std::vector<float>> gpu;
+    for (const auto& g : grads) {
+      G.upload(g);
+      opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+      gpu.push_back(W.download());
+    }
+    check_trajectories(gpu, cpu, W0, 1e-3, std::string("lazy ") + to_string(type));
+    const LayerStats st = opt.stats(id, ctx);
+    CHECK(cpu_info.svd_count == 5);
+    CHECK(cpu_info.gap == 16);
+    CHECK(st.svd_count == cpu_info.svd_count);
+    CHECK(st.update_gap == cpu_info.gap);
+    const schedule::Lazy::State& lazy = opt.schedule_state(id);
+    CHECK(lazy.past.size() == static_cast<std::size_t>(type == ProjectionType::Right ? 24 : 40));
+    CHECK(lazy.last_cosine > 0.99f);
+    CHECK(opt.host_state_bytes() == sizeof(float) * (lazy.past.size() + 2));
+  }
+}
+
 TEST_CASE("learning-rate changes, no bias correction and no weight decay match the CPU") {
   RunSpec s = spec_for(40, 24, ProjectionType::Std);
   s.lrs = {1e-2, 2e-2, 5e-3, 1e-2, 3e-2, 1e-3};

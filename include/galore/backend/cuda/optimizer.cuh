@@ -37,6 +37,7 @@
 #include "../../projection_type.hpp"
 #include "../../projector_options.hpp"
 #include "../../schedule/fixed_gap.hpp"
+#include "../../schedule/lazy.hpp"
 #include "adam.cuh"
 #include "context.cuh"
 #include "device_buffer.cuh"
@@ -67,8 +68,9 @@ struct DeviceStepResult {
 template <class SVDPolicy = svd::Exact, class MomentT = float, class SchedulePolicy = schedule::FixedGap>
 class GaLoreOptimizer {
   static_assert(is_device_scalar_v<MomentT>, "galore: MomentT is float or __nv_bfloat16");
-  static_assert(std::is_same_v<SchedulePolicy, schedule::FixedGap>,
-                "galore: the CUDA backend supports schedule::FixedGap so far");
+  static_assert(std::is_same_v<SchedulePolicy, schedule::FixedGap> || std::is_same_v<SchedulePolicy, schedule::Lazy>,
+                "galore: the CUDA backend runs schedule::FixedGap and schedule::Lazy (schedule::Drift measures "
+                "every few steps on the host: not on the GPU yet)");
 
  public:
   using svd_policy = SVDPolicy;
@@ -167,6 +169,9 @@ class GaLoreOptimizer {
     return s;
   }
 
+  // The layer's schedule state (host memory), e.g. the lazy schedule's gap and queue.
+  const typename SchedulePolicy::State& schedule_state(LayerId id) const { return layer(id).state; }
+
   void set_lr(double lr) {
     AdamConfig c = adam_;
     c.lr = lr;
@@ -198,6 +203,15 @@ class GaLoreOptimizer {
   std::size_t state_bytes() const {
     std::size_t b = 0;
     for (const Layer& l : layers_) b += l.storage.bytes();
+    return b;
+  }
+  // Bytes of host memory the layers' schedule states hold (the lazy schedule's
+  // previous first singular vector and cosine queue; 0 for a fixed gap).
+  std::size_t host_state_bytes() const {
+    std::size_t b = 0;
+    if constexpr (!std::is_same_v<SchedulePolicy, schedule::FixedGap>)
+      for (const Layer& l : layers_)
+        if (l.projected) b += schedule_.state_bytes(l.state);
     return b;
   }
   // The same, predicted for a layer before registering it.
@@ -434,6 +448,8 @@ class GaLoreOptimizer {
       if (l.side != Side::Left)
         check(cudaMemcpyAsync(stored.right, use.right, t * r * l.shape.cols, cudaMemcpyDeviceToDevice, ctx.stream()),
               "cudaMemcpyAsync");
+      if constexpr (!std::is_same_v<SchedulePolicy, schedule::FixedGap>)
+        schedule_.on_refresh(l.state, c.applied - 1, first_singular_vector(l, use, ctx));
       l.has_basis = true;
       ++l.svd_count;
       result.refreshed = true;
@@ -445,6 +461,27 @@ class GaLoreOptimizer {
     apply_adam(ctx, R, lr.size(), m, v, D, p, counters);
     back_project(ctx, stored, D, PN, W, lr, counters);
     return result;
+  }
+
+  // The first singular vector of basis b on the host, in float (row 0 of the
+  // right factor, or column 0 of the left one: what the lazy schedule compares).
+  // Synchronizes ctx's stream (only refresh steps call it, and they already do).
+  template <class T>
+  std::vector<float> first_singular_vector(const Layer& l, const DeviceBasis<T>& b, Context& ctx) {
+    const bool right = l.side == Side::Right;
+    const Index len = right ? l.shape.cols : l.shape.rows;
+    std::vector<T> raw(static_cast<std::size_t>(len));
+    if (right)
+      check(cudaMemcpyAsync(raw.data(), b.right, sizeof(T) * len, cudaMemcpyDeviceToHost, ctx.stream()),
+            "cudaMemcpyAsync");
+    else  // column 0 of the m x r row-major left factor
+      check(cudaMemcpy2DAsync(raw.data(), sizeof(T), b.left, sizeof(T) * l.options.rank, sizeof(T), len,
+                              cudaMemcpyDeviceToHost, ctx.stream()),
+            "cudaMemcpy2DAsync");
+    check(cudaStreamSynchronize(ctx.stream()), "cudaStreamSynchronize");
+    std::vector<float> out(raw.size());
+    for (std::size_t i = 0; i < raw.size(); ++i) out[i] = static_cast<float>(raw[i]);
+    return out;
   }
 
   // R = projection of G: right G P^T, left P^T G, both P^T (G Q^T) with the
