@@ -15,6 +15,7 @@
 #include <cstddef>
 #include <numeric>
 
+#include "detail/elementwise.hpp"
 #include "quant/minmax.hpp"
 #include "types.hpp"
 
@@ -66,12 +67,7 @@ class QuantizedWeight {
                     "quantize_rows: rows ", row0, "..", row0 + rows.rows(),
                     " do not start and end on quantization group boundaries");
     check_finite(rows, row0, "quantize_rows: the new values hold NaN or Inf");
-    if (rows.outerStride() == cols() || rows.rows() <= 1) {
-      quant::quantize_range(rows.data(), first, n, encode, q_);
-    } else {
-      const MatrixF copy = rows;
-      quant::quantize_range(copy.data(), first, n, encode, q_);
-    }
+    detail::with_contiguous(rows, [&](const float* x) { quant::quantize_range(x, first, n, encode, q_); });
   }
 
   // Row panels that start on group boundaries are multiples of this many rows.

@@ -68,6 +68,18 @@ inline void sqrt_exact(const float* in, float* out, Index n) {
   for (; k < n; ++k) out[k] = std::sqrt(in[k]);
 }
 
+// Calls f with a pointer to A's elements in row-major order, copying A only when
+// it is a strided view.
+template <class F>
+void with_contiguous(const ConstMatrixRef<float>& A, F&& f) {
+  if (A.outerStride() == A.cols() || A.rows() <= 1) {
+    f(A.data());
+    return;
+  }
+  const MatrixF copy = A;
+  f(copy.data());
+}
+
 // Squared Frobenius norm, accumulated in double.
 template <class T>
 double squared_norm(const ConstMatrixRef<T>& A) {

@@ -89,7 +89,7 @@ class LowRankAdam {
     check(moments, shape_of(R), t);
     D.resize(R.rows(), R.cols());
     float* out = D.data();
-    with_contiguous(R, [&](const float* g) {
+    detail::with_contiguous(R, [&](const float* g) {
       state_.update(moments, g, t, config_, [out](Index off, const float* d, Index len) {
         std::memcpy(out + off, d, sizeof(float) * static_cast<std::size_t>(len));
       });
@@ -98,7 +98,7 @@ class LowRankAdam {
   template <class Sink>
   void update_in_range(Moments& moments, ConstMatrixRef<float> R, std::int64_t t, Sink&& sink) const {
     check(moments, shape_of(R), t);
-    with_contiguous(R, [&](const float* g) { state_.update(moments, g, t, config_, sink); });
+    detail::with_contiguous(R, [&](const float* g) { state_.update(moments, g, t, config_, sink); });
   }
 
  private:
@@ -108,17 +108,6 @@ class LowRankAdam {
     detail::require(t >= 1, "Adam's step counter starts at 1 (got ", t, ")");
   }
 
-  // Calls f with a pointer to R's elements in row-major order, copying only
-  // when R is a strided view.
-  template <class F>
-  static void with_contiguous(const ConstMatrixRef<float>& R, F&& f) {
-    if (R.outerStride() == R.cols() || R.rows() <= 1) {
-      f(R.data());
-    } else {
-      const MatrixF copy = R;
-      f(copy.data());
-    }
-  }
 
   AdamConfig config_;
   StateT state_;

@@ -28,6 +28,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../detail/elementwise.hpp"
 #include "../math/quant_codes.hpp"
 #include "../types.hpp"
 
@@ -232,12 +233,8 @@ GroupQuantized<Bits> quantize_minmax(ConstMatrixRef<float> w, Index group_size) 
   const Shape s = shape_of(w);
   GroupQuantized<Bits> q;
   q.resize(s, resolve_group_size(group_size, s));
-  if (w.outerStride() == w.cols() || w.rows() <= 1) {
-    quantize_range(w.data(), 0, s.size(), NearestEncoder<Bits>{}, q);
-  } else {
-    const MatrixF copy = w;
-    quantize_range(copy.data(), 0, s.size(), NearestEncoder<Bits>{}, q);
-  }
+  galore::detail::with_contiguous(
+      w, [&](const float* x) { quantize_range(x, 0, s.size(), NearestEncoder<Bits>{}, q); });
   return q;
 }
 
