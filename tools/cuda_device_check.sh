@@ -16,21 +16,26 @@ prefix=()
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 cmake -S . -B build-device -DCMAKE_BUILD_TYPE=Release -DGALORE_ENABLE_CUDA=ON -DGALORE_CHECK_HEADERS=OFF \
       -DGALORE_NATIVE_OPTIMIZATIONS=ON "${prefix[@]}" > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
-cmake --build build-device -j16 --target test_cuda_step galore_bench_cuda least_squares_cuda > "$OUT/build.log" 2>&1 \
+cmake --build build-device -j16 --target test_cuda_step test_cuda_elementwise galore_bench_cuda least_squares_cuda > "$OUT/build.log" 2>&1 \
   || { grep -E "error" "$OUT/build.log" | head -40; exit 1; }
 status=0
+CUDA_TESTS="test_cuda_step test_cuda_elementwise"
 if want tests; then
   echo "== tests"
-  ./build-device/tests/cuda/test_cuda_step 2>&1 | tee "$OUT/test_cuda_step.log" | tail -25 || status=1
-  [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  for t in $CUDA_TESTS; do
+    ./build-device/tests/cuda/$t 2>&1 | tee "$OUT/$t.log" | tail -25
+    [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+  done
   ./build-device/examples/cuda/least_squares_cuda 2>&1 | tee "$OUT/least_squares_cuda.log" | tail -14
 fi
 if want sanitize; then
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool"
-    compute-sanitizer --tool "$tool" --error-exitcode 99 ./build-device/tests/cuda/test_cuda_step \
-      > "$OUT/sanitizer_$tool.log" 2>&1
-    rc=$?
+    rc=0
+    for t in $CUDA_TESTS; do
+      compute-sanitizer --tool "$tool" --error-exitcode 99 ./build-device/tests/cuda/$t \
+        >> "$OUT/sanitizer_$tool.log" 2>&1 || rc=$?
+    done
     tail -4 "$OUT/sanitizer_$tool.log"
     [ $rc -eq 0 ] || { echo "$tool: exit $rc"; status=1; }
   done
