@@ -153,6 +153,15 @@ __global__ void shift_diagonal(double* c, int k, double relative, double absolut
   for (int i = threadIdx.x; i < k; i += blockDim.x) c[static_cast<std::int64_t>(i) * k + i] += s;
 }
 
+// c <- a * c + b * I for a k x k matrix (identity: a = 0, b = 1; the
+// Newton-Schulz factor (3I - M)/2: a = -1/2, b = 3/2).
+__global__ void scale_add_identity(double* c, int k, double a, double b) {
+  const std::int64_t n = static_cast<std::int64_t>(k) * k;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    c[i] = (a == 0.0 ? 0.0 : a * c[i]) + (i / k == i % k ? b : 0.0);
+}
+
 // Gaussian numbers from Philox (Box-Muller), element for element the CPU's
 // svd::detail::gaussian(rows, cols, seed) up to the last bits of log/cos/sin.
 __global__ void gaussian(float* out, std::int64_t rows, std::int64_t cols, std::uint64_t seed) {

@@ -12,9 +12,8 @@
 //   power iterations, then Rayleigh-Ritz.
 // - svd::WarmStart: subspace iteration from the previous basis, then
 //   Rayleigh-Ritz (or the orthonormalized iterate, with rayleigh_ritz off).
-// Orthonormalization is CholeskyQR2 with a shifted first pass (the shift,
-// 1e-7 of the mean diagonal, keeps the Gram matrix positive definite when the
-// vectors are nearly dependent; two more passes restore orthonormality).
+// Orthonormalization is one shifted CholeskyQR pass and two Newton-Schulz
+// steps, in float64 (orthonormalize below says why).
 // Signs are canonical and oriented like the previous basis, as on the CPU.
 //
 // Nothing here synchronizes the host. The result goes to `out` (which may be
@@ -26,6 +25,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 
 #include "../../core/matrix_view.hpp"
 #include "../../projection_type.hpp"
@@ -140,17 +140,28 @@ std::size_t as_type_bytes(std::int64_t n) {
   return std::is_same_v<T, float> ? 0 : WorkspaceArena::align(sizeof(T) * n);
 }
 
-// X (len x l, row-major float) <- an orthonormal basis of its columns by
-// CholeskyQR in float64, three passes (Gram DGEMM, Cholesky of l x l, triangular
-// solve). Each Gram matrix is shifted by 1e-12 of its mean diagonal (plus 1e-300,
-// for an all-zero X): that keeps the Cholesky factorization defined when the
-// columns are dependent (a gradient of rank below l), where the dependent
-// directions come out as an arbitrary orthonormal completion or as zero
-// vectors, never as NaN; on well-conditioned input the shift changes nothing
-// a float can hold.
+// X (len x l, row-major float) <- an orthonormal basis of its columns, in
+// float64: one CholeskyQR pass (Gram matrix, Cholesky, X L^-T through the
+// explicit inverse L^-1 and a GEMM), then two Newton-Schulz steps
+// Q <- Q (3I - Q^T Q) / 2, which are GEMMs only.
+//
+// The Gram matrix is shifted by 1e-12 of its mean diagonal (plus 1e-300, for
+// an all-zero X): that keeps the Cholesky factorization defined when the
+// columns are dependent (a gradient of rank below l); there the shifted factor
+// gives Q^T Q = I - s L^-1 L^-T <= I, so every singular value of Q is at most
+// 1 and Newton-Schulz, which maps sigma to sigma (3 - sigma^2) / 2, moves each
+// toward 1 without overshooting. The first pass leaves Q orthonormal to about
+// kappa(X)^2 * 1e-16; each step squares that error, so two steps reach float
+// precision for kappa(X) up to about 1e7, beyond what float data resolves.
+// Directions of X below the shift come out as vectors of tiny norm, never NaN.
+// (Further CholeskyQR passes would repeat the slow part: for l = 512 on an
+// H200, cuSOLVER's potrf takes 200 us and cuBLAS' trsm against 2048 right-hand
+// sides 160 us, the Gram GEMM 24 us; tools/probe/refresh_probe.cu.)
 inline void orthonormalize(Context& ctx, WorkspaceArena& ws, float* X, Index len, Index l) {
   double* xd = ws.take<double>(static_cast<std::size_t>(len * l));
+  double* yd = ws.take<double>(static_cast<std::size_t>(len * l));
   double* c = ws.take<double>(static_cast<std::size_t>(l * l));
+  double* z = ws.take<double>(static_cast<std::size_t>(l * l));
   std::size_t host_bytes = 0;
   const std::size_t dev_bytes = potrf_bytes(ctx, l, &host_bytes);
   void* dwork = ws.take<unsigned char>(dev_bytes);
@@ -158,25 +169,41 @@ inline void orthonormalize(Context& ctx, WorkspaceArena& ws, float* X, Index len
   auto& h = ctx.host_scratch();
   if (h.size() < host_bytes) h.resize(host_bytes);
   convert(ctx, X, xd, len * l);
-  const DeviceView<const double> Xv(xd, len, l);
-  for (int pass = 0; pass < 3; ++pass) {
-    gemm(ctx, Op::T, Op::N, 1.0, Xv, Xv, 0.0, DeviceView<double>(c, l, l));  // X^T X
-    shift_diagonal<<<1, kVectorThreads, 0, ctx.stream()>>>(c, static_cast<int>(l), 1e-12, 1e-300);
-    check_launch("galore::cuda::shift_diagonal");
-    check(cusolverDnXpotrf(ctx.solver(), ctx.solver_params(), CUBLAS_FILL_MODE_LOWER, l, CUDA_R_64F, c, l, CUDA_R_64F,
-                           dwork, dev_bytes, host_bytes ? h.data() : nullptr, host_bytes, info),
-          "cusolverDnXpotrf");
-    // X <- X L^{-T}: in column-major terms X^T <- L^{-1} X^T (X^T is X's memory).
-    const double one = 1.0;
-    check(cublasSetPointerMode(ctx.blas(), CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
-    check(cublasDtrsm(ctx.blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT,
-                      static_cast<int>(l), static_cast<int>(len), &one, c, static_cast<int>(l), xd, static_cast<int>(l)),
-          "cublasDtrsm");
+  // Column-major, X's memory is X^T (l x len, ld l); products below are in those terms.
+  const int li = static_cast<int>(l), leni = static_cast<int>(len);
+  const double one = 1.0, zero = 0.0;
+  const unsigned small_grid = static_cast<unsigned>(std::min<Index>((l * l + kThreads - 1) / kThreads, 1024));
+  check(cublasSetPointerMode(ctx.blas(), CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+  auto gram = [&](const double* q) {  // c = X^T X
+    check(cublasDgemm(ctx.blas(), CUBLAS_OP_N, CUBLAS_OP_T, li, li, leni, &one, q, li, q, li, &zero, c, li),
+          "cublasDgemm");
+  };
+  gram(xd);
+  shift_diagonal<<<1, kVectorThreads, 0, ctx.stream()>>>(c, li, 1e-12, 1e-300);
+  check_launch("galore::cuda::shift_diagonal");
+  check(cusolverDnXpotrf(ctx.solver(), ctx.solver_params(), CUBLAS_FILL_MODE_LOWER, l, CUDA_R_64F, c, l, CUDA_R_64F,
+                         dwork, dev_bytes, host_bytes ? h.data() : nullptr, host_bytes, info),
+        "cusolverDnXpotrf");
+  // z = L^-1 (a triangular solve against the identity), then X^T <- L^-1 X^T.
+  scale_add_identity<<<small_grid, kThreads, 0, ctx.stream()>>>(z, li, 0.0, 1.0);
+  check_launch("galore::cuda::scale_add_identity");
+  check(cublasDtrsm(ctx.blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, li, li,
+                    &one, c, li, z, li),
+        "cublasDtrsm");
+  check(cublasDgemm(ctx.blas(), CUBLAS_OP_N, CUBLAS_OP_N, li, leni, li, &one, z, li, xd, li, &zero, yd, li),
+        "cublasDgemm");
+  for (int step = 0; step < 2; ++step) {  // Q <- Q (3I - Q^T Q)/2, i.e. Q^T <- ((3I - Q^T Q)/2) Q^T
+    gram(yd);
+    scale_add_identity<<<small_grid, kThreads, 0, ctx.stream()>>>(c, li, -0.5, 1.5);
+    check_launch("galore::cuda::scale_add_identity");
+    check(cublasDgemm(ctx.blas(), CUBLAS_OP_N, CUBLAS_OP_N, li, leni, li, &one, c, li, yd, li, &zero, xd, li),
+          "cublasDgemm");
+    std::swap(xd, yd);
   }
-  convert(ctx, xd, X, len * l);
+  convert(ctx, yd, X, len * l);
 }
 inline std::size_t orthonormalize_bytes(Context& ctx, Index l, Index len) {
-  return WorkspaceArena::align(sizeof(double) * len * l) + WorkspaceArena::align(sizeof(double) * l * l) +
+  return 2 * WorkspaceArena::align(sizeof(double) * len * l) + 2 * WorkspaceArena::align(sizeof(double) * l * l) +
          WorkspaceArena::align(potrf_bytes(ctx, l)) + WorkspaceArena::align(sizeof(int));
 }
 
