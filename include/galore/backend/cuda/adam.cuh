@@ -62,12 +62,22 @@ inline int blocks_for(std::int64_t n, int max_blocks = 2048) {
   return static_cast<int>(b < 1 ? 1 : (b > max_blocks ? max_blocks : b));
 }
 
+constexpr int kCheckUnroll = 4;
+
 template <class G>
 __global__ void check_step(const G* __restrict__ g, std::int64_t n, AdamLaunch p, StepCounters* c) {
+  // kCheckUnroll independent loads per thread and round: a check of a few MB
+  // is otherwise bound by the latency of one load at a time.
   bool bad = false;
+  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    bad |= !math::in_adam_range(to_float(g[i]));
+       i += stride * kCheckUnroll) {
+    float x[kCheckUnroll];
+#pragma unroll
+    for (int k = 0; k < kCheckUnroll; ++k) x[k] = i + k * stride < n ? to_float(g[i + k * stride]) : 0.0f;
+#pragma unroll
+    for (int k = 0; k < kCheckUnroll; ++k) bad |= !math::in_adam_range(x[k]);
+  }
   bad = __syncthreads_or(bad);
   if (threadIdx.x == 0) {
     if (bad) atomicOr(&c->bad, 1u);
@@ -134,7 +144,8 @@ __global__ void apply_adamw_dense(T* __restrict__ w, const T* __restrict__ g, st
 // or, for dense layers, G itself.
 template <class G>
 void check_step(Context& ctx, const G* g, std::int64_t n, const AdamLaunch& p, StepCounters* counters) {
-  impl::check_step<<<impl::blocks_for(n, 1024), impl::kThreads, 0, ctx.stream()>>>(g, n, p, counters);
+  const int blocks = impl::blocks_for((n + impl::kCheckUnroll - 1) / impl::kCheckUnroll, 1024);
+  impl::check_step<<<blocks, impl::kThreads, 0, ctx.stream()>>>(g, n, p, counters);
   check_launch("galore::cuda::check_step");
 }
 
