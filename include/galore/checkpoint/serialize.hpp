@@ -1,5 +1,8 @@
-// galore: how each piece of optimizer state is written to and read from a
-// checkpoint payload, and how each policy describes its hyperparameters.
+// galore: how the CPU facade's state is written to and read from a checkpoint
+// payload: projector storages, Adam moments and weights in their Eigen storage,
+// and the descriptions of the policies that hold it. The backend-free fields
+// (counters, shapes, arrays, schedule states) are in fields.hpp, the other
+// policy descriptions in describe.hpp; the functions here call them.
 //
 // Every read validates what it reads against what the loading optimizer
 // expects (shapes, sizes, ranges), so that a payload with a valid checksum but
@@ -12,10 +15,9 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
-#include <sstream>
 #include <string>
+#include <type_traits>
 #include <utility>
-#include <vector>
 
 #include "../optim/adam_config.hpp"
 #include "../optim/blockwise8bit_state.hpp"
@@ -27,45 +29,16 @@
 #include "../quant/none.hpp"
 #include "../quantized_weight.hpp"
 #include "../rounding/stochastic_rounder.hpp"
-#include "../schedule/drift.hpp"
-#include "../schedule/fixed_gap.hpp"
-#include "../schedule/lazy.hpp"
-#include "../svd/exact.hpp"
-#include "../svd/randomized.hpp"
-#include "../svd/warm_start.hpp"
+#include "describe.hpp"
+#include "fields.hpp"
 #include "format.hpp"
 
 namespace galore::checkpoint {
 
-// Hyperparameters as (key, value) text pairs: saved in the configuration
-// section and compared field by field on load.
-using Items = std::vector<std::pair<std::string, std::string>>;
-
-template <class T>
-std::string text(const T& v) {
-  std::ostringstream os;
-  os.precision(17);
-  os << v;
-  return os.str();
+// ---- descriptions of the policies that hold Eigen storage ----
+inline void describe(const quant::None&, Items& out, const std::string& p) {
+  describe(described::QuantNone{}, out, p);
 }
-
-// ---- policy descriptions (a custom policy provides its own overload) ----
-inline void describe(const svd::Exact&, Items& out, const std::string& p) { out.push_back({p, "exact"}); }
-inline void describe(const svd::Randomized& s, Items& out, const std::string& p) {
-  out.push_back({p, "randomized"});
-  out.push_back({p + ".oversample", text(s.oversample)});
-  out.push_back({p + ".power_iterations", text(s.power_iterations)});
-  out.push_back({p + ".seed", text(s.seed)});
-}
-inline void describe(const svd::WarmStart& s, Items& out, const std::string& p) {
-  out.push_back({p, "warm_start"});
-  out.push_back({p + ".iterations", text(s.iterations)});
-  // Described only when off, so that files written before the option existed
-  // (which always used Rayleigh-Ritz) keep loading.
-  if (!s.rayleigh_ritz) out.push_back({p + ".rayleigh_ritz", "0"});
-  describe(s.cold, out, p + ".cold");
-}
-inline void describe(const quant::None&, Items& out, const std::string& p) { out.push_back({p, "none"}); }
 inline void describe(const quant::BFloat16&, Items& out, const std::string& p) { out.push_back({p, "bfloat16"}); }
 template <int B>
 void describe(const quant::MinMax<B>& q, Items& out, const std::string& p) {
@@ -76,27 +49,9 @@ inline void describe(const quant::NF4& q, Items& out, const std::string& p) {
   out.push_back({p, "nf4"});
   out.push_back({p + ".block_size", text(q.block_size)});
 }
-inline void describe(const schedule::FixedGap& s, Items& out, const std::string& p) {
-  out.push_back({p, "fixed_gap"});
-  out.push_back({p + ".gap", text(s.gap)});
-}
-inline void describe(const schedule::Lazy& s, Items& out, const std::string& p) {
-  out.push_back({p, "lazy"});
-  out.push_back({p + ".gap", text(s.gap)});
-  out.push_back({p + ".cos_threshold", text(s.cos_threshold)});
-  out.push_back({p + ".gamma", text(s.gamma)});
-  out.push_back({p + ".queue_size", text(s.queue_size)});
-}
-inline void describe(const schedule::Drift& s, Items& out, const std::string& p) {
-  out.push_back({p, "drift"});
-  out.push_back({p + ".check_every", text(s.check_every)});
-  out.push_back({p + ".tolerance", text(s.tolerance)});
-  out.push_back({p + ".min_gap", text(s.min_gap)});
-  out.push_back({p + ".max_gap", text(s.max_gap)});
-}
 template <class T>
 void describe(const state::Dense<T>&, Items& out, const std::string& p) {
-  out.push_back({p, std::is_same_v<T, float> ? "float32" : "bfloat16"});
+  describe(described::DenseState{!std::is_same_v<T, float>}, out, p);
 }
 inline void describe(const state::Blockwise8bit& s, Items& out, const std::string& p) {
   out.push_back({p, "blockwise8bit"});
@@ -105,73 +60,19 @@ inline void describe(const state::Blockwise8bit& s, Items& out, const std::strin
 }
 template <int B>
 void describe(const StochasticRounder<B>& r, Items& out, const std::string& p) {
-  out.push_back({p, "rounder" + text(B)});
-  out.push_back({p + ".seed", text(r.seed())});
-  out.push_back({p + ".mode", to_string(r.mode())});
-}
-// lr is left out: it is state (learning-rate schedules change it), restored on load.
-inline void describe(const AdamConfig& c, Items& out, const std::string& p) {
-  out.push_back({p + ".beta1", text(c.beta1)});
-  out.push_back({p + ".beta2", text(c.beta2)});
-  out.push_back({p + ".eps", text(c.eps)});
-  out.push_back({p + ".weight_decay", text(c.weight_decay)});
-  out.push_back({p + ".correct_bias", text(c.correct_bias)});
+  describe(described::Rounder{B, r.seed(), r.mode()}, out, p);
 }
 
-// ---- value checks ----
-// Fails unless every value is finite (bf16 values are checked as floats).
-template <class T>
-void expect_finite(Reader& r, const T* p, std::size_t n, const char* what) {
-  for (std::size_t i = 0; i < n; ++i)
-    if (!std::isfinite(static_cast<float>(p[i]))) r.fail(std::string(what) + " holds a NaN or an infinity");
-}
-// Fails unless every value is finite and >= 0.
-template <class T>
-void expect_finite_nonnegative(Reader& r, const T* p, std::size_t n, const char* what) {
-  for (std::size_t i = 0; i < n; ++i) {
-    const float v = static_cast<float>(p[i]);
-    if (!(std::isfinite(v) && v >= 0.0f)) r.fail(std::string(what) + " holds a negative, NaN or infinite value");
-  }
-}
-// A counter (steps, skipped steps, SVD count, a schedule's step): in [0, kMaxCounter].
-inline std::int64_t counter(Reader& r, const char* what) {
-  const std::int64_t v = r.i64();
-  if (v < 0 || v > kMaxCounter)
-    r.fail(std::string(what) + " " + std::to_string(v) + " is outside [0, 2^62]");
-  return v;
-}
-
-// ---- shapes and arrays ----
-inline void save(Writer& w, Shape s) {
-  w.i64(s.rows);
-  w.i64(s.cols);
-}
-inline Shape load_shape(Reader& r) {
-  const std::int64_t rows = r.i64(), cols = r.i64();
-  // Each side below 2^31 and the product below 2^40: no overflow downstream.
-  if (rows < 0 || cols < 0 || rows >= (std::int64_t{1} << 31) || cols >= (std::int64_t{1} << 31) ||
-      rows * cols >= (std::int64_t{1} << 40))
-    r.fail("impossible shape " + std::to_string(rows) + "x" + std::to_string(cols));
-  return {rows, cols};
-}
-inline void expect_shape(Reader& r, Shape got, Shape want, const char* what) {
-  if (got != want)
-    r.fail(std::string(what) + " is " + std::to_string(got.rows) + "x" + std::to_string(got.cols) + ", expected " +
-           std::to_string(want.rows) + "x" + std::to_string(want.cols));
-}
-
+// ---- matrices ----
 template <class T>
 void save(Writer& w, const Matrix<T>& m) {
-  save(w, shape_of(m));
-  w.array(m.data(), static_cast<std::size_t>(m.size()));
+  save_matrix(w, shape_of(m), m.data());
 }
 template <class T>
 void load_matrix(Reader& r, Matrix<T>& m, Shape want, const char* what) {
-  const Shape s = load_shape(r);
-  expect_shape(r, s, want, what);
-  r.expect_array(static_cast<std::uint64_t>(s.size()), sizeof(T), what);
-  Matrix<T> tmp(s.rows, s.cols);
-  r.exactly(tmp.data(), static_cast<std::uint64_t>(s.size()), what);
+  const std::uint64_t n = expect_matrix<T>(r, want, what);
+  Matrix<T> tmp(want.rows, want.cols);
+  r.exactly(tmp.data(), n, what);
   m = std::move(tmp);
 }
 
@@ -259,96 +160,16 @@ inline void load(Reader& r, const quant::NF4& policy, quant::NF4::Storage& s, Sh
   s = std::move(tmp);
 }
 
-// ---- schedule states ----
-inline void save(Writer&, const schedule::FixedGap&, const schedule::FixedGap::State&) {}
-inline void load(Reader&, const schedule::FixedGap&, schedule::FixedGap::State&, Index) {}
-inline void save(Writer& w, const schedule::Lazy&, const schedule::Lazy::State& s) {
-  w.i64(s.gap);
-  w.array(s.queue.data(), s.queue.size());
-  w.array(s.past.data(), s.past.size());
-  w.f32(s.last_cosine);
-}
-// The gap grows to int64(gap * gamma) when the queue's mean reaches the
-// threshold, so a loaded gap must satisfy gap * gamma <= 2^62: the growth then
-// stays in range. Cosines are in [-1, 1]; the last one is NaN before the second
-// refresh.
-inline void load(Reader& r, const schedule::Lazy& policy, schedule::Lazy::State& s, Index vector_length) {
-  schedule::Lazy::State tmp = policy.init();
-  tmp.gap = r.i64();
-  // floor(2^62 / gamma) in integers (gamma >= 1: init() checked it), so that the
-  // comparison is exact.
-  const auto max_gap = static_cast<std::int64_t>(std::floor(static_cast<double>(kMaxCounter) / policy.gamma));
-  if (tmp.gap < 1 || tmp.gap > max_gap)
-    r.fail("lazy schedule gap " + std::to_string(tmp.gap) + " is outside [1, 2^62 / gamma]");
-  const std::uint64_t n_queue = r.count(sizeof(float), "cosine queue");
-  if (n_queue > static_cast<std::uint64_t>(policy.queue_size)) r.fail("cosine queue longer than its size");
-  tmp.queue.resize(static_cast<std::size_t>(n_queue));
-  for (float& c : tmp.queue) {
-    c = r.f32();
-    if (!(c >= -1.0f && c <= 1.0f)) r.fail("a cosine in the queue is outside [-1, 1]");
-  }
-  const std::uint64_t n_past = r.count(sizeof(float), "previous singular vector");
-  if (n_past != 0 && n_past != static_cast<std::uint64_t>(vector_length))
-    r.fail("previous singular vector has " + std::to_string(n_past) + " elements, expected " +
-           std::to_string(vector_length));
-  tmp.past.resize(static_cast<std::size_t>(n_past));
-  for (float& x : tmp.past) x = r.f32();
-  expect_finite(r, tmp.past.data(), tmp.past.size(), "previous singular vector");
-  tmp.last_cosine = r.f32();
-  if (!(std::isnan(tmp.last_cosine) || (tmp.last_cosine >= -1.0f && tmp.last_cosine <= 1.0f)))
-    r.fail("the last cosine is outside [-1, 1]");
-  s = std::move(tmp);
-}
-inline void save(Writer& w, const schedule::Drift&, const schedule::Drift::State& s) {
-  w.i64(s.last_refresh);
-  w.f64(s.baseline);
-  w.f64(s.last_captured);
-}
-// Captured fractions are |R|^2 / |G|^2: >= 0 (+inf when |R|^2 overflows a
-// float), NaN before the first measurement.
-inline void load(Reader& r, const schedule::Drift&, schedule::Drift::State& s, Index) {
-  schedule::Drift::State tmp;
-  tmp.last_refresh = counter(r, "drift schedule refresh step");
-  tmp.baseline = r.f64();
-  tmp.last_captured = r.f64();
-  for (double c : {tmp.baseline, tmp.last_captured})
-    if (!(std::isnan(c) || c >= 0.0)) r.fail("a drift measurement is negative");
-  s = tmp;
-}
-
-// Checks of a schedule state against the projector's SVD count. A schedule sees
-// every refresh (on_refresh), so its state follows from how many there were.
-template <class Policy, class State>
-void check_schedule_state(Reader&, const Policy&, const State&, std::int64_t) {}
-// The lazy schedule keeps the first singular vector of the latest refresh, and
-// appends one cosine per refresh after the first.
-inline void check_schedule_state(Reader& r, const schedule::Lazy&, const schedule::Lazy::State& s,
-                                 std::int64_t svd_count) {
-  if ((s.past.size() > 0) != (svd_count > 0))
-    r.fail("the lazy schedule's previous singular vector disagrees with the SVD count");
-  if (static_cast<std::int64_t>(s.queue.size()) > std::max<std::int64_t>(svd_count - 1, 0))
-    r.fail("the cosine queue holds more values than there were refreshes after the first");
-}
-
 // ---- Adam moments ----
 template <class T>
 void save(Writer& w, const state::Dense<T>&, const typename state::Dense<T>::Moments& m) {
-  save(w, m.shape());
-  w.array(m.m.data(), static_cast<std::size_t>(m.m.size()));
-  w.array(m.v.data(), static_cast<std::size_t>(m.v.size()));
+  save_dense_moments(w, m.shape(), m.m.data(), m.v.data());
 }
-// First moments finite, second moments finite and >= 0.
 template <class T>
 void load(Reader& r, const state::Dense<T>& policy, typename state::Dense<T>::Moments& out, Shape want) {
-  const Shape s = load_shape(r);
-  expect_shape(r, s, want, "moments");
-  const auto n = static_cast<std::uint64_t>(s.size());
-  r.expect_left(2 * (8 + n * sizeof(T)), "moments");
-  auto tmp = policy.init(s);
-  r.exactly(tmp.m.data(), n, "first moment");
-  r.exactly(tmp.v.data(), n, "second moment");
-  expect_finite(r, tmp.m.data(), static_cast<std::size_t>(n), "first moment");
-  expect_finite_nonnegative(r, tmp.v.data(), static_cast<std::size_t>(n), "second moment");
+  const std::uint64_t n = expect_dense_moments<T>(r, want);
+  auto tmp = policy.init(want);
+  read_dense_moments(r, tmp.m.data(), tmp.v.data(), n);
   out = std::move(tmp);
 }
 inline void save(Writer& w, const state::Blockwise8bit&, const state::Blockwise8bit::Moments& m) {

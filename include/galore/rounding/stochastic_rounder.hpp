@@ -37,25 +37,13 @@
 #include "../quant/minmax.hpp"
 #include "../types.hpp"
 #include "philox.hpp"
+#include "rounding_mode.hpp"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
 
 namespace galore {
-
-enum class RoundingMode : std::uint8_t {
-  Nearest,     // round half to even (torch.round)
-  Stochastic,  // floor(x) + (u < frac(x)), exactly as stochastic_round
-};
-
-inline const char* to_string(RoundingMode m) {
-  switch (m) {
-    case RoundingMode::Nearest: return "nearest";
-    case RoundingMode::Stochastic: return "stochastic";
-  }
-  return "unknown";
-}
 
 using math::stochastic_round;
 

@@ -1,0 +1,209 @@
+// galore: how the fields of a checkpoint are written and read on plain host
+// memory: counters, shapes, matrices and dense Adam moments as arrays of float32
+// or bf16, and the schedules' states.
+//
+// Backend-free: the CPU facade (serialize.hpp, over its Eigen storage) and the
+// CUDA facade (backend/cuda/checkpoint.cuh, over host copies of device memory)
+// write and read these fields with the same code, so their bytes agree.
+//
+// Every read validates what it reads against what the loading optimizer expects
+// (shapes, sizes, ranges), so that a payload with a valid checksum but
+// inconsistent contents is an error, never a crash or a silently wrong state.
+// A checksum detects damage, not a hostile or buggy writer: every count is
+// checked against the bytes left before anything is allocated for it, and every
+// value against the range the library works in (docs/checkpoint.md lists them).
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+#include "../core/shape.hpp"
+#include "../schedule/drift.hpp"
+#include "../schedule/fixed_gap.hpp"
+#include "../schedule/lazy.hpp"
+#include "format.hpp"
+
+namespace galore::checkpoint {
+
+// An element's value: a float32, or a bfloat16 given as any 2-byte type holding
+// its bits (Eigen::bfloat16, __nv_bfloat16, std::uint16_t), widened exactly.
+template <class T>
+float element_value(const T& x) {
+  static_assert(std::is_same_v<T, float> || sizeof(T) == 2, "checkpoint arrays hold float32 or bf16 values");
+  if constexpr (std::is_same_v<T, float>) {
+    return x;
+  } else {
+    std::uint16_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    const std::uint32_t wide = static_cast<std::uint32_t>(bits) << 16;
+    float f;
+    std::memcpy(&f, &wide, sizeof f);
+    return f;
+  }
+}
+
+// ---- value checks ----
+// Fails unless every value is finite.
+template <class T>
+void expect_finite(Reader& r, const T* p, std::size_t n, const char* what) {
+  for (std::size_t i = 0; i < n; ++i)
+    if (!std::isfinite(element_value(p[i]))) r.fail(std::string(what) + " holds a NaN or an infinity");
+}
+// Fails unless every value is finite and >= 0.
+template <class T>
+void expect_finite_nonnegative(Reader& r, const T* p, std::size_t n, const char* what) {
+  for (std::size_t i = 0; i < n; ++i) {
+    const float v = element_value(p[i]);
+    if (!(std::isfinite(v) && v >= 0.0f)) r.fail(std::string(what) + " holds a negative, NaN or infinite value");
+  }
+}
+// A counter (steps, skipped steps, SVD count, a schedule's step): in [0, kMaxCounter].
+inline std::int64_t counter(Reader& r, const char* what) {
+  const std::int64_t v = r.i64();
+  if (v < 0 || v > kMaxCounter)
+    r.fail(std::string(what) + " " + std::to_string(v) + " is outside [0, 2^62]");
+  return v;
+}
+
+// ---- shapes ----
+inline void save(Writer& w, Shape s) {
+  w.i64(s.rows);
+  w.i64(s.cols);
+}
+inline Shape load_shape(Reader& r) {
+  const std::int64_t rows = r.i64(), cols = r.i64();
+  // Each side below 2^31 and the product below 2^40: no overflow downstream.
+  if (rows < 0 || cols < 0 || rows >= (std::int64_t{1} << 31) || cols >= (std::int64_t{1} << 31) ||
+      rows * cols >= (std::int64_t{1} << 40))
+    r.fail("impossible shape " + std::to_string(rows) + "x" + std::to_string(cols));
+  return {rows, cols};
+}
+inline void expect_shape(Reader& r, Shape got, Shape want, const char* what) {
+  if (got != want)
+    r.fail(std::string(what) + " is " + std::to_string(got.rows) + "x" + std::to_string(got.cols) + ", expected " +
+           std::to_string(want.rows) + "x" + std::to_string(want.cols));
+}
+
+// ---- matrices (row-major) ----
+template <class T>
+void save_matrix(Writer& w, Shape s, const T* data) {
+  save(w, s);
+  w.array(data, static_cast<std::size_t>(s.size()));
+}
+// Reads a matrix's shape, which must be `want`, and checks that all its elements
+// are in the payload; returns their count n. The caller then allocates n
+// elements and reads them with r.exactly(out, n, what), so nothing is allocated
+// for elements the input does not hold.
+template <class T>
+std::uint64_t expect_matrix(Reader& r, Shape want, const char* what) {
+  const Shape s = load_shape(r);
+  expect_shape(r, s, want, what);
+  const auto n = static_cast<std::uint64_t>(s.size());
+  r.expect_array(n, sizeof(T), what);
+  return n;
+}
+
+// ---- dense Adam moments (state::Dense<T>: float32 or bf16) ----
+template <class T>
+void save_dense_moments(Writer& w, Shape s, const T* m, const T* v) {
+  save(w, s);
+  w.array(m, static_cast<std::size_t>(s.size()));
+  w.array(v, static_cast<std::size_t>(s.size()));
+}
+// Reads the shape, which must be `want`, and checks that both moments are in the
+// payload; returns the element count n of each. read_dense_moments then fills
+// the caller's two arrays of n elements.
+template <class T>
+std::uint64_t expect_dense_moments(Reader& r, Shape want) {
+  const Shape s = load_shape(r);
+  expect_shape(r, s, want, "moments");
+  const auto n = static_cast<std::uint64_t>(s.size());
+  r.expect_left(2 * (8 + n * sizeof(T)), "moments");
+  return n;
+}
+// First moments finite, second moments finite and >= 0.
+template <class T>
+void read_dense_moments(Reader& r, T* m, T* v, std::uint64_t n) {
+  r.exactly(m, n, "first moment");
+  r.exactly(v, n, "second moment");
+  expect_finite(r, m, static_cast<std::size_t>(n), "first moment");
+  expect_finite_nonnegative(r, v, static_cast<std::size_t>(n), "second moment");
+}
+
+// ---- schedule states ----
+inline void save(Writer&, const schedule::FixedGap&, const schedule::FixedGap::State&) {}
+inline void load(Reader&, const schedule::FixedGap&, schedule::FixedGap::State&, Index) {}
+inline void save(Writer& w, const schedule::Lazy&, const schedule::Lazy::State& s) {
+  w.i64(s.gap);
+  w.array(s.queue.data(), s.queue.size());
+  w.array(s.past.data(), s.past.size());
+  w.f32(s.last_cosine);
+}
+// The gap grows to int64(gap * gamma) when the queue's mean reaches the
+// threshold, so a loaded gap must satisfy gap * gamma <= 2^62: the growth then
+// stays in range. Cosines are in [-1, 1]; the last one is NaN before the second
+// refresh.
+inline void load(Reader& r, const schedule::Lazy& policy, schedule::Lazy::State& s, Index vector_length) {
+  schedule::Lazy::State tmp = policy.init();
+  tmp.gap = r.i64();
+  // floor(2^62 / gamma) in integers (gamma >= 1: init() checked it), so that the
+  // comparison is exact.
+  const auto max_gap = static_cast<std::int64_t>(std::floor(static_cast<double>(kMaxCounter) / policy.gamma));
+  if (tmp.gap < 1 || tmp.gap > max_gap)
+    r.fail("lazy schedule gap " + std::to_string(tmp.gap) + " is outside [1, 2^62 / gamma]");
+  const std::uint64_t n_queue = r.count(sizeof(float), "cosine queue");
+  if (n_queue > static_cast<std::uint64_t>(policy.queue_size)) r.fail("cosine queue longer than its size");
+  tmp.queue.resize(static_cast<std::size_t>(n_queue));
+  for (float& c : tmp.queue) {
+    c = r.f32();
+    if (!(c >= -1.0f && c <= 1.0f)) r.fail("a cosine in the queue is outside [-1, 1]");
+  }
+  const std::uint64_t n_past = r.count(sizeof(float), "previous singular vector");
+  if (n_past != 0 && n_past != static_cast<std::uint64_t>(vector_length))
+    r.fail("previous singular vector has " + std::to_string(n_past) + " elements, expected " +
+           std::to_string(vector_length));
+  tmp.past.resize(static_cast<std::size_t>(n_past));
+  for (float& x : tmp.past) x = r.f32();
+  expect_finite(r, tmp.past.data(), tmp.past.size(), "previous singular vector");
+  tmp.last_cosine = r.f32();
+  if (!(std::isnan(tmp.last_cosine) || (tmp.last_cosine >= -1.0f && tmp.last_cosine <= 1.0f)))
+    r.fail("the last cosine is outside [-1, 1]");
+  s = std::move(tmp);
+}
+inline void save(Writer& w, const schedule::Drift&, const schedule::Drift::State& s) {
+  w.i64(s.last_refresh);
+  w.f64(s.baseline);
+  w.f64(s.last_captured);
+}
+// Captured fractions are |R|^2 / |G|^2: >= 0 (+inf when |R|^2 overflows a
+// float), NaN before the first measurement.
+inline void load(Reader& r, const schedule::Drift&, schedule::Drift::State& s, Index) {
+  schedule::Drift::State tmp;
+  tmp.last_refresh = counter(r, "drift schedule refresh step");
+  tmp.baseline = r.f64();
+  tmp.last_captured = r.f64();
+  for (double c : {tmp.baseline, tmp.last_captured})
+    if (!(std::isnan(c) || c >= 0.0)) r.fail("a drift measurement is negative");
+  s = tmp;
+}
+
+// Checks of a schedule state against the projector's SVD count. A schedule sees
+// every refresh (on_refresh), so its state follows from how many there were.
+template <class Policy, class State>
+void check_schedule_state(Reader&, const Policy&, const State&, std::int64_t) {}
+// The lazy schedule keeps the first singular vector of the latest refresh, and
+// appends one cosine per refresh after the first.
+inline void check_schedule_state(Reader& r, const schedule::Lazy&, const schedule::Lazy::State& s,
+                                 std::int64_t svd_count) {
+  if ((s.past.size() > 0) != (svd_count > 0))
+    r.fail("the lazy schedule's previous singular vector disagrees with the SVD count");
+  if (static_cast<std::int64_t>(s.queue.size()) > std::max<std::int64_t>(svd_count - 1, 0))
+    r.fail("the cosine queue holds more values than there were refreshes after the first");
+}
+
+}  // namespace galore::checkpoint
