@@ -1,7 +1,7 @@
 // galore: the CUDA backend. Include it from translation units that nvcc
-// compiles; it adds device views, the GPU optimizer facade and its primitives
-// (galore::cuda) to the backend-independent pieces. galore/galore.hpp (the CPU
-// backend) never includes CUDA headers.
+// compiles; it adds device views, the GPU optimizer facade, its checkpoints and
+// its primitives (galore::cuda) to the backend-independent pieces.
+// galore/galore.hpp (the CPU backend) never includes CUDA headers.
 #pragma once
 
 #if !defined(__CUDACC__)
@@ -16,6 +16,7 @@
 
 #include "backend/cuda/adam.cuh"
 #include "backend/cuda/basis_kernels.cuh"
+#include "backend/cuda/checkpoint.cuh"
 #include "backend/cuda/context.cuh"
 #include "backend/cuda/device_buffer.cuh"
 #include "backend/cuda/error.cuh"

@@ -2,6 +2,8 @@
 
 #include <galore/galore.hpp>
 
+#include <sstream>
+
 namespace galore_test {
 
 using namespace galore;
@@ -133,6 +135,110 @@ std::vector<float> cpu_dynamic_map(bool is_signed) {
   const galore::quant::CodeMap& map =
       is_signed ? galore::quant::dynamic_map_signed() : galore::quant::dynamic_map_unsigned();
   return {map.begin(), map.end()};
+}
+
+namespace {
+
+template <class State, class Schedule>
+CpuCheckpointRun checkpoint_run(const CkptSpec& s, Schedule schedule, const std::string& checkpoint,
+                                const std::vector<std::vector<float>>& W0,
+                                const std::vector<std::vector<std::vector<float>>>& grads, double lr_after,
+                                bool with_weights) {
+  AdamConfig c;
+  c.lr = s.lr;
+  c.weight_decay = s.weight_decay;
+  c.eps = s.eps;
+  c.correct_bias = s.correct_bias;
+  GaLoreOptimizer<Projector<svd::Exact, quant::None, Schedule>, LowRankAdam<State>> opt(
+      ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, LowRankAdam<State>(c), schedule);
+  const std::size_t L = s.layers.size();
+  std::vector<LayerId> ids;
+  std::vector<MatrixF> Wf(L);
+  std::vector<Matrix<bfloat16>> Wh(L);
+  WeightSet weights;
+  for (std::size_t i = 0; i < L; ++i) {
+    const CkptLayer& l = s.layers[i];
+    const Shape shape{l.rows, l.cols};
+    if (l.dense) ids.push_back(opt.add_dense(shape, l.name));
+    else if (l.rank > 0)
+      ids.push_back(opt.add_layer(shape, ProjectorOptions{l.rank, static_cast<ProjectionType>(l.type), s.scale}, l.name));
+    else ids.push_back(opt.add_layer(shape, l.name));
+    Wf[i] = Eigen::Map<const MatrixF>(W0[i].data(), l.rows, l.cols);
+    if (l.bf16) {
+      Wh[i] = Wf[i].cast<bfloat16>();
+      weights.add(ids[i], Wh[i]);
+    } else {
+      weights.add(ids[i], Wf[i]);
+    }
+  }
+  if (!checkpoint.empty()) {
+    std::istringstream is(checkpoint, std::ios::binary);
+    load_checkpoint(opt, is);
+  }
+  CpuCheckpointRun run;
+  for (const auto& step : grads) {
+    std::vector<std::vector<float>> w(L);
+    for (std::size_t i = 0; i < L; ++i) {
+      const CkptLayer& l = s.layers[i];
+      if (!step[i].empty()) {
+        const Eigen::Map<const MatrixF> g(step[i].data(), l.rows, l.cols);
+        if (l.bf16) opt.step(ids[i], Wh[i], Matrix<bfloat16>(g.cast<bfloat16>()));
+        else opt.step(ids[i], Wf[i], g);
+      }
+      const MatrixF now = l.bf16 ? MatrixF(Wh[i].cast<float>()) : Wf[i];
+      w[i].assign(now.data(), now.data() + now.size());
+    }
+    run.W.push_back(std::move(w));
+  }
+  if (lr_after > 0.0) opt.set_lr(lr_after);
+  std::ostringstream os(std::ios::binary);
+  save_checkpoint(opt, os, with_weights ? &weights : nullptr);
+  run.checkpoint = os.str();
+  run.lr = opt.adam_config().lr;
+  for (std::size_t i = 0; i < L; ++i) {
+    CpuLayerState st;
+    const auto& mo = opt.moments(ids[i]);
+    for (Index k = 0; k < mo.m.size(); ++k) {
+      st.m.push_back(static_cast<float>(mo.m(k)));
+      st.v.push_back(static_cast<float>(mo.v(k)));
+    }
+    const LayerStats stats = opt.stats(ids[i]);
+    st.steps = stats.steps;
+    st.skipped = stats.skipped_steps;
+    st.svd_count = stats.svd_count;
+    if (opt.is_projected(ids[i]) && opt.projector(ids[i]).has_basis()) {
+      const auto& p = opt.projector(ids[i]);
+      st.has_basis = true;
+      const MatrixF& left = p.left_storage().matrix;
+      const MatrixF& right = p.right_storage().matrix;
+      st.left.assign(left.data(), left.data() + left.size());
+      st.right.assign(right.data(), right.data() + right.size());
+    }
+    run.layers.push_back(std::move(st));
+  }
+  return run;
+}
+
+template <class State>
+CpuCheckpointRun checkpoint_run(const CkptSpec& s, const std::string& checkpoint,
+                                const std::vector<std::vector<float>>& W0,
+                                const std::vector<std::vector<std::vector<float>>>& grads, double lr_after,
+                                bool with_weights) {
+  if (s.lazy_queue > 0)
+    return checkpoint_run<State>(s, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue}, checkpoint,
+                                 W0, grads, lr_after, with_weights);
+  return checkpoint_run<State>(s, schedule::FixedGap{s.gap}, checkpoint, W0, grads, lr_after, with_weights);
+}
+
+}  // namespace
+
+CpuCheckpointRun cpu_checkpoint_run(const CkptSpec& spec, const std::string& checkpoint,
+                                    const std::vector<std::vector<float>>& W0,
+                                    const std::vector<std::vector<std::vector<float>>>& grads, double lr_after,
+                                    bool with_weights) {
+  return spec.bf16_moments
+             ? checkpoint_run<state::BFloat16>(spec, checkpoint, W0, grads, lr_after, with_weights)
+             : checkpoint_run<state::Float32>(spec, checkpoint, W0, grads, lr_after, with_weights);
 }
 
 }  // namespace galore_test

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace galore_test {
@@ -66,5 +67,55 @@ CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint
                               std::uint32_t step);
 // bitsandbytes' signed and unsigned dynamic maps (256 values each).
 std::vector<float> cpu_dynamic_map(bool is_signed);
+
+// ---- checkpoints ----
+
+struct CkptLayer {
+  std::string name;
+  long rows = 0, cols = 0;
+  bool dense = false;  // plain AdamW instead of GaLore
+  bool bf16 = false;   // weights and gradients held as bfloat16
+  long rank = 0;       // > 0: projection options of its own (rank, type)
+  int type = 0;        // galore::ProjectionType
+};
+
+// The optimizer of a checkpoint test: GaLoreOptimizer<Projector<svd::Exact,
+// quant::None, FixedGap or Lazy>, LowRankAdam<state::Float32 or BFloat16>>.
+struct CkptSpec {
+  std::vector<CkptLayer> layers;
+  long rank = 6;
+  int type = 0;
+  float scale = 0.25f;
+  double lr = 1e-2, weight_decay = 0.05, eps = 1e-3;
+  bool correct_bias = true;
+  long gap = 3;
+  int lazy_queue = 0;  // > 0: schedule::Lazy{gap, lazy_threshold, lazy_gamma, lazy_queue}
+  double lazy_threshold = 0.5, lazy_gamma = 2.0;
+  bool bf16_moments = false;
+};
+
+// A layer's optimizer state, in float.
+struct CpuLayerState {
+  std::vector<float> m, v, left, right;  // basis factors: empty where the side has none
+  long steps = 0, skipped = 0, svd_count = 0;
+  bool has_basis = false;
+};
+
+struct CpuCheckpointRun {
+  std::string checkpoint;                          // saved after the steps
+  std::vector<std::vector<std::vector<float>>> W;  // W[t][layer] after step t
+  std::vector<CpuLayerState> layers;               // after the last step
+  double lr = 0;
+};
+
+// The CPU optimizer of `spec`, with `checkpoint` loaded unless it is empty,
+// steps every layer through grads[t][layer] from the weights W0 (an empty
+// gradient: the layer does not step at t), then sets the learning rate to
+// lr_after if it is > 0 and saves; with_weights saves the weights too (a
+// WeightSet). Throws what load_checkpoint throws.
+CpuCheckpointRun cpu_checkpoint_run(const CkptSpec& spec, const std::string& checkpoint,
+                                    const std::vector<std::vector<float>>& W0,
+                                    const std::vector<std::vector<std::vector<float>>>& grads, double lr_after = 0.0,
+                                    bool with_weights = false);
 
 }  // namespace galore_test

@@ -232,6 +232,7 @@ class GaLoreOptimizer {
   }
 
  private:
+  friend struct CheckpointAccess;  // checkpoint.cuh: saves and restores the layers
   using A = WorkspaceArena;
 
   struct Layer {
