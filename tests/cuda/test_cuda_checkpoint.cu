@@ -184,12 +184,8 @@ struct Gpu {
   std::vector<float> first_moment(std::size_t i) const {
     return Device<M>::download(opt.first_moment(ids[i]), static_cast<std::size_t>(moments_shape(i).size()));
   }
-  // v starts at the 256-byte boundary after m (the layer's layout in
-  // optimizer.cuh), where opt.second_moment() does not look when m's size is not
-  // a multiple of 256 bytes.
   std::vector<float> second_moment(std::size_t i) const {
-    const auto n = static_cast<std::size_t>(moments_shape(i).size());
-    return Device<M>::download(opt.first_moment(ids[i]) + cuda::WorkspaceArena::align(sizeof(M) * n) / sizeof(M), n);
+    return Device<M>::download(opt.second_moment(ids[i]), static_cast<std::size_t>(moments_shape(i).size()));
   }
   // The basis factors in float (empty where the side has none).
   void basis(std::size_t i, std::vector<float>& left, std::vector<float>& right) const {

@@ -451,6 +451,28 @@ TEST_CASE("a zero or rank-deficient gradient gives a finite step and a finite ba
   }
 }
 
+TEST_CASE("first_moment and second_moment are the layer's m and v") {
+  // 40 x 6 float moments take 960 bytes: v starts at the next 256-byte boundary.
+  RunSpec s = spec_for(40, 24, ProjectionType::Std);
+  AdamConfig adam = adam_of(s);
+  cuda::Context ctx;
+  cuda::GaLoreOptimizer<> opt(ProjectorOptions{s.rank, ProjectionType::Std, s.scale}, adam, schedule::FixedGap{5});
+  const LayerId id = opt.add_layer({40, 24}, cuda::DType::Float32);
+  ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  Device<float> W(galore_test::gaussian(40 * 24, 1u)), G(galore_test::separated_gradients(40, 24, 8, 1, 2u)[0]);
+  opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+  // After one step from zero: m = (1 - b1) R and v = (1 - b2) R^2, so v = (1 - b2) / (1 - b1)^2 m^2.
+  const auto m = Device<float>::download(opt.first_moment(id), 40 * 6);
+  const auto v = Device<float>::download(opt.second_moment(id), 40 * 6);
+  const double k = (1.0 - adam.beta2) / ((1.0 - adam.beta1) * (1.0 - adam.beta1));
+  double mass = 0.0;
+  for (std::size_t i = 0; i < m.size(); ++i) {
+    CHECK(v[i] == doctest::Approx(k * double(m[i]) * m[i]).epsilon(1e-5));
+    mass += std::abs(m[i]);
+  }
+  CHECK(mass > 0.0);
+}
+
 TEST_CASE("state_bytes equals the layout formula and the device memory allocated") {
   using A = cuda::WorkspaceArena;
   cuda::GaLoreOptimizer<> probe(ProjectorOptions{512, ProjectionType::Std, 0.25f});

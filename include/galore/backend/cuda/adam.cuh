@@ -13,6 +13,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "../../math/adam.hpp"
@@ -104,23 +105,39 @@ __global__ void check_step(const G* __restrict__ g, std::int64_t n, AdamLaunch p
   }
 }
 
-// Low-rank step: moments and D (in the basis' element type, for the GEMM).
+// Low-rank step: moments (rows x cols, contiguous) and D (in the basis' element
+// type, for the GEMM). R and D have leading dimension ld >= cols; D's columns
+// from cols to ld (the padding of a staged layer, staging.cuh) are set to 0.
 template <class M, class D>
-__global__ void apply_adam(const float* __restrict__ r, std::int64_t n, M* __restrict__ m, M* __restrict__ v,
-                           D* __restrict__ d, math::AdamCoefficients k, const StepCounters* c) {
+__global__ void apply_adam(const float* __restrict__ r, std::int64_t rows, std::int64_t cols, std::int64_t ld,
+                           M* __restrict__ m, M* __restrict__ v, D* __restrict__ d, math::AdamCoefficients k,
+                           const StepCounters* c) {
   const bool skip = c->last_skipped != 0;
   const float step = c->step_size;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+  auto element = [&](std::int64_t i, std::int64_t j) {
     if (skip) {
-      d[i] = from_float<D>(0.0f);
-      continue;
+      d[j] = from_float<D>(0.0f);
+      return;
     }
-    const math::AdamElement e = math::adam_element(r[i], to_float(m[i]), to_float(v[i]), step, k);
+    const math::AdamElement e = math::adam_element(r[j], to_float(m[i]), to_float(v[i]), step, k);
     m[i] = from_float<M>(e.m);
     v[i] = from_float<M>(e.v);
-    d[i] = from_float<D>(e.d);
+    d[j] = from_float<D>(e.d);
+  };
+  if (ld == cols) {
+    const std::int64_t n = rows * cols;
+    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+         i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+      element(i, i);
+    return;
   }
+  // Padded rows: blocks along y take rows, along x a row's columns.
+  for (std::int64_t row = blockIdx.y; row < rows; row += gridDim.y)
+    for (std::int64_t col = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; col < ld;
+         col += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+      if (col < cols) element(row * cols + col, row * ld + col);
+      else d[row * ld + col] = from_float<D>(0.0f);
+    }
 }
 
 // Dense AdamW: W = (W - d) * decay, element by element, as the CPU backend.
@@ -149,10 +166,16 @@ void check_step(Context& ctx, const G* g, std::int64_t n, const AdamLaunch& p, S
   check_launch("galore::cuda::check_step");
 }
 
+// R and D: rows x cols with leading dimension ld (see impl::apply_adam).
 template <class M, class D>
-void apply_adam(Context& ctx, const float* r, std::int64_t n, M* m, M* v, D* d, const AdamLaunch& p,
-                const StepCounters* counters) {
-  impl::apply_adam<<<impl::blocks_for(n), impl::kThreads, 0, ctx.stream()>>>(r, n, m, v, d, p.coeffs, counters);
+void apply_adam(Context& ctx, const float* r, std::int64_t rows, std::int64_t cols, std::int64_t ld, M* m, M* v, D* d,
+                const AdamLaunch& p, const StepCounters* counters) {
+  dim3 grid(impl::blocks_for(rows * cols));
+  if (ld != cols) {
+    const std::int64_t x = std::min<std::int64_t>((ld + impl::kThreads - 1) / impl::kThreads, 2048);
+    grid = dim3(static_cast<unsigned>(x), static_cast<unsigned>(std::clamp<std::int64_t>(2048 / x, 1, rows)));
+  }
+  impl::apply_adam<<<grid, impl::kThreads, 0, ctx.stream()>>>(r, rows, cols, ld, m, v, d, p.coeffs, counters);
   check_launch("galore::cuda::apply_adam");
 }
 

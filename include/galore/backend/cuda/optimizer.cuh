@@ -43,6 +43,7 @@
 #include "device_buffer.cuh"
 #include "gemm.cuh"
 #include "refresh.cuh"
+#include "staging.cuh"
 
 namespace galore::cuda {
 
@@ -196,7 +197,10 @@ class GaLoreOptimizer {
   }
   // The moments (low-rank shape, MomentT), for inspection and checkpoints.
   const MomentT* first_moment(LayerId id) const { return reinterpret_cast<const MomentT*>(layer(id).storage.data()); }
-  const MomentT* second_moment(LayerId id) const { return first_moment(id) + layer(id).low_rank.size(); }
+  const MomentT* second_moment(LayerId id) const {
+    const Layer& l = layer(id);
+    return reinterpret_cast<const MomentT*>(l.storage.data() + layout(l).v);
+  }
 
   // Device bytes of optimizer state: for every layer its one allocation (both
   // moments, the basis, the counters, each piece aligned to 256 bytes).
@@ -364,13 +368,23 @@ class GaLoreOptimizer {
     }
   }
 
-  // Workspace of one step: R (float), D (T), the both-sided intermediates,
-  // and for a refresh the candidate basis plus the policy's own needs.
+  // A left-projected layer whose column count is not a multiple of 8 steps on
+  // padded copies of G and W (staging.cuh says why); its R and D are padded too.
+  static bool staged(const Layer& l) {
+    return l.projected && l.side == Side::Left && padded_cols(l.shape.cols) != l.shape.cols;
+  }
+  // Columns of the step's G, W, R and D (padded when staged).
+  static Index step_cols(const Layer& l) { return staged(l) ? padded_cols(l.shape.cols) : l.shape.cols; }
+
+  // Workspace of one step: R (float), D (T), the padded copies of a staged
+  // layer, the both-sided intermediates, and for a refresh the candidate basis
+  // plus the policy's own needs.
   std::size_t layer_workspace(const Layer& l, Context& ctx) const {
     const std::size_t t = size_of(l.dtype);
-    const std::size_t lr = static_cast<std::size_t>(l.low_rank.size());
     if (!l.projected) return 0;
+    const std::size_t lr = static_cast<std::size_t>(l.low_rank.rows * (staged(l) ? step_cols(l) : l.low_rank.cols));
     std::size_t b = A::align(sizeof(float) * lr) + A::align(t * lr);
+    if (staged(l)) b += 2 * A::align(t * static_cast<std::size_t>(l.shape.rows * step_cols(l)));
     const std::size_t mr = static_cast<std::size_t>(l.shape.rows * l.options.rank);
     const std::size_t rn = static_cast<std::size_t>(l.options.rank * l.shape.cols);
     if (l.side == Side::Both) b += 2 * A::align(sizeof(float) * mr) + A::align(t * mr);
@@ -402,8 +416,13 @@ class GaLoreOptimizer {
     WorkspaceArena ws = ctx.arena();
     const Index r = l.options.rank;
     const Shape lr = l.low_rank;
-    float* R = ws.take<float>(static_cast<std::size_t>(lr.size()));
-    T* D = ws.take<T>(static_cast<std::size_t>(lr.size()));
+    const bool stage_this = staged(l);
+    // R and D: lr.rows x ld (a staged layer's padded columns hold zeros).
+    const Index ld = stage_this ? step_cols(l) : lr.cols;
+    float* R = ws.take<float>(static_cast<std::size_t>(lr.rows * ld));
+    T* D = ws.take<T>(static_cast<std::size_t>(lr.rows * ld));
+    T* G_copy = stage_this ? ws.take<T>(static_cast<std::size_t>(l.shape.rows * ld)) : nullptr;
+    T* W_copy = stage_this ? ws.take<T>(static_cast<std::size_t>(l.shape.rows * ld)) : nullptr;
     // Both sides: G Q^T and P in float, so that the small off-diagonal entries of
     // R are not lost to bf16 rounding of the m x r intermediate.
     const bool both = l.side == Side::Both;
@@ -426,12 +445,18 @@ class GaLoreOptimizer {
       use = candidate;
     }
 
-    project(ctx, use, G, R, X, Pf, lr);
+    if (stage_this) {
+      const DeviceView<T> copy(G_copy, l.shape.rows, ld);
+      stage(ctx, G, copy);
+      project(ctx, use, DeviceView<const T>(copy), R, X, Pf, Shape{lr.rows, ld});
+    } else {
+      project(ctx, use, G, R, X, Pf, lr);
+    }
     MomentT* m = reinterpret_cast<MomentT*>(l.storage.data());
     MomentT* v = reinterpret_cast<MomentT*>(l.storage.data() + layout(l).v);
     StepCounters* counters = counters_of(l);
     const AdamLaunch p = launch(l.options.scale);
-    check_step(ctx, R, lr.size(), p, counters);
+    check_step(ctx, R, lr.rows * ld, p, counters);  // padded columns of R are 0
 
     if (refresh) {
       // Adopt the candidate only if the step is applied: a skipped refresh step
@@ -459,8 +484,15 @@ class GaLoreOptimizer {
       ++l.pending;
     }
 
-    apply_adam(ctx, R, lr.size(), m, v, D, p, counters);
-    back_project(ctx, stored, D, PN, W, lr, counters);
+    apply_adam(ctx, R, lr.rows, lr.cols, ld, m, v, D, p, counters);
+    if (stage_this) {
+      const DeviceView<T> copy(W_copy, l.shape.rows, ld);
+      stage(ctx, DeviceView<const T>(W), copy);
+      back_project(ctx, stored, D, PN, copy, Shape{lr.rows, ld}, counters);
+      unstage(ctx, DeviceView<const T>(copy), W);
+    } else {
+      back_project(ctx, stored, D, PN, W, lr, counters);
+    }
     return result;
   }
 
