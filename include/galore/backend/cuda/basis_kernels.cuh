@@ -74,6 +74,16 @@ __global__ void convert(const In* __restrict__ in, Out* __restrict__ out, std::i
 
 // Vector i of the result = eigenvector k-1-i (cuSOLVER sorts eigenvalues in
 // ascending order; column j of the column-major k x k output is eigenvector j).
+// out (rows x cols, contiguous) = in (rows x cols, leading dimension ld), converted.
+template <class In, class Out>
+__global__ void convert_rows(const In* __restrict__ in, std::int64_t ld, std::int64_t rows, std::int64_t cols,
+                             Out* __restrict__ out) {
+  const std::int64_t n = rows * cols;
+  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
+    out[i] = static_cast<Out>(to_float(in[i / cols * ld + i % cols]));
+}
+
 template <class E>
 __global__ void top_eigenvectors(const E* __restrict__ evecs, int k, int r, float* __restrict__ vecs) {
   const int i = blockIdx.y;

@@ -3,11 +3,10 @@
 // overloads are in backend/eigen/svd.hpp).
 //
 // - svd::Exact: the eigenvectors of the smaller Gram matrix (G^T G or G G^T,
-//   formed in float32 by cuBLAS) from cuSOLVER's syevd in float64; the other
-//   side's vectors are G v / |G v|. Relative to the CPU's
-//   float32 SVD the subspaces agree to about 1e-5 in float64 (the Gram matrix
-//   squares the condition number, so vectors of singular values below
-//   sqrt(float epsilon) * s_1 are not resolved; GaLore keeps the top ones).
+//   formed in float64 from the float or bf16 G) from cuSOLVER's syevd in
+//   float64; the other side's vectors are G v / |G v|. Squaring the condition
+//   number in float64 leaves the vectors of singular values down to about
+//   1e-6 of the largest resolved to float precision.
 // - svd::Randomized: the Gaussian sketch of the CPU (same Philox numbers),
 //   power iterations, then Rayleigh-Ritz.
 // - svd::WarmStart: subspace iteration from the previous basis, then
@@ -80,16 +79,14 @@ inline std::size_t potrf_bytes(Context& ctx, Index k, std::size_t* host_bytes = 
   return dev;
 }
 
-// Top-r eigenvectors (largest first) of the k x k symmetric float matrix `gram`,
-// solved in float64 by cuSOLVER's syevd, vector-major into vecs (r x k float).
-inline void top_eigenvectors(Context& ctx, WorkspaceArena& ws, const float* gram, Index k, Index r, float* vecs) {
+// Top-r eigenvectors (largest first) of the k x k symmetric float64 matrix `a`
+// (overwritten), solved by cuSOLVER's syevd, vector-major into vecs (r x k float).
+inline void top_eigenvectors(Context& ctx, WorkspaceArena& ws, double* a, Index k, Index r, float* vecs) {
   std::size_t host_bytes = 0;
   const std::size_t dev_bytes = syevd_bytes<double>(ctx, k, &host_bytes);
   int* info = ws.take<int>(1);
-  double* a = ws.take<double>(static_cast<std::size_t>(k * k));
   double* w = ws.take<double>(static_cast<std::size_t>(k));
   void* dwork = ws.take<unsigned char>(dev_bytes);
-  convert(ctx, gram, a, k * k);
   auto& h = ctx.host_scratch();
   if (h.size() < host_bytes) h.resize(host_bytes);
   check(cusolverDnXsyevd(ctx.solver(), ctx.solver_params(), CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, k,
@@ -101,11 +98,52 @@ inline void top_eigenvectors(Context& ctx, WorkspaceArena& ws, const float* gram
                      256, 0, ctx.stream()>>>(a, static_cast<int>(k), static_cast<int>(r), vecs);
   check_launch("galore::cuda::top_eigenvectors");
 }
-
-inline std::size_t top_eigenvectors_bytes(Context& ctx, Index k) {
+inline std::size_t top_eigenvectors_f64_bytes(Context& ctx, Index k) {
   using A = WorkspaceArena;
-  return A::align(sizeof(int)) + A::align(sizeof(double) * k * k) + A::align(sizeof(double) * k) +
-         A::align(syevd_bytes<double>(ctx, k));
+  return A::align(sizeof(int)) + A::align(sizeof(double) * k) + A::align(syevd_bytes<double>(ctx, k));
+}
+
+// The same for a float matrix, solved in float64.
+inline void top_eigenvectors(Context& ctx, WorkspaceArena& ws, const float* gram, Index k, Index r, float* vecs) {
+  double* a = ws.take<double>(static_cast<std::size_t>(k * k));
+  convert(ctx, gram, a, k * k);
+  top_eigenvectors(ctx, ws, a, k, r, vecs);
+}
+inline std::size_t top_eigenvectors_bytes(Context& ctx, Index k) {
+  return WorkspaceArena::align(sizeof(double) * k * k) + top_eigenvectors_f64_bytes(ctx, k);
+}
+
+// The smaller Gram matrix of G in float64 (k x k): G^T G when G has at least as
+// many rows as columns, else G G^T. G goes to float64 a block of at most
+// kGramBlock rows (or columns) at a time, so the workspace stays small; the
+// float64 products resolve the singular vectors of small singular values,
+// which a float32 Gram matrix (relative error 1e-7 of the largest eigenvalue)
+// rotates into each other when rank approaches min(m, n).
+constexpr Index kGramBlock = 1024;
+template <class T>
+void gram_f64(Context& ctx, WorkspaceArena& ws, DeviceView<const T> G, double* gram) {
+  const bool rows_side = G.rows >= G.cols;
+  const Index k = rows_side ? G.cols : G.rows, other = rows_side ? G.rows : G.cols;
+  const Index block = std::min(other, kGramBlock);
+  double* b = ws.take<double>(static_cast<std::size_t>(block * k));
+  for (Index at = 0; at < other; at += block) {
+    const Index len = std::min(block, other - at);
+    const double beta = at == 0 ? 0.0 : 1.0;
+    if (rows_side) {  // rows [at, at + len) of G: len x k
+      convert_rows<<<grid_for(len * k), kThreads, 0, ctx.stream()>>>(G.data + at * G.ld, G.ld, len, k, b);
+      check_launch("galore::cuda::convert_rows");
+      gemm(ctx, Op::T, Op::N, 1.0, DeviceView<const double>(b, len, k), DeviceView<const double>(b, len, k), beta,
+           DeviceView<double>(gram, k, k));
+    } else {  // columns [at, at + len) of G: k x len
+      convert_rows<<<grid_for(k * len), kThreads, 0, ctx.stream()>>>(G.data + at, G.ld, k, len, b);
+      check_launch("galore::cuda::convert_rows");
+      gemm(ctx, Op::N, Op::T, 1.0, DeviceView<const double>(b, k, len), DeviceView<const double>(b, k, len), beta,
+           DeviceView<double>(gram, k, k));
+    }
+  }
+}
+inline std::size_t gram_f64_bytes(Index m, Index n) {
+  return WorkspaceArena::align(sizeof(double) * std::min(std::max(m, n), kGramBlock) * std::min(m, n));
 }
 
 // Canonical signs, orientation and storage of vector-major vecs (r x len) as
@@ -265,9 +303,8 @@ void compute_basis(Context& ctx, WorkspaceArena& ws, const svd::Exact&, DeviceVi
   const Index m = G.rows, n = G.cols;
   const bool rows_side = m >= n;  // eigenvectors of G^T G (right vectors) when m >= n
   const Index k = rows_side ? n : m, other = rows_side ? m : n;
-  float* gram = ws.take<float>(static_cast<std::size_t>(k * k));
-  if (rows_side) gemm(ctx, Op::T, Op::N, 1.0f, G, G, 0.0f, DeviceView<float>(gram, k, k));
-  else gemm(ctx, Op::N, Op::T, 1.0f, G, G, 0.0f, DeviceView<float>(gram, k, k));
+  double* gram = ws.take<double>(static_cast<std::size_t>(k * k));
+  impl::gram_f64(ctx, ws, G, gram);
   float* native = ws.take<float>(static_cast<std::size_t>(r * k));
   impl::top_eigenvectors(ctx, ws, gram, k, r, native);
   const bool want_right = out.side != Side::Left, want_left = out.side != Side::Right;
@@ -292,9 +329,8 @@ template <class T>
 std::size_t compute_basis_bytes(Context& ctx, const svd::Exact&, Index m, Index n, Index r, Side) {
   const Index k = std::min(m, n), other = std::max(m, n);
   using A = WorkspaceArena;
-  return A::align(sizeof(float) * k * k) + A::align(sizeof(float) * r * k) +
-         impl::top_eigenvectors_bytes(ctx, k) + impl::as_type_bytes<T>(r * k) +
-         A::align(sizeof(float) * r * other);
+  return A::align(sizeof(double) * k * k) + impl::gram_f64_bytes(m, n) + A::align(sizeof(float) * r * k) +
+         impl::top_eigenvectors_f64_bytes(ctx, k) + impl::as_type_bytes<T>(r * k) + A::align(sizeof(float) * r * other);
 }
 
 // ---- Randomized ----------------------------------------------------------------------------------
