@@ -13,11 +13,7 @@ namespace {
 template <class State, class T, class Schedule>
 std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& W0,
                                     const std::vector<std::vector<float>>& grads, Schedule schedule, RunInfo* info) {
-  AdamConfig c;
-  c.lr = s.lr;
-  c.weight_decay = s.weight_decay;
-  c.eps = s.eps;
-  c.correct_bias = s.correct_bias;
+  const AdamConfig c = adam_of(s);
   GaLoreOptimizer<Projector<svd::Exact, quant::None, Schedule>, LowRankAdam<State>> opt(
       ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, LowRankAdam<State>(c), schedule);
   const Shape shape{s.rows, s.cols};
@@ -144,11 +140,7 @@ CpuCheckpointRun checkpoint_run(const CkptSpec& s, Schedule schedule, const std:
                                 const std::vector<std::vector<float>>& W0,
                                 const std::vector<std::vector<std::vector<float>>>& grads, double lr_after,
                                 bool with_weights) {
-  AdamConfig c;
-  c.lr = s.lr;
-  c.weight_decay = s.weight_decay;
-  c.eps = s.eps;
-  c.correct_bias = s.correct_bias;
+  const AdamConfig c = adam_of(s);
   GaLoreOptimizer<Projector<svd::Exact, quant::None, Schedule>, LowRankAdam<State>> opt(
       ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, LowRankAdam<State>(c), schedule);
   const std::size_t L = s.layers.size();

@@ -6,6 +6,8 @@
 #include <string>
 #include <vector>
 
+#include <galore/optim/adam_config.hpp>
+
 namespace galore_test {
 
 struct RunSpec {
@@ -95,6 +97,17 @@ struct CkptSpec {
 };
 
 // A layer's optimizer state, in float.
+// The AdamConfig of a RunSpec or CkptSpec (the other fields at their defaults).
+template <class Spec>
+galore::AdamConfig adam_of(const Spec& s) {
+  galore::AdamConfig c;
+  c.lr = s.lr;
+  c.weight_decay = s.weight_decay;
+  c.eps = s.eps;
+  c.correct_bias = s.correct_bias;
+  return c;
+}
+
 struct CpuLayerState {
   std::vector<float> m, v, left, right;  // basis factors: empty where the side has none
   long steps = 0, skipped = 0, svd_count = 0;

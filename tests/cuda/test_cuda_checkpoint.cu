@@ -85,15 +85,6 @@ Grads slice(const Grads& g, int from, int to) {
   return Grads(g.begin() + from, g.begin() + to);
 }
 
-AdamConfig adam_of(const CkptSpec& s) {
-  AdamConfig c;
-  c.lr = s.lr;
-  c.weight_decay = s.weight_decay;
-  c.eps = s.eps;
-  c.correct_bias = s.correct_bias;
-  return c;
-}
-
 template <class Schedule>
 Schedule schedule_of(const CkptSpec& s) {
   if constexpr (std::is_same_v<Schedule, schedule::Lazy>)

@@ -21,15 +21,6 @@ namespace {
 const ProjectionType kTypes[] = {ProjectionType::Std, ProjectionType::ReverseStd, ProjectionType::Left,
                                  ProjectionType::Right, ProjectionType::Full};
 
-AdamConfig adam_of(const RunSpec& s) {
-  AdamConfig c;
-  c.lr = s.lr;
-  c.weight_decay = s.weight_decay;
-  c.eps = s.eps;
-  c.correct_bias = s.correct_bias;
-  return c;
-}
-
 // W after every step on the GPU (T: the weights' element type; M: the moments').
 template <class T, class M = float, class Policy = svd::Exact>
 std::vector<std::vector<float>> gpu_run(const RunSpec& s, const std::vector<float>& W0,
