@@ -26,6 +26,7 @@
 #include "projector_options.hpp"
 #include "quant/none.hpp"
 #include "schedule/fixed_gap.hpp"
+#include "schedule/traits.hpp"
 #include "svd/exact.hpp"
 #include "types.hpp"
 
@@ -89,22 +90,6 @@ struct is_quant_policy<
                                                            std::declval<typename Q::Storage&>())),
                    decltype(std::declval<const Q&>().load(std::declval<const typename Q::Storage&>(),
                                                           std::declval<MatrixF&>()))>>
-    : std::true_type {};
-
-template <class S, class = void>
-struct watches_drift : std::false_type {};
-template <class S>
-struct watches_drift<S, std::void_t<decltype(std::declval<const S&>().wants_measurement(
-                            std::declval<const typename S::State&>(), std::int64_t{}, bool{}))>>
-    : std::true_type {};
-
-template <class S, class = void>
-struct is_schedule_policy : std::false_type {};
-template <class S>
-struct is_schedule_policy<
-    S, std::void_t<typename S::State, decltype(std::declval<const S&>().init()),
-                   decltype(std::declval<const S&>().due(std::declval<const typename S::State&>(),
-                                                         std::int64_t{}))>>
     : std::true_type {};
 
 }  // namespace detail

@@ -34,6 +34,13 @@ std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& 
     const LayerStats st = opt.stats(id);
     info->svd_count = st.svd_count;
     info->gap = st.update_gap;
+    info->skipped = st.skipped_steps;
+    if constexpr (std::is_same_v<Schedule, schedule::Drift>) {
+      const schedule::Drift::State& d = opt.projector(id).schedule_state();
+      info->drift_last_refresh = d.last_refresh;
+      info->drift_baseline = d.baseline;
+      info->drift_last_captured = d.last_captured;
+    }
   }
   return out;
 }
@@ -43,6 +50,9 @@ std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& 
                                     const std::vector<std::vector<float>>& grads, RunInfo* info) {
   if (s.lazy_queue > 0)
     return run<State, T>(s, W0, grads, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue}, info);
+  if (s.drift_check_every > 0)
+    return run<State, T>(s, W0, grads, schedule::Drift{s.drift_check_every, s.drift_tolerance, s.drift_min_gap, s.gap},
+                         info);
   return run<State, T>(s, W0, grads, schedule::FixedGap{s.gap}, info);
 }
 

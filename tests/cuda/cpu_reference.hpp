@@ -22,12 +22,19 @@ struct RunSpec {
   std::vector<double> lrs;      // learning rate per step (set_lr before it), if not empty
   int lazy_queue = 0;           // > 0: schedule::Lazy{gap, lazy_threshold, lazy_gamma, lazy_queue}
   double lazy_threshold = 0.4, lazy_gamma = 2.0;
+  long drift_check_every = 0;   // > 0: schedule::Drift{drift_check_every, drift_tolerance, drift_min_gap, gap}
+  double drift_tolerance = 0.1;
+  long drift_min_gap = 2;
 };
 
 // What the CPU's projector reports after a run.
 struct RunInfo {
   long svd_count = 0;
   long gap = 0;  // the refresh gap in force
+  long skipped = 0;
+  // schedule::Drift's state (when the run used it).
+  long drift_last_refresh = -1;
+  double drift_baseline = 0.0, drift_last_captured = 0.0;
 };
 
 // W after every step of the CPU GaLoreAdamW (exact SVD, fixed gap) over `grads`

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include "cpu_reference.hpp"
@@ -119,6 +120,65 @@ TEST_CASE("the lazy schedule on the GPU refreshes and grows its gap as on the CP
     CHECK(lazy.past.size() == static_cast<std::size_t>(type == ProjectionType::Right ? 24 : 40));
     CHECK(lazy.last_cosine > 0.99f);
     CHECK(opt.host_state_bytes() == sizeof(float) * (lazy.past.size() + 2));
+  }
+}
+
+TEST_CASE("the drift schedule on the GPU measures and refreshes as on the CPU") {
+  // Twelve gradients of one subspace, then twelve of another: measurements every
+  // 2 steps from step 2 set the baseline, then see the captured energy fall when
+  // the subspace changes and refresh at once. A NaN gradient on a measurement
+  // step (6) is skipped without touching the schedule. Right, left (40 x 21:
+  // the padded copies of an unaligned left layer) and both-sided bases.
+  for (const auto& c : {std::tuple{ProjectionType::Right, 40L, 24L}, std::tuple{ProjectionType::Left, 40L, 21L},
+                        std::tuple{ProjectionType::Full, 40L, 24L}}) {
+    const ProjectionType type = std::get<0>(c);
+    const long rows = std::get<1>(c), cols = std::get<2>(c);
+    INFO(to_string(type), " ", rows, "x", cols);
+    RunSpec s = spec_for(rows, cols, type);
+    s.rank = 4;
+    s.gap = 1000;
+    s.drift_check_every = 2;
+    s.drift_tolerance = 0.1;
+    s.drift_min_gap = 2;
+    auto grads = galore_test::separated_gradients(rows, cols, 6, 12, 31u);
+    const auto other = galore_test::separated_gradients(rows, cols, 6, 12, 77u);
+    grads.insert(grads.end(), other.begin(), other.end());
+    grads[6][5] = std::numeric_limits<float>::quiet_NaN();
+    const auto W0 = galore_test::gaussian(static_cast<std::size_t>(rows * cols), 23u);
+    galore_test::RunInfo cpu_info;
+    const auto cpu = galore_test::cpu_run(s, W0, grads, false, &cpu_info);
+
+    cuda::Context ctx;
+    cuda::GaLoreOptimizer<svd::Exact, float, schedule::Drift> opt(
+        ProjectorOptions{s.rank, type, s.scale}, adam_of(s),
+        schedule::Drift{s.drift_check_every, s.drift_tolerance, s.drift_min_gap, s.gap});
+    const LayerId id = opt.add_layer({rows, cols}, cuda::DType::Float32);
+    ctx.reserve_workspace(opt.workspace_bytes(ctx));
+    Device<float> W(W0), G(grads[0]);
+    std::vector<std::vector<float>> gpu;
+    for (std::size_t t = 0; t < grads.size(); ++t) {
+      G.upload(grads[t]);
+      const cuda::DeviceStepResult r = opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+      if (t == 6) CHECK((r.status_known && r.status == StepStatus::SkippedNonFinite));
+      gpu.push_back(W.download());
+    }
+    // The NaN step leaves W as it was: compare the other steps' trajectories.
+    std::vector<std::vector<float>> g2, c2;
+    for (std::size_t t = 0; t < gpu.size(); ++t)
+      if (t != 6) {
+        g2.push_back(gpu[t]);
+        c2.push_back(cpu[t]);
+      }
+    check_trajectories(g2, c2, W0, 1e-3, std::string("drift ") + to_string(type));
+    const LayerStats st = opt.stats(id, ctx);
+    CHECK(cpu_info.svd_count >= 2);  // the change of subspace refreshed
+    CHECK(st.svd_count == cpu_info.svd_count);
+    CHECK(st.skipped_steps == 1);
+    CHECK(cpu_info.skipped == 1);
+    const schedule::Drift::State& d = opt.schedule_state(id);
+    CHECK(d.last_refresh == cpu_info.drift_last_refresh);
+    CHECK(d.baseline == doctest::Approx(cpu_info.drift_baseline).epsilon(1e-4));
+    CHECK(d.last_captured == doctest::Approx(cpu_info.drift_last_captured).epsilon(1e-4));
   }
 }
 

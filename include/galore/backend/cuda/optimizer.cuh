@@ -11,6 +11,9 @@
 //     within the steps whose outcome the host does not know yet): it reads the
 //     layer's counters once before deciding, and once after projecting, so that
 //     a skipped refresh step leaves the basis and the schedule untouched;
+//   - with a drift-watching schedule (schedule::Drift), a step that may measure
+//     (every check_every steps): it reads the counters, the sums |G|^2 and
+//     |R|^2, and after projecting the counters again;
 //   - status(), stats() and the checkpoint functions, which read device state.
 // A step that is skipped on the device (NaN or Inf in the gradient, or an update
 // that would not be finite) leaves W, the moments and the basis untouched, and
@@ -36,11 +39,14 @@
 #include "../../optim/step_result.hpp"
 #include "../../projection_type.hpp"
 #include "../../projector_options.hpp"
+#include "../../schedule/drift.hpp"
 #include "../../schedule/fixed_gap.hpp"
 #include "../../schedule/lazy.hpp"
+#include "../../schedule/traits.hpp"
 #include "adam.cuh"
 #include "context.cuh"
 #include "device_buffer.cuh"
+#include "drift.cuh"
 #include "gemm.cuh"
 #include "refresh.cuh"
 #include "staging.cuh"
@@ -69,9 +75,9 @@ struct DeviceStepResult {
 template <class SVDPolicy = svd::Exact, class MomentT = float, class SchedulePolicy = schedule::FixedGap>
 class GaLoreOptimizer {
   static_assert(is_device_scalar_v<MomentT>, "galore: MomentT is float or __nv_bfloat16");
-  static_assert(std::is_same_v<SchedulePolicy, schedule::FixedGap> || std::is_same_v<SchedulePolicy, schedule::Lazy>,
-                "galore: the CUDA backend runs schedule::FixedGap and schedule::Lazy (schedule::Drift measures "
-                "every few steps on the host: not on the GPU yet)");
+  static_assert(detail::is_schedule_policy<SchedulePolicy>::value,
+                "galore: SchedulePolicy needs a nested State, init() and due(state, step) (schedule/*.hpp)");
+  static constexpr bool watches_drift = detail::watches_drift<SchedulePolicy>::value;
 
  public:
   using svd_policy = SVDPolicy;
@@ -368,6 +374,17 @@ class GaLoreOptimizer {
     }
   }
 
+  // Could a drift measurement be wanted at any step count the layer may have reached?
+  bool measurement_may_be_wanted(const Layer& l, bool just_refreshed) const {
+    if constexpr (watches_drift) {
+      if (!l.has_basis && !just_refreshed) return false;
+      for (std::int64_t s = l.known_applied; s <= l.known_applied + l.pending; ++s)
+        if (schedule_.wants_measurement(l.state, s, just_refreshed)) return true;
+    }
+    (void)l, (void)just_refreshed;
+    return false;
+  }
+
   // A left-projected layer whose column count is not a multiple of 8 steps on
   // padded copies of G and W (staging.cuh says why); its R and D are padded too.
   static bool staged(const Layer& l) {
@@ -385,6 +402,7 @@ class GaLoreOptimizer {
     const std::size_t lr = static_cast<std::size_t>(l.low_rank.rows * (staged(l) ? step_cols(l) : l.low_rank.cols));
     std::size_t b = A::align(sizeof(float) * lr) + A::align(t * lr);
     if (staged(l)) b += 2 * A::align(t * static_cast<std::size_t>(l.shape.rows * step_cols(l)));
+    if constexpr (watches_drift) b += captured_energy_bytes();
     const std::size_t mr = static_cast<std::size_t>(l.shape.rows * l.options.rank);
     const std::size_t rn = static_cast<std::size_t>(l.options.rank * l.shape.cols);
     if (l.side == Side::Both) b += 2 * A::align(sizeof(float) * mr) + A::align(t * mr);
@@ -452,13 +470,54 @@ class GaLoreOptimizer {
     } else {
       project(ctx, use, G, R, X, Pf, lr);
     }
+
+    // A drift-watching schedule measures the fraction of G's energy the basis
+    // captured (synchronizes: the step count, then the sums) and may refresh now;
+    // its new state is adopted only if the step applies.
+    typename SchedulePolicy::State measured_state{};
+    bool measured = false;
+    if constexpr (watches_drift) {
+      if (measurement_may_be_wanted(l, refresh)) {
+        if (l.pending > 0) (void)read_counters(l, ctx);
+        const std::int64_t step = l.known_applied;
+        if (schedule_.wants_measurement(l.state, step, refresh)) {
+          const double captured = captured_energy(ctx, ws, G, R, lr.rows * ld);
+          measured_state = l.state;
+          measured = true;
+          if (schedule_.on_measurement(measured_state, step, captured, refresh)) {
+            DeviceBasis<T> candidate = use;
+            if (!refresh) {
+              if (l.side != Side::Right) candidate.left = ws.take<T>(static_cast<std::size_t>(l.shape.rows * r));
+              if (l.side != Side::Left) candidate.right = ws.take<T>(static_cast<std::size_t>(r * l.shape.cols));
+            }
+            compute_basis(ctx, ws, svd_, G, r, candidate, &use);  // `use` may alias `candidate`
+            use = candidate;
+            refresh = true;
+            if (stage_this)
+              project(ctx, use, DeviceView<const T>(DeviceView<T>(G_copy, l.shape.rows, ld)), R, X, Pf,
+                      Shape{lr.rows, ld});
+            else
+              project(ctx, use, G, R, X, Pf, lr);
+          }
+        }
+      }
+    }
+
     MomentT* m = reinterpret_cast<MomentT*>(l.storage.data());
     MomentT* v = reinterpret_cast<MomentT*>(l.storage.data() + layout(l).v);
     StepCounters* counters = counters_of(l);
     const AdamLaunch p = launch(l.options.scale);
     check_step(ctx, R, lr.rows * ld, p, counters);  // padded columns of R are 0
 
-    if (refresh) {
+    if (measured && !refresh) {
+      const StepCounters c = read_counters(l, ctx);
+      result.status_known = true;
+      if (c.last_skipped) {
+        result.status = StepStatus::SkippedNonFinite;
+        return result;
+      }
+      l.state = std::move(measured_state);
+    } else if (refresh) {
       // Adopt the candidate only if the step is applied: a skipped refresh step
       // leaves the basis, the SVD count and the schedule untouched.
       const StepCounters c = read_counters(l, ctx);
@@ -467,6 +526,7 @@ class GaLoreOptimizer {
         result.status = StepStatus::SkippedNonFinite;
         return result;
       }
+      if (measured) l.state = std::move(measured_state);
       const std::size_t t = sizeof(T);
       if (l.side != Side::Right)
         check(cudaMemcpyAsync(stored.left, use.left, t * l.shape.rows * r, cudaMemcpyDeviceToDevice, ctx.stream()),
@@ -474,8 +534,10 @@ class GaLoreOptimizer {
       if (l.side != Side::Left)
         check(cudaMemcpyAsync(stored.right, use.right, t * r * l.shape.cols, cudaMemcpyDeviceToDevice, ctx.stream()),
               "cudaMemcpyAsync");
-      if constexpr (!std::is_same_v<SchedulePolicy, schedule::FixedGap>)
+      if constexpr (std::is_same_v<SchedulePolicy, schedule::Lazy>)
         schedule_.on_refresh(l.state, c.applied - 1, first_singular_vector(l, use, ctx));
+      else if constexpr (!std::is_same_v<SchedulePolicy, schedule::FixedGap>)
+        schedule_.on_refresh(l.state, c.applied - 1, Span<const float>{});
       l.has_basis = true;
       ++l.svd_count;
       result.refreshed = true;
