@@ -474,6 +474,55 @@ TEST_CASE("randomized and warm-started refreshes capture the exact top-r energy"
   run(iterate_only, "warm start without Rayleigh-Ritz");
 }
 
+TEST_CASE("the refreshed basis is orthonormal when the top singular values span a factor 10^4") {
+  // A warm start orthonormalizes X = G^T G P^T, whose condition number is the
+  // square of the spread (1e8 here): directions the first, shifted CholeskyQR
+  // pass flattens (to norm 0.03) must come back orthonormal.
+  const long m = 96, n = 64, r = 8, k = 12;
+  const auto A = galore_test::gaussian(static_cast<std::size_t>(m * k), 41u);
+  const auto B = galore_test::gaussian(static_cast<std::size_t>(k * n), 42u);
+  std::vector<std::vector<float>> grads;
+  for (int t = 0; t < 3; ++t) {
+    std::vector<float> g = galore_test::gaussian(static_cast<std::size_t>(m * n), 43u + t, 1e-7f);
+    for (long i = 0; i < m; ++i)
+      for (long j = 0; j < n; ++j) {
+        double x = 0.0;
+        for (long q = 0; q < k; ++q)
+          x += (q < r ? std::pow(10.0, -4.0 * q / (r - 1)) : 1e-5) * A[i * k + q] * B[q * n + j];
+        g[i * n + j] += static_cast<float>(x);
+      }
+    grads.push_back(std::move(g));
+  }
+  auto run = [&](auto policy, const char* name) {
+    INFO(name);
+    cuda::Context ctx;
+    cuda::GaLoreOptimizer<decltype(policy)> opt(ProjectorOptions{r, ProjectionType::Right, 0.25f}, AdamConfig{},
+                                                schedule::FixedGap{1}, policy);
+    const LayerId id = opt.add_layer({m, n}, cuda::DType::Float32);
+    ctx.reserve_workspace(opt.workspace_bytes(ctx));
+    Device<float> W(std::vector<float>(static_cast<std::size_t>(m * n), 0.0f)), G(grads[0]);
+    for (const auto& g : grads) {
+      G.upload(g);
+      opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+      REQUIRE(opt.status(id, ctx) == StepStatus::Applied);
+      const auto P = Device<float>::download(opt.template basis<float>(id).right, static_cast<std::size_t>(r * n));
+      double worst = 0.0;
+      for (long a = 0; a < r; ++a)
+        for (long b = 0; b < r; ++b) {
+          double x = 0.0;
+          for (long j = 0; j < n; ++j) x += double(P[a * n + j]) * P[b * n + j];
+          worst = std::max(worst, std::abs(x - (a == b ? 1.0 : 0.0)));
+        }
+      CHECK(worst < 1e-4);
+    }
+  };
+  run(svd::Randomized{}, "randomized");
+  run(svd::WarmStart{}, "warm start");
+  svd::WarmStart iterate_only;
+  iterate_only.rayleigh_ritz = false;
+  run(iterate_only, "warm start without Rayleigh-Ritz");
+}
+
 TEST_CASE("a zero or rank-deficient gradient gives a finite step and a finite basis") {
   for (int policy = 0; policy < 3; ++policy) {
     INFO("policy ", policy);

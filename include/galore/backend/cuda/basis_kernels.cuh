@@ -72,8 +72,6 @@ __global__ void convert(const In* __restrict__ in, Out* __restrict__ out, std::i
   }
 }
 
-// Vector i of the result = eigenvector k-1-i (cuSOLVER sorts eigenvalues in
-// ascending order; column j of the column-major k x k output is eigenvector j).
 // out (rows x cols, contiguous) = in (rows x cols, leading dimension ld), converted.
 template <class In, class Out>
 __global__ void convert_rows(const In* __restrict__ in, std::int64_t ld, std::int64_t rows, std::int64_t cols,
@@ -84,6 +82,8 @@ __global__ void convert_rows(const In* __restrict__ in, std::int64_t ld, std::in
     out[i] = static_cast<Out>(to_float(in[i / cols * ld + i % cols]));
 }
 
+// Vector i of the result = eigenvector k-1-i (cuSOLVER sorts eigenvalues in
+// ascending order; column j of the column-major k x k output is eigenvector j).
 template <class E>
 __global__ void top_eigenvectors(const E* __restrict__ evecs, int k, int r, float* __restrict__ vecs) {
   const int i = blockIdx.y;
@@ -163,13 +163,12 @@ __global__ void shift_diagonal(double* c, int k, double relative, double absolut
   for (int i = threadIdx.x; i < k; i += blockDim.x) c[static_cast<std::int64_t>(i) * k + i] += s;
 }
 
-// c <- a * c + b * I for a k x k matrix (identity: a = 0, b = 1; the
-// Newton-Schulz factor (3I - M)/2: a = -1/2, b = 3/2).
-__global__ void scale_add_identity(double* c, int k, double a, double b) {
+// c <- the k x k identity.
+__global__ void set_identity(double* c, int k) {
   const std::int64_t n = static_cast<std::int64_t>(k) * k;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    c[i] = (a == 0.0 ? 0.0 : a * c[i]) + (i / k == i % k ? b : 0.0);
+    c[i] = i / k == i % k ? 1.0 : 0.0;
 }
 
 // Gaussian numbers from Philox (Box-Muller), element for element the CPU's

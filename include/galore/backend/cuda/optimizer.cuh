@@ -459,7 +459,8 @@ class GaLoreOptimizer {
       DeviceBasis<T> candidate = stored;
       if (l.side != Side::Right) candidate.left = ws.take<T>(static_cast<std::size_t>(l.shape.rows * r));
       if (l.side != Side::Left) candidate.right = ws.take<T>(static_cast<std::size_t>(r * l.shape.cols));
-      compute_basis(ctx, ws, svd_, G, r, candidate, l.has_basis ? &stored : nullptr);
+      WorkspaceArena scratch = ws;  // the policy's scratch is dead once it returns
+      compute_basis(ctx, scratch, svd_, G, r, candidate, l.has_basis ? &stored : nullptr);
       use = candidate;
     }
 
@@ -480,17 +481,22 @@ class GaLoreOptimizer {
       if (measurement_may_be_wanted(l, refresh)) {
         if (l.pending > 0) (void)read_counters(l, ctx);
         const std::int64_t step = l.known_applied;
-        if (schedule_.wants_measurement(l.state, step, refresh)) {
-          const double captured = captured_energy(ctx, ws, G, R, lr.rows * ld);
+        // Measured only when R is in range: otherwise the step is skipped (as on
+        // the CPU, before measuring) by check_step below.
+        const CapturedEnergy e = schedule_.wants_measurement(l.state, step, refresh)
+                                     ? captured_energy(ctx, ws, G, R, lr.rows * ld)
+                                     : CapturedEnergy{false, 1.0};
+        if (e.in_range) {
           measured_state = l.state;
           measured = true;
-          if (schedule_.on_measurement(measured_state, step, captured, refresh)) {
+          if (schedule_.on_measurement(measured_state, step, e.captured, refresh)) {
             DeviceBasis<T> candidate = use;
             if (!refresh) {
               if (l.side != Side::Right) candidate.left = ws.take<T>(static_cast<std::size_t>(l.shape.rows * r));
               if (l.side != Side::Left) candidate.right = ws.take<T>(static_cast<std::size_t>(r * l.shape.cols));
             }
-            compute_basis(ctx, ws, svd_, G, r, candidate, &use);  // `use` may alias `candidate`
+            WorkspaceArena scratch = ws;
+            compute_basis(ctx, scratch, svd_, G, r, candidate, &use);  // `use` may alias `candidate`
             use = candidate;
             refresh = true;
             if (stage_this)
@@ -534,10 +540,12 @@ class GaLoreOptimizer {
       if (l.side != Side::Left)
         check(cudaMemcpyAsync(stored.right, use.right, t * r * l.shape.cols, cudaMemcpyDeviceToDevice, ctx.stream()),
               "cudaMemcpyAsync");
-      if constexpr (std::is_same_v<SchedulePolicy, schedule::Lazy>)
-        schedule_.on_refresh(l.state, c.applied - 1, first_singular_vector(l, use, ctx));
-      else if constexpr (!std::is_same_v<SchedulePolicy, schedule::FixedGap>)
+      // The first singular vector for schedules that may compare it (the lazy
+      // one; a custom one): Drift ignores it.
+      if constexpr (std::is_same_v<SchedulePolicy, schedule::Drift>)
         schedule_.on_refresh(l.state, c.applied - 1, Span<const float>{});
+      else if constexpr (!std::is_same_v<SchedulePolicy, schedule::FixedGap>)
+        schedule_.on_refresh(l.state, c.applied - 1, first_singular_vector(l, use, ctx));
       l.has_basis = true;
       ++l.svd_count;
       result.refreshed = true;

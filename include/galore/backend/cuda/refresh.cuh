@@ -4,15 +4,16 @@
 //
 // - svd::Exact: the eigenvectors of the smaller Gram matrix (G^T G or G G^T,
 //   formed in float64 from the float or bf16 G) from cuSOLVER's syevd in
-//   float64; the other side's vectors are G v / |G v|. Squaring the condition
-//   number in float64 leaves the vectors of singular values down to about
-//   1e-6 of the largest resolved to float precision.
+//   float64; the other side's vectors are G v / |G v|. The float64 Gram
+//   matrix (error about sqrt(k) 1e-16 of the largest eigenvalue) resolves the
+//   vectors of singular values down to about 2e-4 of the largest to float
+//   precision; the other side's, computed in G's type, lose a factor s_1 / s_i.
 // - svd::Randomized: the Gaussian sketch of the CPU (same Philox numbers),
 //   power iterations, then Rayleigh-Ritz.
 // - svd::WarmStart: subspace iteration from the previous basis, then
 //   Rayleigh-Ritz (or the orthonormalized iterate, with rayleigh_ritz off).
-// Orthonormalization is one shifted CholeskyQR pass and two Newton-Schulz
-// steps, in float64 (orthonormalize below says why).
+// Orthonormalization is CholeskyQR in float64, three passes, each Gram matrix
+// shifted (orthonormalize below says why).
 // Signs are canonical and oriented like the previous basis, as on the CPU.
 //
 // Nothing here synchronizes the host. The result goes to `out` (which may be
@@ -178,23 +179,21 @@ std::size_t as_type_bytes(std::int64_t n) {
   return std::is_same_v<T, float> ? 0 : WorkspaceArena::align(sizeof(T) * n);
 }
 
-// X (len x l, row-major float) <- an orthonormal basis of its columns, in
-// float64: one CholeskyQR pass (Gram matrix, Cholesky, X L^-T through the
-// explicit inverse L^-1 and a GEMM), then two Newton-Schulz steps
-// Q <- Q (3I - Q^T Q) / 2, which are GEMMs only.
-//
-// The Gram matrix is shifted by 1e-12 of its mean diagonal (plus 1e-300, for
-// an all-zero X): that keeps the Cholesky factorization defined when the
-// columns are dependent (a gradient of rank below l); there the shifted factor
-// gives Q^T Q = I - s L^-1 L^-T <= I, so every singular value of Q is at most
-// 1 and Newton-Schulz, which maps sigma to sigma (3 - sigma^2) / 2, moves each
-// toward 1 without overshooting. The first pass leaves Q orthonormal to about
-// kappa(X)^2 * 1e-16; each step squares that error, so two steps reach float
-// precision for kappa(X) up to about 1e7, beyond what float data resolves.
-// Directions of X below the shift come out as vectors of tiny norm, never NaN.
-// (Further CholeskyQR passes would repeat the slow part: for l = 512 on an
-// H200, cuSOLVER's potrf takes 200 us and cuBLAS' trsm against 2048 right-hand
-// sides 160 us, the Gram GEMM 24 us; tools/probe/refresh_probe.cu.)
+// X (len x l, row-major float) <- an orthonormal basis of its columns by
+// CholeskyQR in float64, three passes: Gram matrix (DGEMM), Cholesky (potrf),
+// then X L^-T as a GEMM with the explicit inverse L^-1 (a triangular solve
+// against the identity: on 512 x 512 problems cuBLAS' trsm against 2048
+// right-hand sides took 160 us on an H200, the Gram GEMM 24 us;
+// tools/probe/refresh_probe.cu). Each Gram matrix is shifted by 1e-12 of its
+// mean diagonal (plus 1e-300, for an all-zero X): that keeps the factorization
+// defined when the columns are dependent (a gradient of rank below l), where
+// the dependent directions come out as an arbitrary orthonormal completion or
+// as zero vectors, never as NaN. The shift also flattens directions below
+// 1e-6 of the largest in the first pass; the second pass restores them and the
+// third orthonormality. (One pass and Newton-Schulz steps instead was faster
+// but left such directions short and not orthogonal: kappa(X) >= 1e6, which a
+// warm start's X = G^T G P^T reaches when the top r singular values of G span
+// a factor 1000.)
 inline void orthonormalize(Context& ctx, WorkspaceArena& ws, float* X, Index len, Index l) {
   double* xd = ws.take<double>(static_cast<std::size_t>(len * l));
   double* yd = ws.take<double>(static_cast<std::size_t>(len * l));
@@ -207,38 +206,30 @@ inline void orthonormalize(Context& ctx, WorkspaceArena& ws, float* X, Index len
   auto& h = ctx.host_scratch();
   if (h.size() < host_bytes) h.resize(host_bytes);
   convert(ctx, X, xd, len * l);
-  // Column-major, X's memory is X^T (l x len, ld l); products below are in those terms.
+  // Column-major, X's memory is X^T (l x len, ld l); the products are in those terms.
   const int li = static_cast<int>(l), leni = static_cast<int>(len);
   const double one = 1.0, zero = 0.0;
   const unsigned small_grid = static_cast<unsigned>(std::min<Index>((l * l + kThreads - 1) / kThreads, 1024));
   check(cublasSetPointerMode(ctx.blas(), CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
-  auto gram = [&](const double* q) {  // c = X^T X
-    check(cublasDgemm(ctx.blas(), CUBLAS_OP_N, CUBLAS_OP_T, li, li, leni, &one, q, li, q, li, &zero, c, li),
-          "cublasDgemm");
-  };
-  gram(xd);
-  shift_diagonal<<<1, kVectorThreads, 0, ctx.stream()>>>(c, li, 1e-12, 1e-300);
-  check_launch("galore::cuda::shift_diagonal");
-  check(cusolverDnXpotrf(ctx.solver(), ctx.solver_params(), CUBLAS_FILL_MODE_LOWER, l, CUDA_R_64F, c, l, CUDA_R_64F,
-                         dwork, dev_bytes, host_bytes ? h.data() : nullptr, host_bytes, info),
-        "cusolverDnXpotrf");
-  // z = L^-1 (a triangular solve against the identity), then X^T <- L^-1 X^T.
-  scale_add_identity<<<small_grid, kThreads, 0, ctx.stream()>>>(z, li, 0.0, 1.0);
-  check_launch("galore::cuda::scale_add_identity");
-  check(cublasDtrsm(ctx.blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, li, li,
-                    &one, c, li, z, li),
-        "cublasDtrsm");
-  check(cublasDgemm(ctx.blas(), CUBLAS_OP_N, CUBLAS_OP_N, li, leni, li, &one, z, li, xd, li, &zero, yd, li),
-        "cublasDgemm");
-  for (int step = 0; step < 2; ++step) {  // Q <- Q (3I - Q^T Q)/2, i.e. Q^T <- ((3I - Q^T Q)/2) Q^T
-    gram(yd);
-    scale_add_identity<<<small_grid, kThreads, 0, ctx.stream()>>>(c, li, -0.5, 1.5);
-    check_launch("galore::cuda::scale_add_identity");
-    check(cublasDgemm(ctx.blas(), CUBLAS_OP_N, CUBLAS_OP_N, li, leni, li, &one, c, li, yd, li, &zero, xd, li),
+  for (int pass = 0; pass < 3; ++pass) {
+    check(cublasDgemm(ctx.blas(), CUBLAS_OP_N, CUBLAS_OP_T, li, li, leni, &one, xd, li, xd, li, &zero, c, li),
+          "cublasDgemm");  // c = X^T X
+    shift_diagonal<<<1, kVectorThreads, 0, ctx.stream()>>>(c, li, 1e-12, 1e-300);
+    check_launch("galore::cuda::shift_diagonal");
+    check(cusolverDnXpotrf(ctx.solver(), ctx.solver_params(), CUBLAS_FILL_MODE_LOWER, l, CUDA_R_64F, c, l,
+                           CUDA_R_64F, dwork, dev_bytes, host_bytes ? h.data() : nullptr, host_bytes, info),
+          "cusolverDnXpotrf");
+    // z = L^-1, then X^T <- L^-1 X^T (into yd; the buffers swap).
+    set_identity<<<small_grid, kThreads, 0, ctx.stream()>>>(z, li);
+    check_launch("galore::cuda::set_identity");
+    check(cublasDtrsm(ctx.blas(), CUBLAS_SIDE_LEFT, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, CUBLAS_DIAG_NON_UNIT, li,
+                      li, &one, c, li, z, li),
+          "cublasDtrsm");
+    check(cublasDgemm(ctx.blas(), CUBLAS_OP_N, CUBLAS_OP_N, li, leni, li, &one, z, li, xd, li, &zero, yd, li),
           "cublasDgemm");
     std::swap(xd, yd);
   }
-  convert(ctx, yd, X, len * l);
+  convert(ctx, xd, X, len * l);
 }
 inline std::size_t orthonormalize_bytes(Context& ctx, Index l, Index len) {
   return 2 * WorkspaceArena::align(sizeof(double) * len * l) + 2 * WorkspaceArena::align(sizeof(double) * l * l) +
