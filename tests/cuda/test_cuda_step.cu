@@ -69,6 +69,48 @@ void check_trajectories(const std::vector<std::vector<float>>& gpu, const std::v
   }
 }
 
+// max |P P^T - I| of r rows of length n (a right basis factor).
+double orthonormality(const std::vector<float>& P, long r, long n) {
+  double worst = 0.0;
+  for (long a = 0; a < r; ++a)
+    for (long b = 0; b < r; ++b) {
+      double x = 0.0;
+      for (long j = 0; j < n; ++j) x += double(P[a * n + j]) * P[b * n + j];
+      worst = std::max(worst, std::abs(x - (a == b ? 1.0 : 0.0)));
+    }
+  return worst;
+}
+
+// run(policy, name) for the randomized and warm-started policies.
+template <class Run>
+void with_iterative_policies(Run run) {
+  run(svd::Randomized{}, "randomized");
+  run(svd::WarmStart{}, "warm start");
+  svd::WarmStart iterate_only;
+  iterate_only.rayleigh_ritz = false;
+  run(iterate_only, "warm start without Rayleigh-Ritz");
+}
+
+// Steps an m x n float layer with a right basis through grads, refreshing with
+// `policy` at every step; check(G, P) after each applied step.
+template <class Policy, class Check>
+void refresh_every_step(Policy policy, long m, long n, long r, ProjectionType type,
+                        const std::vector<std::vector<float>>& grads, Check check) {
+  cuda::Context ctx;
+  cuda::GaLoreOptimizer<Policy> opt(ProjectorOptions{r, type, 0.25f}, AdamConfig{}, schedule::FixedGap{1}, policy);
+  const LayerId id = opt.add_layer({m, n}, cuda::DType::Float32);
+  REQUIRE(opt.side(id) == Side::Right);
+  ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  Device<float> W(std::vector<float>(static_cast<std::size_t>(m * n), 0.0f)), G(grads[0]);
+  for (const auto& g : grads) {
+    G.upload(g);
+    opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+    REQUIRE(opt.status(id, ctx) == StepStatus::Applied);
+    check(g, Device<float>::download(opt.template basis<float>(id).right, static_cast<std::size_t>(r * n)));
+  }
+  CHECK(opt.svd_count(id) == static_cast<std::int64_t>(grads.size()));
+}
+
 }  // namespace
 
 TEST_CASE("float32 GaLore steps match the CPU for every projection type over several refreshes") {
@@ -440,38 +482,14 @@ TEST_CASE("randomized and warm-started refreshes capture the exact top-r energy"
     for (long q = 0; q < r; ++q) top += double(sv[q]) * sv[q];
     return captured / top;
   };
-  auto orthonormality = [&](const std::vector<float>& P) {
-    double worst = 0.0;
-    for (long a = 0; a < r; ++a)
-      for (long b = 0; b < r; ++b) {
-        double x = 0.0;
-        for (long j = 0; j < n; ++j) x += double(P[a * n + j]) * P[b * n + j];
-        worst = std::max(worst, std::abs(x - (a == b ? 1.0 : 0.0)));
-      }
-    return worst;
-  };
-  auto run = [&](auto policy, std::string name) {
+  auto run = [&](auto policy, const char* name) {
     INFO(name);
-    cuda::Context ctx;
-    cuda::GaLoreOptimizer<decltype(policy)> opt(ProjectorOptions{r, ProjectionType::Std, 0.25f}, AdamConfig{},
-                                                schedule::FixedGap{1}, policy);
-    const LayerId id = opt.add_layer({m, n}, cuda::DType::Float32);
-    ctx.reserve_workspace(opt.workspace_bytes(ctx));
-    Device<float> W(std::vector<float>(static_cast<std::size_t>(m * n), 0.0f)), G(grads[0]);
-    for (const auto& g : grads) {
-      G.upload(g);
-      opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
-      const auto P = Device<float>::download(opt.template basis<float>(id).right, static_cast<std::size_t>(r * n));
+    refresh_every_step(policy, m, n, r, ProjectionType::Std, grads, [&](const auto& g, const auto& P) {
       CHECK(energy(g, P) > 0.995);
-      CHECK(orthonormality(P) < 1e-4);
-    }
-    CHECK(opt.svd_count(id) == 3);
+      CHECK(orthonormality(P, r, n) < 1e-4);
+    });
   };
-  run(svd::Randomized{}, "randomized");
-  run(svd::WarmStart{}, "warm start");
-  svd::WarmStart iterate_only;
-  iterate_only.rayleigh_ritz = false;
-  run(iterate_only, "warm start without Rayleigh-Ritz");
+  with_iterative_policies(run);
 }
 
 TEST_CASE("the refreshed basis is orthonormal when the top singular values span a factor 10^4") {
@@ -495,32 +513,10 @@ TEST_CASE("the refreshed basis is orthonormal when the top singular values span 
   }
   auto run = [&](auto policy, const char* name) {
     INFO(name);
-    cuda::Context ctx;
-    cuda::GaLoreOptimizer<decltype(policy)> opt(ProjectorOptions{r, ProjectionType::Right, 0.25f}, AdamConfig{},
-                                                schedule::FixedGap{1}, policy);
-    const LayerId id = opt.add_layer({m, n}, cuda::DType::Float32);
-    ctx.reserve_workspace(opt.workspace_bytes(ctx));
-    Device<float> W(std::vector<float>(static_cast<std::size_t>(m * n), 0.0f)), G(grads[0]);
-    for (const auto& g : grads) {
-      G.upload(g);
-      opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
-      REQUIRE(opt.status(id, ctx) == StepStatus::Applied);
-      const auto P = Device<float>::download(opt.template basis<float>(id).right, static_cast<std::size_t>(r * n));
-      double worst = 0.0;
-      for (long a = 0; a < r; ++a)
-        for (long b = 0; b < r; ++b) {
-          double x = 0.0;
-          for (long j = 0; j < n; ++j) x += double(P[a * n + j]) * P[b * n + j];
-          worst = std::max(worst, std::abs(x - (a == b ? 1.0 : 0.0)));
-        }
-      CHECK(worst < 1e-4);
-    }
+    refresh_every_step(policy, m, n, r, ProjectionType::Right, grads,
+                       [&](const auto&, const auto& P) { CHECK(orthonormality(P, r, n) < 1e-4); });
   };
-  run(svd::Randomized{}, "randomized");
-  run(svd::WarmStart{}, "warm start");
-  svd::WarmStart iterate_only;
-  iterate_only.rayleigh_ritz = false;
-  run(iterate_only, "warm start without Rayleigh-Ritz");
+  with_iterative_policies(run);
 }
 
 TEST_CASE("a zero or rank-deficient gradient gives a finite step and a finite basis") {
