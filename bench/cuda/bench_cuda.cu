@@ -136,8 +136,8 @@ double gemm_flops(const Model& m) {
 void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step) {
   cuda::Context ctx;
   Weights& w = weights_for(m, ctx);
-  cuda::GaLoreOptimizer<svd::Randomized> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f},
-                                                       AdamConfig{}, schedule::FixedGap{1000000000});
+  cuda::GaLoreOptimizer<Projector<svd::Randomized>> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f},
+                                                         AdamConfig{}, schedule::FixedGap{1000000000});
   std::vector<LayerId> ids;
   for (Shape s : w.shapes)
     ids.push_back(galore_step ? opt.add_layer(s, cuda::DType::BFloat16) : opt.add_dense(s, cuda::DType::BFloat16));

@@ -21,6 +21,7 @@
 
 #include "backend/eigen/svd.hpp"
 #include "basis.hpp"
+#include "policies.hpp"
 #include "projection.hpp"
 #include "projection_type.hpp"
 #include "projector_options.hpp"
@@ -99,8 +100,8 @@ struct BasisScratch {
   MatrixF left, right;
 };
 
-template <class SVDPolicy = svd::Exact, class QuantPolicy = quant::None,
-          class SchedulePolicy = schedule::FixedGap>
+// The default policies are declared with the name in policies.hpp.
+template <class SVDPolicy, class QuantPolicy, class SchedulePolicy>
 class Projector {
   static_assert(detail::is_svd_policy<SVDPolicy>::value,
                 "SVDPolicy needs, on the CPU: void compute(ConstMatrixRef<float> G, Index rank, Side side, "

@@ -6,9 +6,18 @@
 
 #include <cmath>
 #include <random>
+#include <type_traits>
 #include <vector>
 
 namespace galore_test {
+
+// The GPU facade whose moments the device keeps in M (float or cuda::bf16),
+// spelled with the policy names both backends take (galore/policies.hpp).
+template <class M>
+using StateOf = galore::state::Dense<std::conditional_t<std::is_same_v<M, float>, float, galore::bfloat16>>;
+template <class SVD = galore::svd::Exact, class M = float, class Schedule = galore::schedule::FixedGap>
+using GpuOptimizer = galore::cuda::GaLoreOptimizer<galore::Projector<SVD, galore::quant::None, Schedule>,
+                                                   galore::LowRankAdam<StateOf<M>>>;
 
 template <class T>
 struct Device {

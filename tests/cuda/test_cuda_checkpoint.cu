@@ -96,7 +96,7 @@ Schedule schedule_of(const CkptSpec& s) {
 // The GPU optimizer of a spec with its layers' weights and gradients in device memory.
 template <class M, class Schedule>
 struct Gpu {
-  using Opt = cuda::GaLoreOptimizer<svd::Exact, M, Schedule>;
+  using Opt = galore_test::GpuOptimizer<svd::Exact, M, Schedule>;
   CkptSpec spec;
   cuda::Context& ctx;
   Opt opt;

@@ -118,7 +118,7 @@ TEST_CASE("golden galore_adamw on the GPU: every case matches galore_torch") {
 
     {  // the GPU's own SVD reproduces W within the first subspace period
       INFO("own SVD, first period");
-      cuda::GaLoreOptimizer<svd::Exact> opt(projection, golden_adam(c), schedule::FixedGap{c.gap});
+      cuda::GaLoreOptimizer<> opt(projection, golden_adam(c), schedule::FixedGap{c.gap});
       const LayerId id = opt.add_layer(shape, cuda::DType::Float32);
       ctx.reserve_workspace(opt.workspace_bytes(ctx));
       Device<float> W(c.W0), G(c.G[0]);
@@ -136,8 +136,8 @@ TEST_CASE("golden galore_adamw on the GPU: every case matches galore_torch") {
     {  // replaying the reference's bases reproduces the whole trajectory
       INFO("replayed bases");
       long current = 0;
-      cuda::GaLoreOptimizer<galore_test::ReplaySVD> opt(projection, golden_adam(c), schedule::FixedGap{c.gap},
-                                                        galore_test::ReplaySVD{&c, &current});
+      cuda::GaLoreOptimizer<Projector<galore_test::ReplaySVD>> opt(
+          projection, golden_adam(c), schedule::FixedGap{c.gap}, galore_test::ReplaySVD{&c, &current});
       const LayerId id = opt.add_layer(shape, cuda::DType::Float32);
       ctx.reserve_workspace(opt.workspace_bytes(ctx));
       Device<float> W(c.W0), G(c.G[0]);

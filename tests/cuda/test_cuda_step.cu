@@ -17,6 +17,14 @@ using namespace galore;
 using galore_test::Device;
 using galore_test::RunSpec;
 
+// The GPU facade takes the CPU's policy names and keeps the moments of the
+// state policy in the matching device type.
+static_assert(std::is_same_v<cuda::GaLoreOptimizer<>::moment_type, float>);
+static_assert(std::is_same_v<cuda::GaLoreOptimizer<Projector<>, LowRankAdam<state::BFloat16>>::moment_type, cuda::bf16>);
+static_assert(std::is_same_v<cuda::GaLoreAdamW, cuda::GaLoreOptimizer<>>);
+static_assert(std::is_same_v<cuda::GaLoreOptimizer<Projector<svd::WarmStart, quant::None, schedule::Lazy>>::svd_policy,
+                             svd::WarmStart>);
+
 namespace {
 
 const ProjectionType kTypes[] = {ProjectionType::Std, ProjectionType::ReverseStd, ProjectionType::Left,
@@ -27,8 +35,8 @@ template <class T, class M = float, class Policy = svd::Exact>
 std::vector<std::vector<float>> gpu_run(const RunSpec& s, const std::vector<float>& W0,
                                         const std::vector<std::vector<float>>& grads, Policy policy = {}) {
   cuda::Context ctx;
-  cuda::GaLoreOptimizer<Policy, M> opt(ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale},
-                                       adam_of(s), schedule::FixedGap{s.gap}, policy);
+  galore_test::GpuOptimizer<Policy, M> opt(ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale},
+                                           adam_of(s), schedule::FixedGap{s.gap}, policy);
   const Shape shape{s.rows, s.cols};
   const LayerId id = s.dense ? opt.add_dense(shape, cuda::dtype_of<T>()) : opt.add_layer(shape, cuda::dtype_of<T>());
   ctx.reserve_workspace(opt.workspace_bytes(ctx));
@@ -97,7 +105,7 @@ template <class Policy, class Check>
 void refresh_every_step(Policy policy, long m, long n, long r, ProjectionType type,
                         const std::vector<std::vector<float>>& grads, Check check) {
   cuda::Context ctx;
-  cuda::GaLoreOptimizer<Policy> opt(ProjectorOptions{r, type, 0.25f}, AdamConfig{}, schedule::FixedGap{1}, policy);
+  galore_test::GpuOptimizer<Policy> opt(ProjectorOptions{r, type, 0.25f}, AdamConfig{}, schedule::FixedGap{1}, policy);
   const LayerId id = opt.add_layer({m, n}, cuda::DType::Float32);
   REQUIRE(opt.side(id) == Side::Right);
   ctx.reserve_workspace(opt.workspace_bytes(ctx));
@@ -141,7 +149,7 @@ TEST_CASE("the lazy schedule on the GPU refreshes and grows its gap as on the CP
     galore_test::RunInfo cpu_info;
     const auto cpu = galore_test::cpu_run(s, W0, grads, false, &cpu_info);
     cuda::Context ctx;
-    cuda::GaLoreOptimizer<svd::Exact, float, schedule::Lazy> opt(
+    cuda::GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::Lazy>> opt(
         ProjectorOptions{s.rank, type, s.scale}, adam_of(s), schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, 2});
     const LayerId id = opt.add_layer({40, 24}, cuda::DType::Float32);
     ctx.reserve_workspace(opt.workspace_bytes(ctx));
@@ -191,7 +199,7 @@ TEST_CASE("the drift schedule on the GPU measures and refreshes as on the CPU") 
     const auto cpu = galore_test::cpu_run(s, W0, grads, false, &cpu_info);
 
     cuda::Context ctx;
-    cuda::GaLoreOptimizer<svd::Exact, float, schedule::Drift> opt(
+    cuda::GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::Drift>> opt(
         ProjectorOptions{s.rank, type, s.scale}, adam_of(s),
         schedule::Drift{s.drift_check_every, s.drift_tolerance, s.drift_min_gap, s.gap});
     const LayerId id = opt.add_layer({rows, cols}, cuda::DType::Float32);
@@ -527,8 +535,8 @@ TEST_CASE("a zero or rank-deficient gradient gives a finite step and a finite ba
     grads.insert(grads.begin() + 1, std::vector<float>(static_cast<std::size_t>(m * n), 0.0f));
     cuda::Context ctx;
     auto go = [&](auto p) {
-      cuda::GaLoreOptimizer<decltype(p)> opt(ProjectorOptions{r, ProjectionType::Std, 0.25f}, AdamConfig{},
-                                             schedule::FixedGap{1}, p);
+      galore_test::GpuOptimizer<decltype(p)> opt(ProjectorOptions{r, ProjectionType::Std, 0.25f}, AdamConfig{},
+                                                 schedule::FixedGap{1}, p);
       const LayerId id = opt.add_layer({m, n}, cuda::DType::Float32);
       ctx.reserve_workspace(opt.workspace_bytes(ctx));
       Device<float> W(galore_test::gaussian(static_cast<std::size_t>(m * n), 3u)), G(grads[0]);

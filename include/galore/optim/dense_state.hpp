@@ -27,6 +27,7 @@
 #include <type_traits>
 
 #include "../detail/elementwise.hpp"
+#include "../policies.hpp"
 #include "../types.hpp"
 #include "adam_config.hpp"
 
@@ -90,7 +91,6 @@ GALORE_OMP(omp parallel for schedule(static) if (n >= (Index{1} << 16)))
   }
 };
 
-using Float32 = Dense<float>;
-using BFloat16 = Dense<bfloat16>;
+// state::Float32 and state::BFloat16 name Dense<float> and Dense<bfloat16> (policies.hpp).
 
 }  // namespace galore::state

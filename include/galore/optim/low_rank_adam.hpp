@@ -17,6 +17,7 @@
 #include <utility>
 
 #include "../detail/elementwise.hpp"
+#include "../policies.hpp"
 #include "../types.hpp"
 #include "adam_config.hpp"
 #include "dense_state.hpp"
@@ -34,7 +35,8 @@ struct is_state_policy<S, std::void_t<typename S::Moments,
 
 }  // namespace detail
 
-template <class StateT = state::Float32>
+// The default state is declared with the name in policies.hpp.
+template <class StateT>
 class LowRankAdam {
   static_assert(detail::is_state_policy<StateT>::value,
                 "StateT needs: a nested Moments, Moments init(Shape), std::size_t bytes_for(Shape) "

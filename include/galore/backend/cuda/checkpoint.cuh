@@ -16,13 +16,13 @@
 // undefined, as after a failing step.
 //
 // What a file holds of a GPU optimizer, and which CPU facade reads it:
-//  - the configuration of GaLoreOptimizer<Projector<SVD, quant::None, Schedule>,
-//    LowRankAdam<state::Dense<M>>> with its default rounder (M: float, or
-//    bfloat16 for __nv_bfloat16 moments);
+//  - the configuration: cuda::GaLoreOptimizer<P, A> saves what the CPU's
+//    GaLoreOptimizer<P, A> (the same policy names) saves with its default
+//    rounder;
 //  - each basis as quant::None stores it, in float32. A bf16 layer's basis widens
 //    exactly; loading into a bf16 layer rounds the float32 basis to nearest even
 //    bf16 (the GPU keeps P in the layer's element type, as galore_torch does);
-//  - the moments as state::Dense<M> stores them;
+//  - the moments as the state policy (state::Dense<float or bfloat16>) stores them;
 //  - no weights (they are the trainer's device memory): a file saved with a
 //    WeightSet has a weights section, and loading it is refused.
 #pragma once
@@ -287,15 +287,15 @@ struct CheckpointAccess {
 };
 
 // Writes opt's state to os; synchronizes ctx's stream.
-template <class SVD, class M, class Schedule>
-void save_checkpoint(const GaLoreOptimizer<SVD, M, Schedule>& opt, std::ostream& os, Context& ctx) {
-  CheckpointAccess::Saver<GaLoreOptimizer<SVD, M, Schedule>> saver(opt, ctx);
+template <class P, class A>
+void save_checkpoint(const GaLoreOptimizer<P, A>& opt, std::ostream& os, Context& ctx) {
+  CheckpointAccess::Saver<GaLoreOptimizer<P, A>> saver(opt, ctx);
   checkpoint::write_file(os, saver);
 }
 
 // The same to a file, replaced atomically (checkpoint/atomic_write.hpp).
-template <class SVD, class M, class Schedule>
-void save_checkpoint(const GaLoreOptimizer<SVD, M, Schedule>& opt, const std::string& path, Context& ctx) {
+template <class P, class A>
+void save_checkpoint(const GaLoreOptimizer<P, A>& opt, const std::string& path, Context& ctx) {
   std::ostringstream os(std::ios::binary);
   save_checkpoint(opt, os, ctx);
   checkpoint::write_atomically(path, os.str());
@@ -303,15 +303,15 @@ void save_checkpoint(const GaLoreOptimizer<SVD, M, Schedule>& opt, const std::st
 
 // Loads into an optimizer built and registered as the saved one, or throws
 // checkpoint_error and changes nothing; synchronizes ctx's stream.
-template <class SVD, class M, class Schedule>
-void load_checkpoint(GaLoreOptimizer<SVD, M, Schedule>& opt, std::istream& is, Context& ctx) {
-  CheckpointAccess::Loader<GaLoreOptimizer<SVD, M, Schedule>> loader(opt);
+template <class P, class A>
+void load_checkpoint(GaLoreOptimizer<P, A>& opt, std::istream& is, Context& ctx) {
+  CheckpointAccess::Loader<GaLoreOptimizer<P, A>> loader(opt);
   checkpoint::reporting_errors([&] { checkpoint::read_file(is, loader); });
   loader.commit(ctx);
 }
 
-template <class SVD, class M, class Schedule>
-void load_checkpoint(GaLoreOptimizer<SVD, M, Schedule>& opt, const std::string& path, Context& ctx) {
+template <class P, class A>
+void load_checkpoint(GaLoreOptimizer<P, A>& opt, const std::string& path, Context& ctx) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw checkpoint_error("galore checkpoint: cannot open " + path);
   load_checkpoint(opt, in, ctx);

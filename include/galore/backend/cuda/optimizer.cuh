@@ -20,7 +20,7 @@
 // its counters say so; the host learns of it at the next synchronizing call.
 //
 // Memory: everything a layer holds (basis factors in the layer's element type,
-// both moments in MomentT, the step counters) is one device allocation made at
+// both moments in moment_type, the step counters) is one device allocation made at
 // registration, so addresses never change. Temporaries live in the context's
 // workspace, sized by workspace_bytes().
 #pragma once
@@ -36,6 +36,7 @@
 
 #include "../../core/matrix_view.hpp"
 #include "../../optim/adam_config.hpp"
+#include "../../policies.hpp"
 #include "../../optim/step_result.hpp"
 #include "../../projection_type.hpp"
 #include "../../projector_options.hpp"
@@ -72,17 +73,56 @@ struct DeviceStepResult {
   StepStatus status = StepStatus::Applied;
 };
 
-template <class SVDPolicy = svd::Exact, class MomentT = float, class SchedulePolicy = schedule::FixedGap>
+// The element type in which the GPU keeps the moments of a state policy
+// (policies.hpp). Only the dense states run on the GPU so far.
+template <class StatePolicy>
+struct DeviceMoments {
+  static_assert(!std::is_same_v<StatePolicy, StatePolicy>,
+                "galore: the CUDA backend keeps the moments of state::Float32 or state::BFloat16; 8-bit blockwise "
+                "moments (state::Blockwise8bit) do not run on the GPU yet");
+};
+template <>
+struct DeviceMoments<state::Dense<float>> {
+  using type = float;
+};
+template <>
+struct DeviceMoments<state::Dense<bfloat16>> {
+  using type = bf16;
+};
+
+// The GPU facade takes the policy names the CPU facade takes (policies.hpp):
+//   cuda::GaLoreOptimizer<Projector<SVDPolicy, quant::None, SchedulePolicy>, LowRankAdam<StatePolicy>>
+// and builds their state in device memory: the moments of StatePolicy in
+// DeviceMoments<StatePolicy>::type, the basis unquantized (quant::None) in the
+// layer's element type (bf16 for bf16 layers, as galore_torch keeps P in the
+// gradient's dtype), the schedule's state on the host as on the CPU.
+template <class ProjectorT = Projector<>, class AdamT = LowRankAdam<>>
 class GaLoreOptimizer {
-  static_assert(is_device_scalar_v<MomentT>, "galore: MomentT is float or __nv_bfloat16");
+  static_assert(is_projector_v<ProjectorT>,
+                "galore: cuda::GaLoreOptimizer's first parameter names the policies as "
+                "Projector<SVDPolicy, QuantPolicy, SchedulePolicy> (galore/policies.hpp)");
+  static_assert(is_low_rank_adam_v<AdamT>,
+                "galore: cuda::GaLoreOptimizer's second parameter names the moments as LowRankAdam<StatePolicy> "
+                "(galore/policies.hpp)");
+  using SVDPolicy = typename ProjectorPolicies<ProjectorT>::svd;
+  using QuantPolicy = typename ProjectorPolicies<ProjectorT>::quant;
+  using SchedulePolicy = typename ProjectorPolicies<ProjectorT>::schedule;
+  using StatePolicy = typename AdamPolicies<AdamT>::state;
+  using MomentT = typename DeviceMoments<StatePolicy>::type;
+  static_assert(std::is_same_v<QuantPolicy, quant::None>,
+                "galore: on the GPU the basis is kept unquantized (quant::None); quantized bases do not run on the "
+                "GPU yet");
   static_assert(detail::is_schedule_policy<SchedulePolicy>::value,
                 "galore: SchedulePolicy needs a nested State, init() and due(state, step) (schedule/*.hpp)");
   static constexpr bool watches_drift = detail::watches_drift<SchedulePolicy>::value;
 
  public:
+  using projector_type = ProjectorT;
+  using adam_type = AdamT;
   using svd_policy = SVDPolicy;
-  using moment_type = MomentT;
   using schedule_policy = SchedulePolicy;
+  using state_policy = StatePolicy;
+  using moment_type = MomentT;  // float or bf16 (__nv_bfloat16)
 
   explicit GaLoreOptimizer(ProjectorOptions projection = {}, AdamConfig adam = {}, SchedulePolicy schedule = {},
                            SVDPolicy svd = {})
@@ -642,5 +682,9 @@ class GaLoreOptimizer {
   SVDPolicy svd_;
   std::vector<Layer> layers_;
 };
+
+// galore_torch's GaLoreAdamW on the GPU: the policy names of galore::GaLoreAdamW
+// (exact SVD, unquantized basis, fixed refresh gap, float32 moments).
+using GaLoreAdamW = GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::FixedGap>, LowRankAdam<state::Float32>>;
 
 }  // namespace galore::cuda
