@@ -44,7 +44,7 @@ class WeightSet {
 
  private:
   friend struct checkpoint::Access;
-  enum class Kind : std::uint8_t { Float32 = 1, BFloat16 = 2, Int8 = 3 };
+  using Kind = checkpoint::WeightKind;
   struct Entry {
     std::size_t layer;
     Kind kind;
@@ -138,8 +138,7 @@ struct Access {
     }
     void save_weights(Writer& w) const {
       for (const auto& e : weights->entries_) {
-        w.u64(e.layer);
-        w.u8(static_cast<std::uint8_t>(e.kind));
+        save_weight_entry(w, e.layer, e.kind);
         switch (e.kind) {
           case WeightSet::Kind::Float32: checkpoint::save(w, *static_cast<const MatrixF*>(e.ptr)); break;
           case WeightSet::Kind::BFloat16: checkpoint::save(w, *static_cast<const Matrix<bfloat16>*>(e.ptr)); break;
@@ -194,18 +193,13 @@ struct Access {
     void load_weights(Reader& r, std::uint64_t n) {
       for (std::uint64_t k = 0; k < n; ++k) {
         const auto& e = weights_->entries_[static_cast<std::size_t>(k)];
-        const std::uint64_t layer = r.u64();
-        const auto kind = static_cast<WeightSet::Kind>(r.u8());
-        if (layer != e.layer || kind != e.kind)
-          r.fail("weight " + std::to_string(k) + " is layer " + std::to_string(layer) + " of kind " +
-                 std::to_string(static_cast<int>(kind)) + ", but layer " + std::to_string(e.layer) + " of kind " +
-                 std::to_string(static_cast<int>(e.kind)) + " was passed");
+        expect_weight_entry(r, k, e.layer, e.kind);
         const Shape want = opt_.layers_[e.layer].shape;
-        if (kind == WeightSet::Kind::Float32) {
+        if (e.kind == WeightSet::Kind::Float32) {
           auto tmp = std::make_shared<MatrixF>();
           load_matrix(r, *tmp, want, "float32 weight");
           commit_weights_.push_back([tmp, p = e.ptr] { *static_cast<MatrixF*>(p) = std::move(*tmp); });
-        } else if (kind == WeightSet::Kind::BFloat16) {
+        } else if (e.kind == WeightSet::Kind::BFloat16) {
           auto tmp = std::make_shared<Matrix<bfloat16>>();
           load_matrix(r, *tmp, want, "bf16 weight");
           commit_weights_.push_back([tmp, p = e.ptr] { *static_cast<Matrix<bfloat16>*>(p) = std::move(*tmp); });

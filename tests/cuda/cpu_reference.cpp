@@ -175,7 +175,7 @@ CpuCheckpointRun checkpoint_run(const CkptSpec& s, Schedule schedule, const std:
   }
   if (!checkpoint.empty()) {
     std::istringstream is(checkpoint, std::ios::binary);
-    load_checkpoint(opt, is);
+    load_checkpoint(opt, is, with_weights ? &weights : nullptr);
   }
   CpuCheckpointRun run;
   for (const auto& step : grads) {

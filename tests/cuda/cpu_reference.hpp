@@ -131,8 +131,8 @@ struct CpuCheckpointRun {
 // The CPU optimizer of `spec`, with `checkpoint` loaded unless it is empty,
 // steps every layer through grads[t][layer] from the weights W0 (an empty
 // gradient: the layer does not step at t), then sets the learning rate to
-// lr_after if it is > 0 and saves; with_weights saves the weights too (a
-// WeightSet). Throws what load_checkpoint throws.
+// lr_after if it is > 0 and saves; with_weights loads the weights from
+// `checkpoint` and saves them (a WeightSet). Throws what load_checkpoint throws.
 CpuCheckpointRun cpu_checkpoint_run(const CkptSpec& spec, const std::string& checkpoint,
                                     const std::vector<std::vector<float>>& W0,
                                     const std::vector<std::vector<std::vector<float>>>& grads, double lr_after = 0.0,

@@ -157,14 +157,24 @@ struct Gpu {
       else Wf[i].upload(W[i]);
     }
   }
-  std::string save() {
+  // Every layer's weight, as the trainer would pass them.
+  cuda::DeviceWeightSet weight_set() {
+    cuda::DeviceWeightSet set;
+    for (std::size_t i = 0; i < ids.size(); ++i) {
+      const CkptLayer& l = spec.layers[i];
+      if (l.bf16) set.add(ids[i], device_view(Wh[i].data(), l.rows, l.cols));
+      else set.add(ids[i], device_view(Wf[i].data(), l.rows, l.cols));
+    }
+    return set;
+  }
+  std::string save(const cuda::DeviceWeightSet* weights = nullptr) {
     std::ostringstream os(std::ios::binary);
-    cuda::save_checkpoint(opt, os, ctx);
+    cuda::save_checkpoint(opt, os, ctx, weights);
     return os.str();
   }
-  void load(const std::string& bytes) {
+  void load(const std::string& bytes, cuda::DeviceWeightSet* weights = nullptr) {
     std::istringstream is(bytes, std::ios::binary);
-    cuda::load_checkpoint(opt, is, ctx);
+    cuda::load_checkpoint(opt, is, ctx, weights);
   }
 
   Shape moments_shape(std::size_t i) const {
@@ -422,7 +432,7 @@ TEST_CASE("a failed load throws checkpoint_error and leaves the optimizer and it
   const std::string good = a.save();
   const Weights W = a.weights();
 
-  // A CPU file with the trainer's weights: the GPU facade loads none.
+  // A CPU file with the trainer's weights, loaded without a DeviceWeightSet: refused.
   const std::string with_weights =
       galore_test::cpu_checkpoint_run(s, "", initial_weights(s), slice(g, 0, 2), 0.0, true).checkpoint;
   std::vector<std::pair<std::string, std::string>> bad;  // (what, bytes)
@@ -478,6 +488,139 @@ TEST_CASE("a failed load throws checkpoint_error and leaves the optimizer and it
   }
   CHECK(a.weights() == b.weights());
   CHECK(a.save() == b.save());
+}
+
+TEST_CASE("the trainer's weights travel with the checkpoint between the backends (DeviceWeightSet)") {
+  cuda::Context ctx;
+  const CkptSpec s = spec_of(false, false);  // float and bf16 layers
+  const Grads g = make_grads(s);
+  const Weights W0 = initial_weights(s);
+  Weights zeros;
+  for (const auto& w : W0) zeros.emplace_back(w.size(), 0.0f);
+
+  // GPU -> GPU: the weights are restored into other device buffers, bit for bit.
+  Gpu<float, schedule::FixedGap> a(s, ctx, W0);
+  for (int t = 0; t < kBefore; ++t) a.step(g[static_cast<std::size_t>(t)]);
+  cuda::DeviceWeightSet wa = a.weight_set();
+  const std::string bytes = a.save(&wa);
+  const Weights at_save = a.weights();
+  CHECK(bytes.size() > a.save().size());
+  Gpu<float, schedule::FixedGap> b(s, ctx, zeros);
+  cuda::DeviceWeightSet wb = b.weight_set();
+  b.load(bytes, &wb);
+  CHECK(b.weights() == at_save);
+  CHECK(b.save(&wb) == bytes);
+
+  // GPU -> CPU: the CPU loads the weights into its WeightSet (float and bf16
+  // matrices) and saves the same bytes back.
+  const auto cpu = galore_test::cpu_checkpoint_run(s, bytes, zeros, {}, 0.0, true);
+  CHECK(cpu.checkpoint == bytes);
+
+  // CPU -> GPU: the CPU's weights after its steps arrive on the GPU exactly.
+  const auto before = galore_test::cpu_checkpoint_run(s, "", W0, slice(g, 0, kBefore), 0.0, true);
+  Gpu<float, schedule::FixedGap> c(s, ctx, zeros);
+  cuda::DeviceWeightSet wc = c.weight_set();
+  c.load(before.checkpoint, &wc);
+  CHECK(c.weights() == before.W.back());
+}
+
+TEST_CASE("a DeviceWeightSet takes strided views and leaves the padding alone") {
+  cuda::Context ctx;
+  const long rows = 6, cols = 10, ld = 16;
+  std::vector<float> padded(static_cast<std::size_t>(rows * ld), 7.0f), packed;
+  for (long i = 0; i < rows; ++i)
+    for (long j = 0; j < cols; ++j) {
+      padded[static_cast<std::size_t>(i * ld + j)] = static_cast<float>(i * cols + j);
+      packed.push_back(static_cast<float>(i * cols + j));
+    }
+  cuda::GaLoreAdamW opt(ProjectorOptions{2});
+  const LayerId id = opt.add_layer({rows, cols}, cuda::DType::Float32, "w");
+  Device<float> Wp(padded);
+  cuda::DeviceWeightSet strided;
+  strided.add(id, device_view(Wp.data(), rows, cols, ld));
+  std::ostringstream os(std::ios::binary);
+  cuda::save_checkpoint(opt, os, ctx, &strided);
+
+  // Into a contiguous buffer: the packed rows.
+  cuda::GaLoreAdamW other(ProjectorOptions{2});
+  const LayerId id2 = other.add_layer({rows, cols}, cuda::DType::Float32, "w");
+  Device<float> Wc(std::vector<float>(packed.size(), 0.0f));
+  cuda::DeviceWeightSet contiguous;
+  contiguous.add(id2, device_view(Wc.data(), rows, cols));
+  std::istringstream is(os.str(), std::ios::binary);
+  cuda::load_checkpoint(other, is, ctx, &contiguous);
+  CHECK(Wc.download() == packed);
+
+  // Into a strided buffer: the rows, with the padding as it was.
+  std::vector<float> target(padded.size(), -1.0f), want = target;
+  for (long i = 0; i < rows; ++i)
+    for (long j = 0; j < cols; ++j) want[static_cast<std::size_t>(i * ld + j)] = static_cast<float>(i * cols + j);
+  Device<float> Wt(target);
+  cuda::DeviceWeightSet into;
+  into.add(id, device_view(Wt.data(), rows, cols, ld));
+  std::istringstream is2(os.str(), std::ios::binary);
+  cuda::load_checkpoint(opt, is2, ctx, &into);
+  CHECK(Wt.download() == want);
+}
+
+TEST_CASE("DeviceWeightSet errors are caught before anything is written or changed") {
+  cuda::Context ctx;
+  const CkptSpec s = spec_of(false, false);
+  const Grads g = make_grads(s);
+  using G = Gpu<float, schedule::FixedGap>;
+  G a(s, ctx, initial_weights(s));
+  for (int t = 0; t < kBefore; ++t) a.step(g[static_cast<std::size_t>(t)]);
+  cuda::DeviceWeightSet all = a.weight_set();
+  const std::string plain = a.save(), with = a.save(&all);
+  // Then a state and weights that differ from the file's, so that a load that
+  // changed anything before failing would show.
+  a.step(g[kBefore]);
+  const Weights W = a.weights();
+  const std::string now = a.save(&all);
+  REQUIRE(now != with);
+  const std::size_t q = index_of(s, "q"), k = index_of(s, "k");
+  auto view_q = [&] { return device_view(a.Wf[q].data(), 48, 32); };
+
+  CHECK_THROWS_AS(cuda::DeviceWeightSet().add(a.ids[q], view_q()).add(a.ids[q], view_q()), galore::invalid_argument);
+  CHECK_THROWS_AS(cuda::DeviceWeightSet().add(a.ids[q], device_view<float>(nullptr, 48, 32)),
+                  galore::invalid_argument);
+  CHECK_THROWS_AS(cuda::DeviceWeightSet().add(a.ids[q], device_view(a.Wf[q].data(), 48, 32, 16)),
+                  galore::invalid_argument);
+
+  // Sets a save must refuse (nothing written) and a load must refuse (nothing changed).
+  std::vector<std::pair<std::string, cuda::DeviceWeightSet>> refused;
+  refused.emplace_back("an unregistered layer", cuda::DeviceWeightSet().add(LayerId{99}, view_q()));
+  refused.emplace_back("a weight of another shape",
+                       cuda::DeviceWeightSet().add(a.ids[q], device_view(a.Wf[q].data(), 32, 48)));
+  Device<float> k_as_float(std::vector<float>(32 * 56, 0.0f));  // layer "k" holds bf16
+  refused.emplace_back("a weight of another element type",
+                       cuda::DeviceWeightSet().add(a.ids[k], device_view(k_as_float.data(), 32, 56)));
+  for (auto& entry : refused) {
+    INFO(entry.first);
+    std::ostringstream os(std::ios::binary);
+    CHECK_THROWS_AS(cuda::save_checkpoint(a.opt, os, ctx, &entry.second), galore::invalid_argument);
+    CHECK(os.str().empty());
+    CHECK_THROWS_AS(a.load(with, &entry.second), checkpoint_error);
+  }
+  // Loads whose weights do not match the file's.
+  Device<cuda::bf16> q_as_bf16(std::vector<float>(48 * 32, 0.0f));
+  cuda::DeviceWeightSet other_kind;
+  for (std::size_t i = 0; i < s.layers.size(); ++i) {
+    const CkptLayer& l = s.layers[i];
+    if (i == q) other_kind.add(a.ids[i], device_view(q_as_bf16.data(), l.rows, l.cols));
+    else if (l.bf16) other_kind.add(a.ids[i], device_view(a.Wh[i].data(), l.rows, l.cols));
+    else other_kind.add(a.ids[i], device_view(a.Wf[i].data(), l.rows, l.cols));
+  }
+  CHECK_THROWS_WITH_AS(a.load(with, &other_kind), doctest::Contains("kind"), checkpoint_error);
+  cuda::DeviceWeightSet fewer;
+  fewer.add(a.ids[k], device_view(a.Wh[k].data(), 32, 56));
+  CHECK_THROWS_WITH_AS(a.load(with, &fewer), doctest::Contains("weights"), checkpoint_error);
+  CHECK_THROWS_WITH_AS(a.load(plain, &all), doctest::Contains("holds no weights"), checkpoint_error);
+  CHECK_THROWS_AS(a.load(with), checkpoint_error);  // weights in the file, none passed
+
+  CHECK(a.weights() == W);
+  CHECK(q_as_bf16.download() == std::vector<float>(48 * 32, 0.0f));
+  CHECK(a.save(&all) == now);
 }
 
 TEST_CASE("saving to a path replaces the file atomically; loading from a path") {

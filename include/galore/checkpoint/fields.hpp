@@ -108,6 +108,31 @@ std::uint64_t expect_matrix(Reader& r, Shape want, const char* what) {
   return n;
 }
 
+// ---- the trainer's weights (WeightSet; cuda::DeviceWeightSet) ----
+// Each entry: u64 layer | u8 kind | the weight (a matrix, or an INT8 weight's codes).
+enum class WeightKind : std::uint8_t { Float32 = 1, BFloat16 = 2, Int8 = 3 };
+inline const char* to_string(WeightKind k) {
+  switch (k) {
+    case WeightKind::Float32: return "float32";
+    case WeightKind::BFloat16: return "bf16";
+    case WeightKind::Int8: return "INT8";
+  }
+  return "unknown";
+}
+inline void save_weight_entry(Writer& w, std::size_t layer, WeightKind kind) {
+  w.u64(layer);
+  w.u8(static_cast<std::uint8_t>(kind));
+}
+// Reads weight k's layer and kind, which must be those the caller passed to load into.
+inline void expect_weight_entry(Reader& r, std::uint64_t k, std::size_t layer, WeightKind kind) {
+  const std::uint64_t got_layer = r.u64();
+  const std::uint8_t got_kind = r.u8();
+  if (got_layer != layer || got_kind != static_cast<std::uint8_t>(kind))
+    r.fail("weight " + std::to_string(k) + " is layer " + std::to_string(got_layer) + " of kind " +
+           std::to_string(got_kind) + ", but layer " + std::to_string(layer) + " of kind " +
+           std::to_string(static_cast<int>(kind)) + " (" + to_string(kind) + ") was passed");
+}
+
 // ---- dense Adam moments (state::Dense<T>: float32 or bf16) ----
 template <class T>
 void save_dense_moments(Writer& w, Shape s, const T* m, const T* v) {

@@ -295,7 +295,7 @@ void read_file(std::istream& is, Facade& f) {
     r.expect_done();
     s = read_section(is, index++);
   } else if (bound > 0) {
-    throw checkpoint_error("galore checkpoint: it holds no weights, but a WeightSet was passed to load them into");
+    throw checkpoint_error("galore checkpoint: it holds no weights, but weights were passed to load them into");
   }
   Reader e(s.payload.data(), s.payload.size(), "end");
   if (s.tag != kEnd) e.fail("expected the end section, found " + tag_name(s.tag));

@@ -4,16 +4,19 @@
 //
 //   cuda::save_checkpoint(opt, "run.ckpt", ctx);   // atomic and durable, as the CPU's
 //   cuda::load_checkpoint(opt, "run.ckpt", ctx);   // all or nothing
+//   cuda::save_checkpoint(opt, "run.ckpt", ctx, &weights);   // with a DeviceWeightSet
 //
-// Both synchronize ctx's stream: they read or write the layers' device memory on
-// it, after the steps queued there (steps queued on other streams must have
-// finished). A save copies one layer at a time to host memory (counters,
-// moments, basis) and writes it. A load reads and validates the whole file into
-// host memory first and, on any error, throws checkpoint_error with the
-// optimizer and its device memory untouched; then it copies each layer into the
-// device memory the layer already holds. Neither allocates device memory. A CUDA
-// failure while copying throws cuda_error, and the layers' device state is then
-// undefined, as after a failing step.
+// Both synchronize ctx's stream: they read or write the layers' device memory
+// (and the weights') on it, after the work queued there (work on other streams
+// that touches them must have finished). A save copies one layer at a time to
+// host memory (counters, moments, basis) and writes it; the file is assembled
+// in host memory, as the CPU's is. A load reads and validates the whole file
+// into host memory first and, on any error, throws checkpoint_error with the
+// optimizer, its device memory and the weights untouched; then it copies each
+// layer (and weight) into the device memory it already has. Neither allocates
+// device memory. A CUDA failure while copying throws cuda_error, and the
+// layers' device state and the weights are then undefined, as after a failing
+// step.
 //
 // What a file holds of a GPU optimizer, and which CPU facade reads it:
 //  - the configuration: cuda::GaLoreOptimizer<P, A> saves what the CPU's
@@ -23,8 +26,9 @@
 //    exactly; loading into a bf16 layer rounds the float32 basis to nearest even
 //    bf16 (the GPU keeps P in the layer's element type, as galore_torch does);
 //  - the moments as the state policy (state::Dense<float or bfloat16>) stores them;
-//  - no weights (they are the trainer's device memory): a file saved with a
-//    WeightSet has a weights section, and loading it is refused.
+//  - the trainer's weights if a DeviceWeightSet is passed, as the CPU's
+//    WeightSet saves them (float32 or bf16 matrices): a file with weights loads
+//    only with a set of the same layers and kinds, on either backend.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -53,8 +57,40 @@
 
 namespace galore::cuda {
 
+// The trainer's device weights, saved and restored with the optimizer: the
+// GPU's WeightSet. Each is a device view of the layer's registered shape, float
+// or bf16, row-major with any leading dimension >= cols. The file holds them as
+// the CPU's WeightSet does (float32 or bf16 matrices), so weights move between
+// the backends with the rest of the state.
+class DeviceWeightSet {
+ public:
+  DeviceWeightSet& add(LayerId id, DeviceView<float> w) { return push(id, checkpoint::WeightKind::Float32, w); }
+  DeviceWeightSet& add(LayerId id, DeviceView<bf16> w) { return push(id, checkpoint::WeightKind::BFloat16, w); }
+  std::size_t size() const { return entries_.size(); }
+
+ private:
+  friend struct CheckpointAccess;
+  struct Entry {
+    std::size_t layer;
+    checkpoint::WeightKind kind;
+    unsigned char* data;
+    Index rows, cols, ld;  // in elements
+  };
+  template <class T>
+  DeviceWeightSet& push(LayerId id, checkpoint::WeightKind kind, DeviceView<T> w) {
+    for (const Entry& e : entries_)
+      detail::require(e.layer != id.index, "DeviceWeightSet: layer ", id.index, " was added twice");
+    detail::require(w.data != nullptr, "DeviceWeightSet: the weight of layer ", id.index, " is a null pointer");
+    detail::require(w.rows > 0 && w.cols > 0 && w.ld >= w.cols, "DeviceWeightSet: the weight of layer ", id.index,
+                    " is ", w.rows, "x", w.cols, " with leading dimension ", w.ld);
+    entries_.push_back({id.index, kind, reinterpret_cast<unsigned char*>(w.data), w.rows, w.cols, w.ld});
+    return *this;
+  }
+  std::vector<Entry> entries_;
+};
+
 // The CUDA facade's adapters for checkpoint/file.hpp (which says what each hook
-// does); a friend of GaLoreOptimizer.
+// does); a friend of GaLoreOptimizer and DeviceWeightSet.
 struct CheckpointAccess {
   // A device element on the host: float32, or bf16 as its bits.
   template <class T>
@@ -99,6 +135,55 @@ struct CheckpointAccess {
     check(cudaMemcpyAsync(device, host, sizeof(T) * count, cudaMemcpyHostToDevice, ctx.stream()), "cudaMemcpyAsync");
   }
 
+  using WeightEntry = DeviceWeightSet::Entry;
+  static std::size_t element_bytes(const WeightEntry& e) {
+    return e.kind == checkpoint::WeightKind::Float32 ? sizeof(float) : sizeof(bf16);
+  }
+  // A weight's rows, packed on the host: one copy when the view is contiguous,
+  // a pitched copy otherwise (whose pitch cudaMemcpy2D limits, so not always).
+  static void copy_weight(void* dst, std::size_t dst_pitch, const void* src, std::size_t src_pitch,
+                          const WeightEntry& e, cudaMemcpyKind kind, Context& ctx) {
+    const std::size_t row = element_bytes(e) * static_cast<std::size_t>(e.cols);
+    const auto rows = static_cast<std::size_t>(e.rows);
+    if (e.ld == e.cols || e.rows == 1)
+      check(cudaMemcpyAsync(dst, src, row * rows, kind, ctx.stream()), "cudaMemcpyAsync");
+    else
+      check(cudaMemcpy2DAsync(dst, dst_pitch, src, src_pitch, row, rows, kind, ctx.stream()), "cudaMemcpy2DAsync");
+  }
+  static void download(std::vector<unsigned char>& host, const WeightEntry& e, Context& ctx) {
+    const std::size_t row = element_bytes(e) * static_cast<std::size_t>(e.cols);
+    host.resize(row * static_cast<std::size_t>(e.rows));
+    copy_weight(host.data(), row, e.data, element_bytes(e) * static_cast<std::size_t>(e.ld), e,
+                cudaMemcpyDeviceToHost, ctx);
+  }
+  static void upload(const WeightEntry& e, const std::vector<unsigned char>& host, Context& ctx) {
+    const std::size_t row = element_bytes(e) * static_cast<std::size_t>(e.cols);
+    copy_weight(e.data, element_bytes(e) * static_cast<std::size_t>(e.ld), host.data(), row, e,
+                cudaMemcpyHostToDevice, ctx);
+  }
+
+  // Every weight must belong to a registered layer and have its registered
+  // shape and element type. Returns the first problem, or an empty string.
+  template <class Opt>
+  static std::string weights_problem(const Opt& opt, const DeviceWeightSet& weights) {
+    const std::size_t L = opt.layers_.size();
+    for (const WeightEntry& e : weights.entries_) {
+      if (e.layer >= L)
+        return "DeviceWeightSet: layer id " + std::to_string(e.layer) + " is not registered with this optimizer (" +
+               std::to_string(L) + " layers)";
+      const auto& l = opt.layers_[e.layer];
+      if (l.shape != Shape{e.rows, e.cols})
+        return "DeviceWeightSet: the weight of layer " + std::to_string(e.layer) + " ('" + l.name + "') is " +
+               std::to_string(e.rows) + "x" + std::to_string(e.cols) + " but the layer was registered as " +
+               std::to_string(l.shape.rows) + "x" + std::to_string(l.shape.cols);
+      const DType dtype = e.kind == checkpoint::WeightKind::Float32 ? DType::Float32 : DType::BFloat16;
+      if (dtype != l.dtype)
+        return "DeviceWeightSet: the weight of layer " + std::to_string(e.layer) + " ('" + l.name + "') holds " +
+               to_string(dtype) + " elements but the layer was registered with " + to_string(l.dtype);
+    }
+    return {};
+  }
+
   // One basis factor on the host, in the layer's element type.
   struct HostFactor {
     std::vector<float> f32;
@@ -110,13 +195,25 @@ struct CheckpointAccess {
     using MH = Host<typename Opt::moment_type>;
 
    public:
-    Saver(const Opt& opt, Context& ctx) : opt_(opt), ctx_(ctx) {}
+    Saver(const Opt& opt, const DeviceWeightSet* weights, Context& ctx) : opt_(opt), weights_(weights), ctx_(ctx) {}
 
     checkpoint::Items config_items() const { return CheckpointAccess::config_items(opt_); }
     double lr() const { return opt_.adam_.lr; }
     std::size_t num_layers() const { return opt_.layers_.size(); }
-    std::size_t num_weights() const { return 0; }
-    void save_weights(checkpoint::Writer&) const {}
+    std::size_t num_weights() const { return weights_ ? weights_->size() : 0; }
+    // One weight at a time through a host buffer.
+    void save_weights(checkpoint::Writer& w) {
+      std::vector<unsigned char> host;
+      for (const WeightEntry& e : weights_->entries_) {
+        download(host, e, ctx_);
+        ctx_.synchronize();
+        checkpoint::save_weight_entry(w, e.layer, e.kind);
+        const Shape shape{e.rows, e.cols};
+        if (e.kind == checkpoint::WeightKind::Float32)
+          checkpoint::save_matrix(w, shape, reinterpret_cast<const float*>(host.data()));
+        else checkpoint::save_matrix(w, shape, reinterpret_cast<const std::uint16_t*>(host.data()));
+      }
+    }
     const auto& schedule_policy() const { return opt_.schedule_; }
     const auto& schedule_state(std::size_t i) const { return opt_.layers_[i].state; }
 
@@ -173,6 +270,7 @@ struct CheckpointAccess {
     }
 
     const Opt& opt_;
+    const DeviceWeightSet* weights_;
     Context& ctx_;
     std::vector<MH> m_, v_;
     HostFactor left_, right_;
@@ -194,7 +292,14 @@ struct CheckpointAccess {
     };
 
    public:
-    explicit Loader(Opt& opt) : opt_(opt), adam_(opt.adam_) {}
+    Loader(Opt& opt, DeviceWeightSet* weights) : opt_(opt), weights_(weights), adam_(opt.adam_) {}
+
+    // The weights must be the registered layers' (checked before reading).
+    void check_weights() const {
+      if (!weights_) return;
+      const std::string problem = weights_problem(opt_, *weights_);
+      if (!problem.empty()) throw checkpoint_error("galore checkpoint: " + problem);
+    }
 
     checkpoint::Items config_items() const { return CheckpointAccess::config_items(opt_); }
     // set_lr's checks, aside.
@@ -244,8 +349,26 @@ struct CheckpointAccess {
       s.svd_count = saved.svd_count;
       s.schedule = std::move(schedule);
     }
-    std::size_t weights_bound() const { return 0; }
-    void load_weights(checkpoint::Reader&, std::uint64_t) {}
+    std::size_t weights_bound() const { return weights_ ? weights_->size() : 0; }
+    // Into host memory; commit() copies them to the device.
+    void load_weights(checkpoint::Reader& r, std::uint64_t n) {
+      weights_staged_.resize(static_cast<std::size_t>(n));
+      for (std::uint64_t k = 0; k < n; ++k) {
+        const WeightEntry& e = weights_->entries_[static_cast<std::size_t>(k)];
+        checkpoint::expect_weight_entry(r, k, e.layer, e.kind);
+        const Shape want{e.rows, e.cols};
+        std::vector<unsigned char>& host = weights_staged_[static_cast<std::size_t>(k)];
+        if (e.kind == checkpoint::WeightKind::Float32) {
+          const std::uint64_t count = checkpoint::expect_matrix<float>(r, want, "float32 weight");
+          host.resize(sizeof(float) * static_cast<std::size_t>(count));
+          r.exactly(reinterpret_cast<float*>(host.data()), count, "float32 weight");
+        } else {
+          const std::uint64_t count = checkpoint::expect_matrix<std::uint16_t>(r, want, "bf16 weight");
+          host.resize(sizeof(std::uint16_t) * static_cast<std::size_t>(count));
+          r.exactly(reinterpret_cast<std::uint16_t*>(host.data()), count, "bf16 weight");
+        }
+      }
+    }
 
     // Copies every layer into its device memory on ctx's stream, waits, then
     // puts the host-side state in force.
@@ -261,6 +384,7 @@ struct CheckpointAccess {
         if (s.has_basis && l.side != Side::Left) upload_factor(base + o.right, s.right, ctx);
         upload(base + o.counters, &s.counters, 1, ctx);
       }
+      for (std::size_t k = 0; k < weights_staged_.size(); ++k) upload(weights_->entries_[k], weights_staged_[k], ctx);
       ctx.synchronize();
       for (std::size_t i = 0; i < staged_.size(); ++i) {
         auto& l = opt_.layers_[i];
@@ -281,40 +405,56 @@ struct CheckpointAccess {
     }
 
     Opt& opt_;
+    DeviceWeightSet* weights_;
     AdamConfig adam_;
     std::vector<Staged> staged_;
+    std::vector<std::vector<unsigned char>> weights_staged_;
   };
 };
 
-// Writes opt's state to os; synchronizes ctx's stream.
+// Writes opt's state to os, with the trainer's weights if `weights` is given;
+// synchronizes ctx's stream. A weight that is not a registered layer's, or not
+// of its shape, throws galore::invalid_argument before anything is written.
 template <class P, class A>
-void save_checkpoint(const GaLoreOptimizer<P, A>& opt, std::ostream& os, Context& ctx) {
-  CheckpointAccess::Saver<GaLoreOptimizer<P, A>> saver(opt, ctx);
+void save_checkpoint(const GaLoreOptimizer<P, A>& opt, std::ostream& os, Context& ctx,
+                     const DeviceWeightSet* weights = nullptr) {
+  if (weights) {
+    const std::string problem = CheckpointAccess::weights_problem(opt, *weights);
+    detail::require(problem.empty(), problem);
+  }
+  CheckpointAccess::Saver<GaLoreOptimizer<P, A>> saver(opt, weights, ctx);
   checkpoint::write_file(os, saver);
 }
 
 // The same to a file, replaced atomically (checkpoint/atomic_write.hpp).
 template <class P, class A>
-void save_checkpoint(const GaLoreOptimizer<P, A>& opt, const std::string& path, Context& ctx) {
+void save_checkpoint(const GaLoreOptimizer<P, A>& opt, const std::string& path, Context& ctx,
+                     const DeviceWeightSet* weights = nullptr) {
   std::ostringstream os(std::ios::binary);
-  save_checkpoint(opt, os, ctx);
+  save_checkpoint(opt, os, ctx, weights);
   checkpoint::write_atomically(path, os.str());
 }
 
-// Loads into an optimizer built and registered as the saved one, or throws
+// Loads into an optimizer built and registered as the saved one (and into the
+// weights, which the file must hold, if `weights` is given), or throws
 // checkpoint_error and changes nothing; synchronizes ctx's stream.
 template <class P, class A>
-void load_checkpoint(GaLoreOptimizer<P, A>& opt, std::istream& is, Context& ctx) {
-  CheckpointAccess::Loader<GaLoreOptimizer<P, A>> loader(opt);
-  checkpoint::reporting_errors([&] { checkpoint::read_file(is, loader); });
+void load_checkpoint(GaLoreOptimizer<P, A>& opt, std::istream& is, Context& ctx,
+                     DeviceWeightSet* weights = nullptr) {
+  CheckpointAccess::Loader<GaLoreOptimizer<P, A>> loader(opt, weights);
+  checkpoint::reporting_errors([&] {
+    loader.check_weights();
+    checkpoint::read_file(is, loader);
+  });
   loader.commit(ctx);
 }
 
 template <class P, class A>
-void load_checkpoint(GaLoreOptimizer<P, A>& opt, const std::string& path, Context& ctx) {
+void load_checkpoint(GaLoreOptimizer<P, A>& opt, const std::string& path, Context& ctx,
+                     DeviceWeightSet* weights = nullptr) {
   std::ifstream in(path, std::ios::binary);
   if (!in) throw checkpoint_error("galore checkpoint: cannot open " + path);
-  load_checkpoint(opt, in, ctx);
+  load_checkpoint(opt, in, ctx, weights);
 }
 
 }  // namespace galore::cuda

@@ -77,9 +77,9 @@ struct DeviceStepResult {
 // (policies.hpp). Only the dense states run on the GPU so far.
 template <class StatePolicy>
 struct DeviceMoments {
-  static_assert(!std::is_same_v<StatePolicy, StatePolicy>,
-                "galore: the CUDA backend keeps the moments of state::Float32 or state::BFloat16; 8-bit blockwise "
-                "moments (state::Blockwise8bit) do not run on the GPU yet");
+  static_assert(detail::dependent_false<StatePolicy>,
+                "galore: the CUDA backend keeps the moments of state::Float32 or state::BFloat16 only (8-bit "
+                "blockwise moments, state::Blockwise8bit, do not run on the GPU yet)");
 };
 template <>
 struct DeviceMoments<state::Dense<float>> {
