@@ -1,7 +1,8 @@
 // StochasticRounder and Philox4x32-10: known answers, the counter layout,
 // unbiasedness (down to fractions of 1e-8), the variance of stochastic rounding,
-// exactness of the rounding decision, the AVX2 encoder against the scalar
-// functions, and reproducibility as a pure function of the counter.
+// exactness of the rounding decision, the vectorized encoder (AVX2 or AVX-512,
+// as the compiler targets) against the scalar functions, and reproducibility as
+// a pure function of the counter.
 #include <doctest/doctest.h>
 
 #include <algorithm>
@@ -41,8 +42,10 @@ TEST_CASE("random bits follow the documented Philox layout, and a batch equals t
   const Philox4x32 q = philox4x32_10(static_cast<std::uint32_t>(counter), static_cast<std::uint32_t>(counter >> 32),
                                      9, 7, 1234, 0xABCD);
   CHECK(r.random_bits(7, 9, far) == q.v[3]);
-  for (std::uint64_t first : {0ull, 1ull, 3ull, 7ull, 8ull, 63ull, 64ull, 1001ull, (1ull << 34) + 2}) {
-    for (Index n : {Index{1}, Index{37}, Index{64}, Index{200}}) {
+  // Lengths across several batches of tiles (fill_random_bits computes four
+  // tiles of 64 at a time), from aligned and unaligned starts.
+  for (std::uint64_t first : {0ull, 1ull, 3ull, 7ull, 8ull, 63ull, 64ull, 1001ull, (1ull << 34) + 2, (1ull << 32) - 70}) {
+    for (Index n : {Index{1}, Index{37}, Index{64}, Index{200}, Index{256}, Index{257}, Index{1000}}) {
       std::vector<std::uint32_t> u(static_cast<std::size_t>(n));
       r.fill_random_bits(7, 9, first, n, u.data());
       for (Index k = 0; k < n; ++k) CHECK(u[static_cast<std::size_t>(k)] == r.random_bits(7, 9, first + k));

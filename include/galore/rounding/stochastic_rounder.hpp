@@ -86,6 +86,39 @@ inline Index encode_stochastic_avx2(const float* w, Index n, float scale, float 
 }
 #endif
 
+#if defined(__AVX512F__)
+// The same in sixteen lanes: masks take the place of the blends, and the
+// decision u < ceil(f * 2^32) is an unsigned compare. Bit for bit the scalar
+// functions' results (the tests check it).
+inline Index encode_stochastic_avx512(const float* w, Index n, float scale, float zero, float max_code,
+                                      const std::uint32_t* u, std::uint8_t* codes) {
+  const __m512 vscale = _mm512_set1_ps(scale), vzero = _mm512_set1_ps(zero), vmax = _mm512_set1_ps(max_code);
+  const __m512 fzero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), half = _mm512_set1_ps(0.5f);
+  const __m512 two32 = _mm512_set1_ps(4294967296.0f);
+  const __m512i sign = _mm512_set1_epi32(static_cast<int>(0x80000000u));
+  Index k = 0;
+  for (; k + 16 <= n; k += 16) {
+    const __m512 x = _mm512_div_ps(_mm512_loadu_ps(w + k), vscale);
+    const __m512 a = _mm512_castsi512_ps(_mm512_andnot_si512(sign, _mm512_castps_si512(x)));
+    const __m512 whole = _mm512_roundscale_ps(a, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    const __m512 frac = _mm512_max_ps(_mm512_sub_ps(a, whole), fzero);
+    const __mmask16 high = _mm512_cmp_ps_mask(frac, half, _CMP_GE_OQ);
+    const __m512 rest = _mm512_mask_sub_ps(frac, high, frac, half);
+    const __m512i t =
+        _mm512_cvttps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(rest, two32), _MM_FROUND_TO_POS_INF | _MM_FROUND_NO_EXC));
+    const __m512i threshold = _mm512_mask_or_epi32(t, high, t, sign);  // t < 2^31: + 2^31 when high
+    const __mmask16 up = _mm512_cmplt_epu32_mask(_mm512_loadu_si512(u + k), threshold);
+    const __m512 r = _mm512_mask_add_ps(whole, up, whole, one);
+    const __m512i signed_r = _mm512_or_si512(_mm512_andnot_si512(sign, _mm512_castps_si512(r)),
+                                             _mm512_and_si512(sign, _mm512_castps_si512(x)));
+    const __m512 q = _mm512_add_ps(_mm512_castsi512_ps(signed_r), vzero);
+    const __m512i i32 = _mm512_cvttps_epi32(_mm512_min_ps(_mm512_max_ps(q, fzero), vmax));  // to_code
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + k), _mm512_cvtusepi32_epi8(i32));
+  }
+  return k;
+}
+#endif
+
 }  // namespace detail
 
 template <int Bits>
@@ -138,8 +171,11 @@ class StochasticRounder {
         const Index len = std::min(kChunk, n - k0);
         rounder->fill_random_bits(layer, step, first + static_cast<std::uint64_t>(k0), len, u);
         Index k = 0;
+#if defined(__AVX512F__)
+        k = detail::encode_stochastic_avx512(w + k0, len, scale, zero, max_code, u, codes + k0);
+#endif
 #if defined(__AVX2__)
-        k = detail::encode_stochastic_avx2(w + k0, len, scale, zero, max_code, u, codes + k0);
+        k += detail::encode_stochastic_avx2(w + k0 + k, len - k, scale, zero, max_code, u + k, codes + k0 + k);
 #endif
         for (; k < len; ++k)
           codes[k0 + k] = math::stochastic_code(w[k0 + k], scale, zero, max_code, u[k]);
@@ -151,20 +187,79 @@ class StochasticRounder {
 
   // u[k] = random_bits(layer, step, first + k) for k < n: a tile of 64 elements is
   // 16 Philox calls in SIMD lanes, whose outputs are already in element order.
+  // Tiles are computed kTiles at a time (independent chains that keep the
+  // vector units busy through each round's latency).
   void fill_random_bits(std::uint32_t layer, std::uint32_t step, std::uint64_t first, Index n,
                         std::uint32_t* u) const {
     if (n <= 0) return;
     const std::uint32_t k0 = static_cast<std::uint32_t>(seed_), k1 = static_cast<std::uint32_t>(seed_ >> 32);
-    alignas(64) std::uint32_t out[4][16];
+    alignas(64) std::uint32_t out[kTiles][4][16];
     const std::uint64_t last = first + static_cast<std::uint64_t>(n);
-    for (std::uint64_t t = first >> 6; (t << 6) < last; ++t) {
-      philox_lanes<16>(t * 16, step, layer, k0, k1, out);
-      const std::uint64_t lo = std::max(first, t << 6), hi = std::min(last, (t + 1) << 6);
-      std::memcpy(u + (lo - first), &out[0][0] + (lo - (t << 6)), sizeof(std::uint32_t) * (hi - lo));
+    for (std::uint64_t t0 = first >> 6; (t0 << 6) < last; t0 += kTiles) {
+      philox_tiles(t0, step, layer, k0, k1, out);
+      for (std::uint64_t t = t0; t < t0 + kTiles && (t << 6) < last; ++t) {
+        const std::uint64_t lo = std::max(first, t << 6), hi = std::min(last, (t + 1) << 6);
+        std::memcpy(u + (lo - first), &out[t - t0][0][0] + (lo - (t << 6)), sizeof(std::uint32_t) * (hi - lo));
+      }
     }
   }
 
  private:
+  static constexpr int kTiles = 4;
+
+  // out[k] = tile t0 + k: Philox4x32-10 of counters ((t0 + k) * 16 + l, step,
+  // layer) for l < 16, word j of lane l in out[k][j][l].
+  static void philox_tiles(std::uint64_t t0, std::uint32_t step, std::uint32_t layer, std::uint32_t key0,
+                           std::uint32_t key1, std::uint32_t (&out)[kTiles][4][16]) {
+#if defined(__AVX512F__)
+    // One 16-lane vector per tile; the kTiles chains run round by round.
+    const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
+    const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
+    __m512i c0[kTiles], c1[kTiles], c2[kTiles], c3[kTiles];
+    for (int k = 0; k < kTiles; ++k) {
+      alignas(64) std::uint32_t lo[16], hi[16];
+      for (int l = 0; l < 16; ++l) {
+        const std::uint64_t b = (t0 + static_cast<std::uint64_t>(k)) * 16 + static_cast<std::uint64_t>(l);
+        lo[l] = static_cast<std::uint32_t>(b);
+        hi[l] = static_cast<std::uint32_t>(b >> 32);
+      }
+      c0[k] = _mm512_load_si512(lo);
+      c1[k] = _mm512_load_si512(hi);
+      c2[k] = _mm512_set1_epi32(static_cast<int>(step));
+      c3[k] = _mm512_set1_epi32(static_cast<int>(layer));
+    }
+    std::uint32_t k0 = key0, k1 = key1;
+    for (int round = 0; round < 10; ++round) {
+      const __m512i vk0 = _mm512_set1_epi32(static_cast<int>(k0)), vk1 = _mm512_set1_epi32(static_cast<int>(k1));
+      for (int k = 0; k < kTiles; ++k) {
+        // As the AVX2 lanes below: 64-bit products of the even and the odd
+        // lanes, their high and low words blended back; 0x96 is a three-way XOR.
+        const __m512i p0e = _mm512_mul_epu32(c0[k], m0), p0o = _mm512_mul_epu32(_mm512_srli_epi64(c0[k], 32), m0);
+        const __m512i p1e = _mm512_mul_epu32(c2[k], m1), p1o = _mm512_mul_epu32(_mm512_srli_epi64(c2[k], 32), m1);
+        const __m512i hi0 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(p0e, 32), p0o);
+        const __m512i lo0 = _mm512_mask_blend_epi32(0xAAAA, p0e, _mm512_slli_epi64(p0o, 32));
+        const __m512i hi1 = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(p1e, 32), p1o);
+        const __m512i lo1 = _mm512_mask_blend_epi32(0xAAAA, p1e, _mm512_slli_epi64(p1o, 32));
+        c0[k] = _mm512_ternarylogic_epi32(hi1, c1[k], vk0, 0x96);
+        c1[k] = lo1;
+        c2[k] = _mm512_ternarylogic_epi32(hi0, c3[k], vk1, 0x96);
+        c3[k] = lo0;
+      }
+      k0 += 0x9E3779B9u;
+      k1 += 0xBB67AE85u;
+    }
+    for (int k = 0; k < kTiles; ++k) {
+      _mm512_store_si512(&out[k][0][0], c0[k]);
+      _mm512_store_si512(&out[k][1][0], c1[k]);
+      _mm512_store_si512(&out[k][2][0], c2[k]);
+      _mm512_store_si512(&out[k][3][0], c3[k]);
+    }
+#else
+    for (int k = 0; k < kTiles; ++k)
+      philox_lanes<16>((t0 + static_cast<std::uint64_t>(k)) * 16, step, layer, key0, key1, out[k]);
+#endif
+  }
+
   // Philox4x32-10 of counters (b0 + l, step, layer) for l < L, word j of lane l
   // in out[j][l]: the same numbers as philox4x32_10, laid out for SIMD (AVX2
   // when the compiler targets it, eight lanes a vector; plain loops otherwise).
