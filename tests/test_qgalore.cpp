@@ -5,6 +5,10 @@
 
 #include <galore/galore.hpp>
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include "support/random.hpp"
 
 using namespace galore;
@@ -134,6 +138,36 @@ TEST_CASE("Q-GaLore steps are reproducible from the rounder's seed") {
   CHECK(Wa.codes().codes == Wb.codes().codes);
   CHECK(Wa.codes().codes != Wc.codes().codes);
 }
+
+#if defined(_OPENMP)
+TEST_CASE("an INT8 weight's panels give the same codes on one thread and on several") {
+  // 700 x 512: six row panels of 128 rows (the last one short), spread over the
+  // threads as whole panels, each in a buffer of its own.
+  const Index m = 700, n = 512;
+  const MatrixF W0 = gaussian(m, n, 11, 0.05f);
+  const StochasticRounder<8> rounder(9);
+  const int threads = omp_get_max_threads();
+  auto run = [&](int nthreads) {
+    omp_set_num_threads(nthreads);
+    QuantizedWeight<8> W(W0);
+    for (std::uint32_t t = 0; t < 3; ++t) {
+      const auto update = requantize_with(W, rounder.bind(0, t));
+      std::vector<float> panel(static_cast<std::size_t>(detail::panel_floats(update)));
+      detail::update_in_float(update, panel.data(), [&](MatrixRef<float> rows, Index row0) {
+        for (Index r = 0; r < rows.rows(); ++r)
+          for (Index c = 0; c < n; ++c) rows(r, c) += 0.003f * std::sin(0.01f * static_cast<float>((row0 + r) * n + c + t));
+      });
+    }
+    omp_set_num_threads(threads);
+    return W;
+  };
+  const QuantizedWeight<8> one = run(1), several = run(std::max(threads, 3));
+  CHECK(one.codes().codes == several.codes().codes);
+  CHECK(one.codes().scales == several.codes().scales);
+  CHECK(one.codes().zeros == several.codes().zeros);
+  CHECK(one.codes().codes != QuantizedWeight<8>(W0).codes().codes);  // the updates moved the weight
+}
+#endif
 
 TEST_CASE("Q-GaLore state bytes equal the formula: 8-bit moments, INT4 basis, lazy schedule") {
   auto opt = make_qgalore(RoundingMode::Stochastic);

@@ -7,6 +7,13 @@
 // quantization-group boundaries.
 #pragma once
 
+#include <algorithm>
+#include <exception>
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 #include "../detail/elementwise.hpp"
 #include "../projection.hpp"
 #include "../quantized_weight.hpp"
@@ -50,9 +57,22 @@ inline Index panel_floats(const MatrixRef<bfloat16>& W) {
 inline Index panel_floats(const ConstMatrixRef<bfloat16>& G) {
   return std::min(panel_rows(G.cols()), G.rows()) * G.cols();
 }
+// A quantized weight's panels are updated by up to panel_threads() threads at
+// once, each in a panel of its own.
+inline Index panel_threads() {
+#if defined(_OPENMP)
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+template <int Bits, class Encoder>
+Index quantized_panel_floats(const QuantizedUpdate<Bits, Encoder>& W) {
+  return std::min(panel_rows(W.weight.cols(), W.weight.row_alignment()), W.weight.rows()) * W.weight.cols();
+}
 template <int Bits, class Encoder>
 Index panel_floats(const QuantizedUpdate<Bits, Encoder>& W) {
-  return std::min(panel_rows(W.weight.cols(), W.weight.row_alignment()), W.weight.rows()) * W.weight.cols();
+  return panel_threads() * quantized_panel_floats(W);
 }
 
 // Calls f(W_rows_as_float, row0) over W and stores what f left there; `panel`
@@ -72,15 +92,40 @@ void update_in_float(MatrixRef<bfloat16> W, float* panel, F&& f) {
   });
 }
 
+// Panels start on group boundaries and are independent, so with OpenMP each
+// thread takes whole panels (dequantize, f, re-quantize in a buffer of its own):
+// one parallel region per layer instead of one per phase of every panel, and
+// the same codes on any number of threads as long as f's result for a panel
+// does not depend on them (the rounding bits are a function of the element
+// index). Eigen runs f's products single-threaded inside the region. An
+// exception from a panel is rethrown after the region.
 template <int Bits, class Encoder, class F>
 void update_in_float(QuantizedUpdate<Bits, Encoder> W, float* panel, F&& f) {
   QuantizedWeight<Bits>& q = W.weight;
-  for_each_panel(q.rows(), panel_rows(q.cols(), q.row_alignment()), [&](Index r0, Index k) {
-    Eigen::Map<MatrixF> buf(panel, k, q.cols());
-    q.dequantize_rows(r0, buf);
-    f(MatrixRef<float>(buf), r0);
-    q.quantize_rows(r0, buf, W.encode);
-  });
+  const Index rows = panel_rows(q.cols(), q.row_alignment());
+  const Index panels = (q.rows() + rows - 1) / rows;
+  const Index size = quantized_panel_floats(W);
+  std::exception_ptr error;
+GALORE_OMP(omp parallel for schedule(static) num_threads(static_cast<int>(std::min(panels, panel_threads()))))
+  for (Index p = 0; p < panels; ++p) {
+    try {
+      const Index r0 = p * rows, k = std::min(rows, q.rows() - r0);
+#if defined(_OPENMP)
+      float* const mine = panel + static_cast<Index>(omp_get_thread_num()) * size;
+#else
+      float* const mine = panel;
+      (void)size;
+#endif
+      Eigen::Map<MatrixF> buf(mine, k, q.cols());
+      q.dequantize_rows(r0, buf);
+      f(MatrixRef<float>(buf), r0);
+      q.quantize_rows(r0, buf, W.encode);
+    } catch (...) {
+GALORE_OMP(omp critical(galore_panel_error))
+      if (!error) error = std::current_exception();
+    }
+  }
+  if (error) std::rethrow_exception(error);
 }
 
 // R (presized to the low-rank shape) = projection of G, converting G to float a
