@@ -12,8 +12,6 @@
 // take the same objects. This header includes no Eigen and no CUDA header.
 #pragma once
 
-#include <type_traits>
-
 #include "schedule/fixed_gap.hpp"
 #include "svd/exact.hpp"
 
@@ -46,7 +44,8 @@ template <class StatePolicy = state::Float32>
 class LowRankAdam;  // optim/low_rank_adam.hpp (the CPU's)
 
 // The policies a Projector<...> or LowRankAdam<...> names; undefined for any
-// other type, so a facade can reject it with a readable message.
+// other type (is_projector_v and is_low_rank_adam_v say which), so a facade can
+// reject it with a readable message.
 template <class P>
 struct ProjectorPolicies;
 template <class SVDPolicy, class QuantPolicy, class SchedulePolicy>
@@ -55,6 +54,10 @@ struct ProjectorPolicies<Projector<SVDPolicy, QuantPolicy, SchedulePolicy>> {
   using quant = QuantPolicy;
   using schedule = SchedulePolicy;
 };
+template <class P>
+inline constexpr bool is_projector_v = false;
+template <class SVDPolicy, class QuantPolicy, class SchedulePolicy>
+inline constexpr bool is_projector_v<Projector<SVDPolicy, QuantPolicy, SchedulePolicy>> = true;
 
 template <class A>
 struct AdamPolicies;
@@ -62,17 +65,9 @@ template <class StatePolicy>
 struct AdamPolicies<LowRankAdam<StatePolicy>> {
   using state = StatePolicy;
 };
-
-namespace detail {
-template <class T, class = void>
-struct is_complete_specialization : std::false_type {};
-template <class T>
-struct is_complete_specialization<T, std::void_t<decltype(sizeof(T))>> : std::true_type {};
-}  // namespace detail
-
-template <class P>
-inline constexpr bool is_projector_v = detail::is_complete_specialization<ProjectorPolicies<P>>::value;
 template <class A>
-inline constexpr bool is_low_rank_adam_v = detail::is_complete_specialization<AdamPolicies<A>>::value;
+inline constexpr bool is_low_rank_adam_v = false;
+template <class StatePolicy>
+inline constexpr bool is_low_rank_adam_v<LowRankAdam<StatePolicy>> = true;
 
 }  // namespace galore

@@ -57,22 +57,29 @@ inline Index panel_floats(const MatrixRef<bfloat16>& W) {
 inline Index panel_floats(const ConstMatrixRef<bfloat16>& G) {
   return std::min(panel_rows(G.cols()), G.rows()) * G.cols();
 }
-// A quantized weight's panels are updated by up to panel_threads() threads at
-// once, each in a panel of its own.
-inline Index panel_threads() {
-#if defined(_OPENMP)
-  return omp_get_max_threads();
-#else
-  return 1;
-#endif
-}
+// A quantized weight is updated in row panels that start on group boundaries,
+// `threads` of them at once, each in a buffer of `floats` floats of its own.
+struct PanelPlan {
+  Index rows, count, threads, floats;
+};
 template <int Bits, class Encoder>
-Index quantized_panel_floats(const QuantizedUpdate<Bits, Encoder>& W) {
-  return std::min(panel_rows(W.weight.cols(), W.weight.row_alignment()), W.weight.rows()) * W.weight.cols();
+PanelPlan panel_plan(const QuantizedUpdate<Bits, Encoder>& W) {
+  const QuantizedWeight<Bits>& q = W.weight;
+  PanelPlan p;
+  p.rows = panel_rows(q.cols(), q.row_alignment());
+  p.count = (q.rows() + p.rows - 1) / p.rows;
+#if defined(_OPENMP)
+  p.threads = std::min<Index>(p.count, omp_get_max_threads());
+#else
+  p.threads = 1;
+#endif
+  p.floats = std::min(p.rows, q.rows()) * q.cols();
+  return p;
 }
 template <int Bits, class Encoder>
 Index panel_floats(const QuantizedUpdate<Bits, Encoder>& W) {
-  return panel_threads() * quantized_panel_floats(W);
+  const PanelPlan p = panel_plan(W);
+  return p.threads * p.floats;
 }
 
 // Calls f(W_rows_as_float, row0) over W and stores what f left there; `panel`
@@ -102,19 +109,16 @@ void update_in_float(MatrixRef<bfloat16> W, float* panel, F&& f) {
 template <int Bits, class Encoder, class F>
 void update_in_float(QuantizedUpdate<Bits, Encoder> W, float* panel, F&& f) {
   QuantizedWeight<Bits>& q = W.weight;
-  const Index rows = panel_rows(q.cols(), q.row_alignment());
-  const Index panels = (q.rows() + rows - 1) / rows;
-  const Index size = quantized_panel_floats(W);
+  const PanelPlan plan = panel_plan(W);
   std::exception_ptr error;
-GALORE_OMP(omp parallel for schedule(static) num_threads(static_cast<int>(std::min(panels, panel_threads()))))
-  for (Index p = 0; p < panels; ++p) {
+GALORE_OMP(omp parallel for schedule(static) num_threads(static_cast<int>(plan.threads)))
+  for (Index p = 0; p < plan.count; ++p) {
     try {
-      const Index r0 = p * rows, k = std::min(rows, q.rows() - r0);
+      const Index r0 = p * plan.rows, k = std::min(plan.rows, q.rows() - r0);
 #if defined(_OPENMP)
-      float* const mine = panel + static_cast<Index>(omp_get_thread_num()) * size;
+      float* const mine = panel + static_cast<Index>(omp_get_thread_num()) * plan.floats;
 #else
       float* const mine = panel;
-      (void)size;
 #endif
       Eigen::Map<MatrixF> buf(mine, k, q.cols());
       q.dequantize_rows(r0, buf);

@@ -196,8 +196,9 @@ class StochasticRounder {
     alignas(64) std::uint32_t out[kTiles][4][16];
     const std::uint64_t last = first + static_cast<std::uint64_t>(n);
     for (std::uint64_t t0 = first >> 6; (t0 << 6) < last; t0 += kTiles) {
-      philox_tiles(t0, step, layer, k0, k1, out);
-      for (std::uint64_t t = t0; t < t0 + kTiles && (t << 6) < last; ++t) {
+      const int tiles = static_cast<int>(std::min<std::uint64_t>(kTiles, ((last + 63) >> 6) - t0));
+      philox_tiles(t0, tiles, step, layer, k0, k1, out);
+      for (std::uint64_t t = t0; t < t0 + static_cast<std::uint64_t>(tiles); ++t) {
         const std::uint64_t lo = std::max(first, t << 6), hi = std::min(last, (t + 1) << 6);
         std::memcpy(u + (lo - first), &out[t - t0][0][0] + (lo - (t << 6)), sizeof(std::uint32_t) * (hi - lo));
       }
@@ -207,12 +208,14 @@ class StochasticRounder {
  private:
   static constexpr int kTiles = 4;
 
-  // out[k] = tile t0 + k: Philox4x32-10 of counters ((t0 + k) * 16 + l, step,
-  // layer) for l < 16, word j of lane l in out[k][j][l].
-  static void philox_tiles(std::uint64_t t0, std::uint32_t step, std::uint32_t layer, std::uint32_t key0,
-                           std::uint32_t key1, std::uint32_t (&out)[kTiles][4][16]) {
+  // out[k] = tile t0 + k for k < tiles: Philox4x32-10 of counters
+  // ((t0 + k) * 16 + l, step, layer) for l < 16, word j of lane l in out[k][j][l].
+  static void philox_tiles(std::uint64_t t0, int tiles, std::uint32_t step, std::uint32_t layer,
+                           std::uint32_t key0, std::uint32_t key1, std::uint32_t (&out)[kTiles][4][16]) {
 #if defined(__AVX512F__)
-    // One 16-lane vector per tile; the kTiles chains run round by round.
+    // One 16-lane vector per tile; the kTiles chains run round by round (all
+    // of them: a chain costs little next to the latency it hides).
+    (void)tiles;
     const __m512i m0 = _mm512_set1_epi32(static_cast<int>(0xD2511F53u));
     const __m512i m1 = _mm512_set1_epi32(static_cast<int>(0xCD9E8D57u));
     __m512i c0[kTiles], c1[kTiles], c2[kTiles], c3[kTiles];
@@ -255,7 +258,7 @@ class StochasticRounder {
       _mm512_store_si512(&out[k][3][0], c3[k]);
     }
 #else
-    for (int k = 0; k < kTiles; ++k)
+    for (int k = 0; k < tiles; ++k)
       philox_lanes<16>((t0 + static_cast<std::uint64_t>(k)) * 16, step, layer, key0, key1, out[k]);
 #endif
   }

@@ -356,17 +356,9 @@ struct CheckpointAccess {
       for (std::uint64_t k = 0; k < n; ++k) {
         const WeightEntry& e = weights_->entries_[static_cast<std::size_t>(k)];
         checkpoint::expect_weight_entry(r, k, e.layer, e.kind);
-        const Shape want{e.rows, e.cols};
         std::vector<unsigned char>& host = weights_staged_[static_cast<std::size_t>(k)];
-        if (e.kind == checkpoint::WeightKind::Float32) {
-          const std::uint64_t count = checkpoint::expect_matrix<float>(r, want, "float32 weight");
-          host.resize(sizeof(float) * static_cast<std::size_t>(count));
-          r.exactly(reinterpret_cast<float*>(host.data()), count, "float32 weight");
-        } else {
-          const std::uint64_t count = checkpoint::expect_matrix<std::uint16_t>(r, want, "bf16 weight");
-          host.resize(sizeof(std::uint16_t) * static_cast<std::size_t>(count));
-          r.exactly(reinterpret_cast<std::uint16_t*>(host.data()), count, "bf16 weight");
-        }
+        if (e.kind == checkpoint::WeightKind::Float32) read_weight<float>(r, e, "float32 weight", host);
+        else read_weight<std::uint16_t>(r, e, "bf16 weight", host);
       }
     }
 
@@ -399,6 +391,13 @@ struct CheckpointAccess {
     }
 
    private:
+    template <class T>
+    static void read_weight(checkpoint::Reader& r, const WeightEntry& e, const char* what,
+                            std::vector<unsigned char>& host) {
+      const std::uint64_t count = checkpoint::expect_matrix<T>(r, Shape{e.rows, e.cols}, what);
+      host.resize(sizeof(T) * static_cast<std::size_t>(count));
+      r.exactly(reinterpret_cast<T*>(host.data()), count, what);
+    }
     static void upload_factor(unsigned char* device, const HostFactor& f, Context& ctx) {
       if (!f.bf16.empty()) upload(device, f.bf16.data(), f.bf16.size(), ctx);
       else upload(device, f.f32.data(), f.f32.size(), ctx);
