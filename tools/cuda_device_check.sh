@@ -19,21 +19,23 @@ cmake -S . -B build-device -DCMAKE_BUILD_TYPE=Release -DGALORE_ENABLE_CUDA=ON -D
 cmake --build build-device -j16 --target test_cuda_step test_cuda_elementwise test_cuda_checkpoint test_cuda_golden galore_bench_cuda least_squares_cuda > "$OUT/build.log" 2>&1 \
   || { grep -E "error" "$OUT/build.log" | head -40; exit 1; }
 status=0
+# A hung kernel must not eat the whole device call: each run gets a time limit.
+limit=${TEST_TIMEOUT:-240}
 CUDA_TESTS="test_cuda_step test_cuda_elementwise test_cuda_checkpoint test_cuda_golden"
 if want tests; then
   echo "== tests"
   for t in $CUDA_TESTS; do
-    ./build-device/tests/cuda/$t 2>&1 | tee "$OUT/$t.log" | tail -25
+    timeout "$limit" ./build-device/tests/cuda/$t 2>&1 | tee "$OUT/$t.log" | tail -25
     [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
   done
-  ./build-device/examples/cuda/least_squares_cuda 2>&1 | tee "$OUT/least_squares_cuda.log" | tail -14
+  timeout "$limit" ./build-device/examples/cuda/least_squares_cuda 2>&1 | tee "$OUT/least_squares_cuda.log" | tail -14
 fi
 if want sanitize; then
   for tool in memcheck racecheck; do
     echo "== compute-sanitizer $tool"
     rc=0
     for t in $CUDA_TESTS; do
-      compute-sanitizer --tool "$tool" --error-exitcode 99 ./build-device/tests/cuda/$t \
+      timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 99 ./build-device/tests/cuda/$t \
         >> "$OUT/sanitizer_$tool.log" 2>&1 || rc=$?
     done
     tail -4 "$OUT/sanitizer_$tool.log"
@@ -42,7 +44,7 @@ if want sanitize; then
 fi
 if want bench; then
   echo "== benchmarks"
-  ./build-device/bench/cuda/galore_bench_cuda ${filter:+--benchmark_filter="$filter"} \
+  timeout 400 ./build-device/bench/cuda/galore_bench_cuda ${filter:+--benchmark_filter="$filter"} \
     --benchmark_out="$OUT/bench_cuda.json" --benchmark_out_format=json 2>&1 | tee "$OUT/bench_cuda.log" | tail -30
 fi
 exit $status

@@ -464,6 +464,47 @@ TEST_CASE("a non-finite gradient skips the step on the device and leaves everyth
   CHECK(moments(dense, 72) == md_before);
 }
 
+// The step kernel decides on the device with a grid-wide barrier: a large layer
+// spreads its check over every resident block, and the verdict must reach every
+// block whichever block saw the bad element, step after step (the kernel's
+// scratch alternates between two slots).
+TEST_CASE("a step spread over many blocks skips whichever block sees the bad element, step after step") {
+  RunSpec d;
+  d.rows = 1200;
+  d.cols = 1001;
+  d.dense = true;
+  d.lr = 1e-2;
+  d.weight_decay = 0.1;
+  auto dense_grads = galore_test::separated_gradients(d.rows, d.cols, 4, 8, 5u, 0.5f);
+  const std::size_t n = static_cast<std::size_t>(d.rows * d.cols);
+  dense_grads[1][n - 1] = std::numeric_limits<float>::quiet_NaN();  // the last block's share
+  dense_grads[3][0] = std::numeric_limits<float>::infinity();       // the first block's
+  dense_grads[4][n / 2] = 1e20f;                                    // one in the middle
+  const auto W0 = galore_test::gaussian(n, 9u);
+  const auto gpu = gpu_run<float>(d, W0, dense_grads);
+  const auto cpu = galore_test::cpu_run(d, W0, dense_grads);
+  for (std::size_t t = 0; t < gpu.size(); ++t) {
+    INFO("dense step ", t);
+    CHECK(galore_test::max_abs_diff(gpu[t], cpu[t]) < 1e-6);
+  }
+  CHECK(gpu[1] == gpu[0]);  // skipped
+  CHECK(gpu[4] == gpu[2]);  // two skips in a row
+  CHECK(gpu[5] != gpu[4]);  // applied again
+
+  // A left-projected layer with a staged (padded) R of 8 x 2048: 64 blocks.
+  RunSpec s = spec_for(600, 2045, ProjectionType::Std);
+  s.rank = 8;
+  auto grads = galore_test::separated_gradients(600, 2045, 12, 8, 6u, 1e-4f);
+  grads[1][600 * 2045 - 1] = std::numeric_limits<float>::quiet_NaN();
+  grads[4][0] = -std::numeric_limits<float>::infinity();
+  grads[5][1234] = 1e30f;
+  const auto W1 = galore_test::gaussian(600 * 2045, 10u);
+  const auto gpu_p = gpu_run<float>(s, W1, grads);
+  check_trajectories(gpu_p, galore_test::cpu_run(s, W1, grads), W1, 1e-3, "staged left layer");
+  CHECK(gpu_p[1] == gpu_p[0]);
+  CHECK(gpu_p[5] == gpu_p[3]);
+}
+
 TEST_CASE("skipped steps shift the refresh clock exactly as on the CPU") {
   RunSpec s = spec_for(40, 24, ProjectionType::Std);
   s.gap = 2;

@@ -10,7 +10,7 @@ cd "$(dirname "$0")/../.."
 OUT=${OUT:-$PWD/out}
 skip=${1:-2200}
 count=${2:-70}
-ncu --metrics gpu__time_duration.sum -k 'regex:nvjet|gemm_bf16|apply_adam|check_step' \
+ncu --metrics gpu__time_duration.sum -k 'regex:nvjet|gemm_bf16|adam_step|adamw_dense_step' \
     --launch-skip "$skip" --launch-count "$count" --csv \
     ./build-device/bench/cuda/galore_bench_cuda --benchmark_filter='BM_CudaStep/galore/llama1b' > "$OUT/ncu_step.csv" 2>&1
 # Kernel name (shortened), grid, duration in us.

@@ -2,7 +2,8 @@
 // LLaMA-1B's shapes (len = 2048 and 5461 rows), each building block of
 // CholeskyQR and of Rayleigh-Ritz in float64 and float32: Gram by GEMM and by
 // SYRK, Cholesky (potrf), the triangular solve (trsm), and the r x r
-// eigensolver (syevd). CUDA events, 20 repetitions after 3 warm-ups.
+// eigensolver (syevd), and Cholesky batched over 24 and 96 matrices
+// (potrfBatched). CUDA events, 20 repetitions after 3 warm-ups.
 //   nvcc -O2 -arch=sm_90 refresh_probe.cu -lcublas -lcusolver
 #include <cublas_v2.h>
 #include <cusolverDn.h>
@@ -114,6 +115,47 @@ int run(cublasHandle_t h, cusolverDnHandle_t s, cusolverDnParams_t params, int l
   return 0;
 }
 
+// Batched Cholesky of `batch` SPD l x l matrices (cusolverDn<t>potrfBatched),
+// per matrix: what a refresh batched per shape group would pay.
+template <class T>
+int run_batched(cusolverDnHandle_t s, int l, int batch, const char* name) {
+  T *C, *C0;
+  T** ptrs;
+  int* info;
+  const size_t per = (size_t)l * l;
+  CK(cudaMalloc(&C, sizeof(T) * per * batch));
+  CK(cudaMalloc(&C0, sizeof(T) * per * batch));
+  CK(cudaMalloc(&ptrs, sizeof(T*) * batch));
+  CK(cudaMalloc(&info, sizeof(int) * batch));
+  std::vector<T*> host(batch);
+  for (int b = 0; b < batch; ++b) {
+    host[b] = C + per * b;
+    fill<<<64, 256>>>(C0 + per * b, (long)per, 7 + b);
+    spd<<<4, 256>>>(C0 + per * b, l);
+  }
+  CK(cudaMemcpy(ptrs, host.data(), sizeof(T*) * batch, cudaMemcpyHostToDevice));
+  // fill + l*I is not symmetric; symmetrize by taking the lower triangle only (potrf reads one triangle).
+  float copy = time_us([&] { cudaMemcpyAsync(C, C0, sizeof(T) * per * batch, cudaMemcpyDeviceToDevice); });
+  float t = time_us([&] {
+    cudaMemcpyAsync(C, C0, sizeof(T) * per * batch, cudaMemcpyDeviceToDevice);
+    if constexpr (sizeof(T) == 8)
+      cusolverDnDpotrfBatched(s, CUBLAS_FILL_MODE_LOWER, l, (double**)ptrs, l, info, batch);
+    else
+      cusolverDnSpotrfBatched(s, CUBLAS_FILL_MODE_LOWER, l, (float**)ptrs, l, info, batch);
+  });
+  std::printf("%-7s potrfBatched l %4d batch %3d: %8.1f us, %6.1f us per matrix\n", name, l, batch, t - copy,
+              (t - copy) / batch);
+  cudaFree(C);
+  cudaFree(C0);
+  cudaFree(ptrs);
+  cudaFree(info);
+  for (int batch : {24, 96}) {
+    if (run_batched<double>(s, 512, batch, "float64")) return 1;
+    if (run_batched<float>(s, 512, batch, "float32")) return 1;
+  }
+  return 0;
+}
+
 int main() {
   cublasHandle_t h;
   cusolverDnHandle_t s;
@@ -130,6 +172,14 @@ int main() {
   for (int l : {64, 128, 256}) {
     if (run<double>(h, s, params, 2048, l, "float64")) return 1;
     if (run<float>(h, s, params, 2048, l, "float32")) return 1;
+  }
+  for (int batch : {24, 96}) {
+    if (run_batched<double>(s, 512, batch, "float64")) return 1;
+    if (run_batched<float>(s, 512, batch, "float32")) return 1;
+  }
+  for (int batch : {24, 96}) {
+    if (run_batched<double>(s, 512, batch, "float64")) return 1;
+    if (run_batched<float>(s, 512, batch, "float32")) return 1;
   }
   return 0;
 }

@@ -342,7 +342,7 @@ struct CheckpointAccess {
     }
     void end_layer(std::size_t i, const checkpoint::LayerFields& saved, State&& schedule) {
       Staged& s = staged_[i];
-      s.counters = StepCounters{};  // a fresh layer's: no step pending, check_step's scratch clear
+      s.counters = StepCounters{};  // a fresh layer's: no step pending, the step kernel's scratch clear
       s.counters.applied = saved.step;
       s.counters.skipped = saved.skipped;
       s.has_basis = saved.has_basis;

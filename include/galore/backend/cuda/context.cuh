@@ -22,6 +22,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "device_buffer.cuh"
@@ -84,6 +85,10 @@ class Context {
       check(cusolverDnCreateParams(&solver_params_), "cusolverDnCreateParams");
       check(cublasLtCreate(&lt_), "cublasLtCreate");
       lt_workspace_ = DeviceBuffer<unsigned char>(kLtWorkspaceBytes);
+      int device = 0;
+      check(cudaGetDevice(&device), "cudaGetDevice");
+      check(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device),
+            "cudaDeviceGetAttribute(multiProcessorCount)");
     } catch (...) {
       destroy();
       throw;
@@ -125,6 +130,20 @@ class Context {
     return external_ ? WorkspaceArena(external_, external_bytes_) : WorkspaceArena(owned_.data(), owned_.bytes());
   }
 
+  // How many blocks of `threads` threads of `kernel` the device holds at once
+  // (a cooperative launch may not exceed it), cached per kernel.
+  int resident_blocks(const void* kernel, int threads) {
+    auto it = resident_.find({kernel, threads});
+    if (it == resident_.end()) {
+      int per_sm = 0;
+      check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, 0),
+            "cudaOccupancyMaxActiveBlocksPerMultiprocessor");
+      detail::require(per_sm > 0, "a kernel of ", threads, " threads per block does not fit on this device");
+      it = resident_.emplace(std::make_pair(kernel, threads), per_sm * sm_count_).first;
+    }
+    return it->second;
+  }
+
   // Host scratch for cuSOLVER's host workspace (usually empty).
   std::vector<unsigned char>& host_scratch() { return host_scratch_; }
 
@@ -155,6 +174,8 @@ class Context {
   void* external_ = nullptr;
   std::size_t external_bytes_ = 0;
   std::vector<unsigned char> host_scratch_;
+  int sm_count_ = 0;
+  std::map<std::pair<const void*, int>, int> resident_;
 };
 
 }  // namespace galore::cuda

@@ -462,8 +462,7 @@ class GaLoreOptimizer {
     MomentT* m = reinterpret_cast<MomentT*>(l.storage.data());
     MomentT* v = reinterpret_cast<MomentT*>(l.storage.data() + layout(l).v);
     const AdamLaunch p = launch(1.0f);
-    check_step(ctx, G.data, n, p, counters_of(l));
-    apply_adamw_dense(ctx, W.data, G.data, n, m, v, p, counters_of(l));
+    adamw_dense_step(ctx, W.data, G.data, n, m, v, p, counters_of(l));
     ++l.pending;
     return {};
   }
@@ -522,7 +521,7 @@ class GaLoreOptimizer {
         if (l.pending > 0) (void)read_counters(l, ctx);
         const std::int64_t step = l.known_applied;
         // Measured only when R is in range: otherwise the step is skipped (as on
-        // the CPU, before measuring) by check_step below.
+        // the CPU, before measuring) by adam_step below.
         const CapturedEnergy e = schedule_.wants_measurement(l.state, step, refresh)
                                      ? captured_energy(ctx, ws, G, R, lr.rows * ld)
                                      : CapturedEnergy{false, 1.0};
@@ -553,7 +552,9 @@ class GaLoreOptimizer {
     MomentT* v = reinterpret_cast<MomentT*>(l.storage.data() + layout(l).v);
     StepCounters* counters = counters_of(l);
     const AdamLaunch p = launch(l.options.scale);
-    check_step(ctx, R, lr.rows * ld, p, counters);  // padded columns of R are 0
+    // Decides the step and applies Adam, or leaves the moments untouched and D
+    // zero on a skipped step (padded columns of R are 0). The basis is not read.
+    adam_step(ctx, R, lr.rows, lr.cols, ld, m, v, D, p, counters);
 
     if (measured && !refresh) {
       const StepCounters c = read_counters(l, ctx);
@@ -594,7 +595,6 @@ class GaLoreOptimizer {
       ++l.pending;
     }
 
-    apply_adam(ctx, R, lr.rows, lr.cols, ld, m, v, D, p, counters);
     if (stage_this) {
       const DeviceView<T> copy(W_copy, l.shape.rows, ld);
       stage(ctx, DeviceView<const T>(W), copy);
