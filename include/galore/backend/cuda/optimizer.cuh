@@ -515,16 +515,16 @@ class GaLoreOptimizer {
     // captured (synchronizes: the step count, then the sums) and may refresh now;
     // its new state is adopted only if the step applies.
     typename SchedulePolicy::State measured_state{};
-    bool measured = false;
+    bool measured = false, measure_tried = false;
     if constexpr (watches_drift) {
       if (measurement_may_be_wanted(l, refresh)) {
         if (l.pending > 0) (void)read_counters(l, ctx);
         const std::int64_t step = l.known_applied;
         // Measured only when R is in range: otherwise the step is skipped (as on
         // the CPU, before measuring) by adam_step below.
-        const CapturedEnergy e = schedule_.wants_measurement(l.state, step, refresh)
-                                     ? captured_energy(ctx, ws, G, R, lr.rows * ld)
-                                     : CapturedEnergy{false, 1.0};
+        measure_tried = schedule_.wants_measurement(l.state, step, refresh);
+        const CapturedEnergy e =
+            measure_tried ? captured_energy(ctx, ws, G, R, lr.rows * ld) : CapturedEnergy{false, 1.0};
         if (e.in_range) {
           measured_state = l.state;
           measured = true;
@@ -556,14 +556,16 @@ class GaLoreOptimizer {
     // zero on a skipped step (padded columns of R are 0). The basis is not read.
     adam_step(ctx, R, lr.rows, lr.cols, ld, m, v, D, p, counters);
 
-    if (measured && !refresh) {
+    if (measure_tried && !refresh) {
+      // The measurement synchronized already: one more read makes the outcome
+      // known (a gradient out of range was not measured and is skipped here).
       const StepCounters c = read_counters(l, ctx);
       result.status_known = true;
       if (c.last_skipped) {
         result.status = StepStatus::SkippedNonFinite;
         return result;
       }
-      l.state = std::move(measured_state);
+      if (measured) l.state = std::move(measured_state);
     } else if (refresh) {
       // Adopt the candidate only if the step is applied: a skipped refresh step
       // leaves the basis, the SVD count and the schedule untouched.
