@@ -11,10 +11,14 @@
 //                                 warm: one subspace iteration G^T (G P^T) from the previous basis and
 //                                 its orthonormalization (svd::WarmStart with rayleigh_ritz off);
 //                                 warm_rayleigh_ritz: the same plus Rayleigh-Ritz (WarmStart's default)
+//   BM_CudaRefresh/warm_batched/llama1b/r512
+//                                 warm, with the matrices of each shape refreshed together
+//                                 (cuda::compute_bases: batched orthonormalization)
 #include <benchmark/benchmark.h>
 
 #include <galore/cuda.hpp>
 
+#include <algorithm>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -217,7 +221,7 @@ void BM_CudaCopy(benchmark::State& state, const Model& m) {
 // Refresh of every matrix with one policy; gradients are gradient-like, and the
 // warm start starts from the randomized basis of a drifted earlier gradient.
 template <class Policy>
-void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm) {
+void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm, bool batched) {
   const Model& m = kLlama1B;
   cuda::Context ctx;
   const std::vector<Shape> shapes = linear_shapes(m);
@@ -264,7 +268,44 @@ void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm) {
       ctx.synchronize();
     }
   }
+  // Same-shape groups for the batched variant: matrix indices by shape.
+  std::vector<std::vector<std::size_t>> groups;
+  for (std::size_t i = 0; i < shapes.size(); ++i) {
+    auto g = std::find_if(groups.begin(), groups.end(), [&](const auto& x) {
+      return shapes[x[0]].rows == shapes[i].rows && shapes[x[0]].cols == shapes[i].cols;
+    });
+    if (g == groups.end()) groups.push_back({i});
+    else g->push_back(i);
+  }
+  if constexpr (std::is_same_v<Policy, svd::WarmStart>) {
+    if (batched) {
+      for (const auto& g : groups) {
+        const Shape s = shapes[g[0]];
+        ws_bytes = std::max(ws_bytes, cuda::compute_bases_bytes<bf16>(ctx, policy, s.rows, s.cols, m.rank,
+                                                                      basis_of(g[0], P[g[0]]).side,
+                                                                      static_cast<Index>(g.size())));
+      }
+      ctx.reserve_workspace(ws_bytes);
+    }
+  }
   auto pass = [&] {
+    if constexpr (std::is_same_v<Policy, svd::WarmStart>) {
+      if (batched) {
+        for (const auto& g : groups) {
+          std::vector<DeviceView<const bf16>> views;
+          std::vector<cuda::DeviceBasis<bf16>> outs, prev;
+          for (std::size_t i : g) {
+            views.emplace_back(G[i].data(), shapes[i].rows, shapes[i].cols);
+            outs.push_back(basis_of(i, Pnew[i]));
+            prev.push_back(basis_of(i, P[i]));
+          }
+          auto ws = ctx.arena();
+          cuda::compute_bases(ctx, ws, policy, Span<const DeviceView<const bf16>>(views), m.rank,
+                              Span<const cuda::DeviceBasis<bf16>>(outs), Span<const cuda::DeviceBasis<bf16>>(prev));
+        }
+        return;
+      }
+    }
     for (std::size_t i = 0; i < shapes.size(); ++i) {
       auto ws = ctx.arena();
       const cuda::DeviceBasis<bf16> prev = basis_of(i, P[i]);
@@ -321,16 +362,19 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(("BM_CudaStep/galore/" + m->name).c_str(), BM_CudaStep, *m, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep, *m, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
   }
-  benchmark::RegisterBenchmark("BM_CudaRefresh/exact/llama1b/r512", BM_CudaRefresh<svd::Exact>, svd::Exact{}, false)
+  benchmark::RegisterBenchmark("BM_CudaRefresh/exact/llama1b/r512", BM_CudaRefresh<svd::Exact>, svd::Exact{}, false, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);
-  benchmark::RegisterBenchmark("BM_CudaRefresh/randomized/llama1b/r512", BM_CudaRefresh<svd::Randomized>, svd::Randomized{}, false)
+  benchmark::RegisterBenchmark("BM_CudaRefresh/randomized/llama1b/r512", BM_CudaRefresh<svd::Randomized>, svd::Randomized{}, false, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
   svd::WarmStart subspace;
   subspace.rayleigh_ritz = false;
-  benchmark::RegisterBenchmark("BM_CudaRefresh/warm/llama1b/r512", BM_CudaRefresh<svd::WarmStart>, subspace, true)
+  benchmark::RegisterBenchmark("BM_CudaRefresh/warm/llama1b/r512", BM_CudaRefresh<svd::WarmStart>, subspace, true, false)
+      ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+  benchmark::RegisterBenchmark("BM_CudaRefresh/warm_batched/llama1b/r512", BM_CudaRefresh<svd::WarmStart>, subspace,
+                               true, true)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
   benchmark::RegisterBenchmark("BM_CudaRefresh/warm_rayleigh_ritz/llama1b/r512", BM_CudaRefresh<svd::WarmStart>,
-                               svd::WarmStart{}, true)
+                               svd::WarmStart{}, true, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();

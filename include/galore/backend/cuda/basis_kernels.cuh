@@ -155,7 +155,9 @@ __global__ void store_vectors(const float* __restrict__ vecs, std::int64_t len, 
 }
 
 // Adds relative * trace(C) / k + absolute to the diagonal of a k x k matrix (one block).
+// One block per k x k matrix of a contiguous batch (blockIdx.x: the matrix).
 __global__ void shift_diagonal(double* c, int k, double relative, double absolute) {
+  c += static_cast<std::int64_t>(blockIdx.x) * k * k;
   double t = 0.0;
   for (int i = threadIdx.x; i < k; i += blockDim.x) t += c[static_cast<std::int64_t>(i) * k + i];
   t = block_sum(t);
@@ -163,12 +165,19 @@ __global__ void shift_diagonal(double* c, int k, double relative, double absolut
   for (int i = threadIdx.x; i < k; i += blockDim.x) c[static_cast<std::int64_t>(i) * k + i] += s;
 }
 
-// c <- the k x k identity.
-__global__ void set_identity(double* c, int k) {
-  const std::int64_t n = static_cast<std::int64_t>(k) * k;
+// c <- `count` k x k identities, one after the other.
+__global__ void set_identity(double* c, int k, int count) {
+  const std::int64_t per = static_cast<std::int64_t>(k) * k, n = per * count;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    c[i] = i / k == i % k ? 1.0 : 0.0;
+    c[i] = (i % per) / k == i % k ? 1.0 : 0.0;
+}
+
+// ptrs[i] = base + i * stride for i < count: the pointer arrays that batched
+// cuBLAS and cuSOLVER calls take, written on the stream (no host copy).
+template <class T>
+__global__ void strided_pointers(T* base, std::int64_t stride, int count, T** ptrs) {
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < count; i += gridDim.x * blockDim.x) ptrs[i] = base + i * stride;
 }
 
 // Gaussian numbers from Philox (Box-Muller), element for element the CPU's

@@ -46,6 +46,7 @@ class WorkspaceArena {
     return p;
   }
   std::size_t used() const { return used_; }
+  std::size_t available() const { return bytes_ - used_; }
   static constexpr std::size_t align(std::size_t b) { return (b + 255) / 256 * 256; }
 
  private:
