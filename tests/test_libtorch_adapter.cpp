@@ -89,6 +89,19 @@ void check_equal(const Model& m, const Reference<>& r) {
   CHECK(Reference<>::values(m.v) == r.V);
 }
 
+// Steps [from, to) on two models and their optimizers with the same gradients.
+void step_both(Model& a, lt::Optimizer<>& x, Model& b, lt::Optimizer<>& y, int from, int to) {
+  for (int t = from; t < to; ++t) {
+    a.set_grads(t);
+    b.set_grads(t);
+    x.step();
+    y.step();
+  }
+}
+bool same(const Model& a, const Model& b) {
+  return torch::equal(a.w, b.w) && torch::equal(a.b, b.b) && torch::equal(a.v, b.v);
+}
+
 std::string saved(const torch::optim::Optimizer& opt) {
   torch::serialize::OutputArchive archive;
   opt.save(archive);
@@ -192,12 +205,7 @@ TEST_CASE("Q-GaLore's INT4 bases and 8-bit moments through the adapter equal its
 TEST_CASE("a NaN gradient skips that parameter: weight and state untouched") {
   Model a, b;
   auto opt = make(a), twin = make(b);
-  for (int t = 0; t < 2; ++t) {
-    a.set_grads(t);
-    b.set_grads(t);
-    opt.step();
-    twin.step();
-  }
+  step_both(a, opt, b, twin, 0, 2);
   a.set_grads(2);
   a.w.mutable_grad()[3][5] = std::numeric_limits<float>::quiet_NaN();
   const torch::Tensor before = a.w.detach().clone();
@@ -228,15 +236,8 @@ TEST_CASE("save and load resume exactly; an archive that does not fit changes no
   auto resumed = make(b);
   load(resumed, bytes);
   CHECK(resumed.state_bytes() == opt.state_bytes());
-  for (int t = 4; t < 8; ++t) {
-    a.set_grads(t);
-    b.set_grads(t);
-    opt.step();
-    resumed.step();
-  }
-  CHECK(torch::equal(a.w, b.w));
-  CHECK(torch::equal(a.b, b.b));
-  CHECK(torch::equal(a.v, b.v));
+  step_both(a, opt, b, resumed, 4, 8);
+  CHECK(same(a, b));
 
   // Another model's archive (a transposed weight), and one of fewer groups.
   Model c = a.clone(), d = a.clone();
@@ -250,14 +251,8 @@ TEST_CASE("save and load resume exactly; an archive that does not fit changes no
   CHECK_THROWS_AS(load(target, saved(wrong)), checkpoint_error);
   lt::Optimizer<> single(std::vector<torch::Tensor>{other.v}, lt::Options(0.01));
   CHECK_THROWS_WITH_AS(load(target, saved(single)), doctest::Contains("1 parameter groups"), checkpoint_error);
-  for (int t = 0; t < 3; ++t) {
-    c.set_grads(t);
-    d.set_grads(t);
-    target.step();
-    twin.step();
-  }
-  CHECK(torch::equal(c.w, d.w));
-  CHECK(torch::equal(c.v, d.v));
+  step_both(c, target, d, twin, 0, 3);
+  CHECK(same(c, d));
 }
 
 TEST_CASE("groups and parameters added after construction are registered") {
