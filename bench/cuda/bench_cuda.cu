@@ -3,6 +3,9 @@
 // every linear layer of the model, per-layer calls on one stream.
 //
 //   BM_CudaStep/<galore|adamw>/<llama1b/r512|llama7b_8of32/r1024>   bf16 W and G, float32 moments
+//   BM_CudaGemmFloorBatched/<model>  the same GEMMs batched per shape (pointer arrays): the floor of StepAll
+//   BM_CudaStepAll/<galore|adamw>/<model>   the whole-model step (step_all), graph replay; adamw: the
+//                                 fused multi-tensor full-rank AdamW over the same weights
 //   BM_CudaGemmFloor/<model>      the same two projection GEMMs per layer, bare cuBLAS (the floor)
 //   BM_CudaCopy/<model>           a device copy of the weights (bytes moved = read + write)
 //   BM_CudaRefresh/<exact|randomized|warm|warm_rayleigh_ritz>/llama1b/r512
@@ -160,6 +163,43 @@ void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step) {
   if (galore_step) state.counters["gemm_TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// The whole-model step (plan_step_all / step_all): per chunk of same-shape
+// layers one batched projection GEMM, one Adam kernel, one batched
+// back-projection; the steady step replayed as a CUDA graph. adamw: every layer
+// dense, all in one multi-tensor AdamW kernel (the fused full-rank baseline).
+void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step) {
+  cudaStream_t stream = nullptr;
+  cuda::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  {
+    cuda::Context ctx(stream);
+    Weights& w = weights_for(m, ctx);
+    cuda::GaLoreOptimizer<Projector<svd::Randomized>> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f},
+                                                           AdamConfig{}, schedule::FixedGap{1000000000});
+    std::vector<cuda::StepParam> params;
+    for (std::size_t i = 0; i < w.shapes.size(); ++i) {
+      const Shape s = w.shapes[i];
+      const LayerId id = galore_step ? opt.add_layer(s, cuda::DType::BFloat16) : opt.add_dense(s, cuda::DType::BFloat16);
+      params.push_back(cuda::step_param(id, DeviceView<bf16>(w.W[i].data(), s.rows, s.cols),
+                                        DeviceView<const bf16>(w.G[i].data(), s.rows, s.cols)));
+    }
+    ctx.reserve_workspace(opt.workspace_bytes(ctx));
+    cuda::StepPlan plan = opt.plan_step_all(params, ctx);
+    opt.step_all(plan, ctx);  // the first step refreshes every basis, layer by layer
+    const cuda::StepAllResult first = opt.step_all(plan, ctx);  // captures the graph
+    ctx.synchronize();
+    if (!first.graph) state.SkipWithError("the steady step was not a graph launch");
+    Timer timer;
+    for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, [&] { opt.step_all(plan, ctx); }));
+    state.counters["layers"] = static_cast<double>(params.size());
+    state.counters["chunks"] = static_cast<double>(plan.num_chunks());
+    state.counters["workspace_MiB"] = static_cast<double>(plan.workspace_bytes()) / (1 << 20);
+    state.counters["state_MiB"] = static_cast<double>(opt.state_bytes()) / (1 << 20);
+    if (galore_step)
+      state.counters["gemm_TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+  }
+  cudaStreamDestroy(stream);
+}
+
 void BM_CudaGemmFloor(benchmark::State& state, const Model& m) {
   cuda::Context ctx;
   Weights& w = weights_for(m, ctx);
@@ -189,6 +229,96 @@ void BM_CudaGemmFloor(benchmark::State& state, const Model& m) {
                    DeviceView<float>(R[i].data(), m.rank, s.cols));
         cuda::gemm(ctx, cuda::Op::N, cuda::Op::N, -1e-9f, DeviceView<const bf16>(P[i].data(), s.rows, m.rank),
                    DeviceView<const bf16>(D[i].data(), m.rank, s.cols), 1.0f, W);
+      }
+    }
+  };
+  pass();
+  ctx.synchronize();
+  Timer timer;
+  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+  state.counters["TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// The batched step's GEMMs alone: per group of same-shape layers, the
+// projection and the back-projection as two pointer-array batched GEMMs
+// (cuda::gemm_batched), on padded copies where the step pads (left layers whose
+// column count is not a multiple of 8). The floor of BM_CudaStepAll.
+void BM_CudaGemmFloorBatched(benchmark::State& state, const Model& m) {
+  cuda::Context ctx;
+  Weights& w = weights_for(m, ctx);
+  struct Group {
+    Shape shape;
+    bool right = true;
+    Index cols = 0;  // padded when the step pads
+    std::vector<std::size_t> layers;
+    std::vector<cuda::DeviceBuffer<bf16>> P, D, Gpad, Wpad;
+    std::vector<cuda::DeviceBuffer<float>> R;
+    cuda::DeviceBuffer<void*> arrays;  // proj A, B, C, back A, B, C
+  };
+  std::vector<Group> groups;
+  for (std::size_t i = 0; i < w.shapes.size(); ++i) {
+    const Shape s = w.shapes[i];
+    auto g = std::find_if(groups.begin(), groups.end(), [&](const Group& x) { return x.shape.rows == s.rows && x.shape.cols == s.cols; });
+    if (g == groups.end()) {
+      groups.emplace_back();
+      g = groups.end() - 1;
+      g->shape = s;
+      g->right = s.rows >= s.cols;
+      g->cols = g->right ? s.cols : cuda::padded_cols(s.cols);
+    }
+    g->layers.push_back(i);
+  }
+  for (Group& g : groups) {
+    const Index m_ = g.shape.rows, n = g.cols, r = m.rank;
+    const std::size_t k = g.layers.size();
+    std::vector<void*> host(6 * k);
+    for (std::size_t j = 0; j < k; ++j) {
+      const std::size_t i = g.layers[j];
+      const bool pad = g.cols != g.shape.cols;
+      g.P.emplace_back(static_cast<std::size_t>(r * (g.right ? n : m_)));
+      g.D.emplace_back(static_cast<std::size_t>(r * (g.right ? m_ : n)));
+      g.R.emplace_back(static_cast<std::size_t>(r * (g.right ? m_ : n)));
+      fill_gaussian(ctx, g.P.back().data(), g.P.back().size(), 7);
+      fill_gaussian(ctx, g.D.back().data(), g.D.back().size(), 8);
+      if (pad) {
+        g.Gpad.emplace_back(static_cast<std::size_t>(m_ * n));
+        g.Wpad.emplace_back(static_cast<std::size_t>(m_ * n));
+        fill_gaussian(ctx, g.Gpad.back().data(), g.Gpad.back().size(), 9);
+        fill_gaussian(ctx, g.Wpad.back().data(), g.Wpad.back().size(), 10);
+      }
+      void* G = pad ? g.Gpad.back().data() : w.G[i].data();
+      void* W = pad ? g.Wpad.back().data() : w.W[i].data();
+      void* P = g.P.back().data();
+      void* D = g.D.back().data();
+      host[j] = g.right ? G : P;
+      host[k + j] = g.right ? P : G;
+      host[2 * k + j] = g.R.back().data();
+      host[3 * k + j] = g.right ? D : P;
+      host[4 * k + j] = g.right ? P : D;
+      host[5 * k + j] = W;
+    }
+    g.arrays = cuda::DeviceBuffer<void*>(host.size());
+    cuda::check(cudaMemcpy(g.arrays.data(), host.data(), sizeof(void*) * host.size(), cudaMemcpyHostToDevice), "cudaMemcpy");
+  }
+  const float scalars[4] = {1.0f, 0.0f, -1e-9f, 1.0f};
+  cuda::DeviceBuffer<float> dev_scalars(4);
+  cuda::check(cudaMemcpy(dev_scalars.data(), scalars, sizeof scalars, cudaMemcpyHostToDevice), "cudaMemcpy");
+  const float* one = dev_scalars.data();
+  auto pass = [&] {
+    for (Group& g : groups) {
+      const Index m_ = g.shape.rows, n = g.cols, r = m.rank;
+      const int k = static_cast<int>(g.layers.size());
+      auto in = [&](int slot) { return reinterpret_cast<const bf16* const*>(g.arrays.data() + slot * k); };
+      if (g.right) {
+        cuda::gemm_batched<bf16, float>(ctx, cuda::Op::N, cuda::Op::T, m_, r, n, one, in(0), n, in(1), n, one + 1,
+                                        reinterpret_cast<float* const*>(g.arrays.data() + 2 * k), r, k);
+        cuda::gemm_batched<bf16, bf16>(ctx, cuda::Op::N, cuda::Op::N, m_, n, r, one + 2, in(3), r, in(4), n, one + 3,
+                                       reinterpret_cast<bf16* const*>(g.arrays.data() + 5 * k), n, k);
+      } else {
+        cuda::gemm_batched<bf16, float>(ctx, cuda::Op::T, cuda::Op::N, r, n, m_, one, in(0), r, in(1), n, one + 1,
+                                        reinterpret_cast<float* const*>(g.arrays.data() + 2 * k), n, k);
+        cuda::gemm_batched<bf16, bf16>(ctx, cuda::Op::N, cuda::Op::N, m_, n, r, one + 2, in(3), r, in(4), n, one + 3,
+                                       reinterpret_cast<bf16* const*>(g.arrays.data() + 5 * k), n, k);
       }
     }
   };
@@ -359,8 +489,11 @@ int main(int argc, char** argv) {
   for (const Model* m : {&kLlama1B, &kLlama7B8}) {
     benchmark::RegisterBenchmark(("BM_CudaCopy/" + m->name).c_str(), BM_CudaCopy, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaGemmFloor/" + m->name).c_str(), BM_CudaGemmFloor, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaGemmFloorBatched/" + m->name).c_str(), BM_CudaGemmFloorBatched, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStep/galore/" + m->name).c_str(), BM_CudaStep, *m, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep, *m, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore/" + m->name).c_str(), BM_CudaStepAll, *m, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/adamw/" + m->name).c_str(), BM_CudaStepAll, *m, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
   }
   benchmark::RegisterBenchmark("BM_CudaRefresh/exact/llama1b/r512", BM_CudaRefresh<svd::Exact>, svd::Exact{}, false, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);

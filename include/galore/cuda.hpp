@@ -16,6 +16,8 @@
 
 #include "backend/cuda/adam.cuh"
 #include "backend/cuda/basis_kernels.cuh"
+#include "backend/cuda/batched_adam.cuh"
+#include "backend/cuda/batched_step.cuh"
 #include "backend/cuda/checkpoint.cuh"
 #include "backend/cuda/context.cuh"
 #include "backend/cuda/device_buffer.cuh"

@@ -73,7 +73,7 @@ struct LtPlan {
     if (op) cublasLtMatmulDescDestroy(op);
   }
 };
-using LtPlanKey = std::array<std::int64_t, 11>;
+using LtPlanKey = std::array<std::int64_t, 12>;
 
 class Context {
  public:

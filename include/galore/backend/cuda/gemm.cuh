@@ -47,48 +47,63 @@ namespace impl {
 inline Shape op_shape(Op op, Index rows, Index cols) { return op == Op::N ? Shape{rows, cols} : Shape{cols, rows}; }
 inline cublasOperation_t to_cublas(Op op) { return op == Op::N ? CUBLAS_OP_N : CUBLAS_OP_T; }
 
-// C^T = op(B)^T op(A)^T in column-major terms, through a cached cuBLASLt plan.
+// The cached cuBLASLt plan of C^T = op(B)^T op(A)^T in column-major terms;
+// batch > 0: that many products whose matrices are read from device arrays of
+// pointers (CUBLASLT_BATCH_MODE_POINTER_ARRAY), all with one shape.
 template <class In, class Out>
-void lt_matmul(Context& ctx, Op opa, Op opb, bool device_scalars, const void* alpha, const In* A, Index lda,
-               const In* B, Index ldb, const void* beta, Out* C, Index ldc, Index M, Index N, Index K) {
+const LtPlan& lt_plan(Context& ctx, Op opa, Op opb, bool device_scalars, Index lda, Index ldb, Index ldc, Index M,
+                      Index N, Index K, int batch = 0) {
   // Column-major problem: C^T (N x M) = X (N x K) * Y (K x M), X from B, Y from A.
   const LtPlanKey key{static_cast<std::int64_t>(opa), static_cast<std::int64_t>(opb), M, N, K, lda, ldb, ldc,
                       static_cast<std::int64_t>(data_type<In>()), static_cast<std::int64_t>(data_type<Out>()),
-                      device_scalars ? 1 : 0};
+                      device_scalars ? 1 : 0, batch};
   auto& plans = ctx.lt_plans();
   auto it = plans.find(key);
-  if (it == plans.end()) {
-    auto plan = std::make_unique<LtPlan>();
-    check(cublasLtMatmulDescCreate(&plan->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
-    const cublasOperation_t tx = to_cublas(opb), ty = to_cublas(opa);
-    check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &tx, sizeof tx), "cublasLtMatmulDescSetAttribute");
-    check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &ty, sizeof ty), "cublasLtMatmulDescSetAttribute");
-    const cublasLtPointerMode_t pm = device_scalars ? CUBLASLT_POINTER_MODE_DEVICE : CUBLASLT_POINTER_MODE_HOST;
-    check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &pm, sizeof pm),
-          "cublasLtMatmulDescSetAttribute");
-    // Stored (column-major) shapes: X is N x K (or K x N when transposed), Y is K x M (or M x K).
-    check(cublasLtMatrixLayoutCreate(&plan->a, data_type<In>(), opb == Op::N ? N : K, opb == Op::N ? K : N, ldb),
-          "cublasLtMatrixLayoutCreate");
-    check(cublasLtMatrixLayoutCreate(&plan->b, data_type<In>(), opa == Op::N ? K : M, opa == Op::N ? M : K, lda),
-          "cublasLtMatrixLayoutCreate");
-    check(cublasLtMatrixLayoutCreate(&plan->c, data_type<Out>(), N, M, ldc), "cublasLtMatrixLayoutCreate");
-    cublasLtMatmulPreference_t pref = nullptr;
-    check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
-    const std::size_t ws = Context::kLtWorkspaceBytes;
-    cublasLtMatmulHeuristicResult_t result{};
-    int found = 0;
-    const cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
-                                                                   sizeof ws);
-    if (st == CUBLAS_STATUS_SUCCESS)
-      cublasLtMatmulAlgoGetHeuristic(ctx.blas_lt(), plan->op, plan->a, plan->b, plan->c, plan->c, pref, 1, &result,
-                                     &found);
-    cublasLtMatmulPreferenceDestroy(pref);
-    check(st, "cublasLtMatmulPreferenceSetAttribute");
-    plan->has_algo = found > 0;
-    if (plan->has_algo) plan->algo = result.algo;
-    it = plans.emplace(key, std::move(plan)).first;
+  if (it != plans.end()) return *it->second;
+  auto plan = std::make_unique<LtPlan>();
+  check(cublasLtMatmulDescCreate(&plan->op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
+  const cublasOperation_t tx = to_cublas(opb), ty = to_cublas(opa);
+  check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSA, &tx, sizeof tx), "cublasLtMatmulDescSetAttribute");
+  check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_TRANSB, &ty, sizeof ty), "cublasLtMatmulDescSetAttribute");
+  const cublasLtPointerMode_t pm = device_scalars ? CUBLASLT_POINTER_MODE_DEVICE : CUBLASLT_POINTER_MODE_HOST;
+  check(cublasLtMatmulDescSetAttribute(plan->op, CUBLASLT_MATMUL_DESC_POINTER_MODE, &pm, sizeof pm),
+        "cublasLtMatmulDescSetAttribute");
+  // Stored (column-major) shapes: X is N x K (or K x N when transposed), Y is K x M (or M x K).
+  check(cublasLtMatrixLayoutCreate(&plan->a, data_type<In>(), opb == Op::N ? N : K, opb == Op::N ? K : N, ldb),
+        "cublasLtMatrixLayoutCreate");
+  check(cublasLtMatrixLayoutCreate(&plan->b, data_type<In>(), opa == Op::N ? K : M, opa == Op::N ? M : K, lda),
+        "cublasLtMatrixLayoutCreate");
+  check(cublasLtMatrixLayoutCreate(&plan->c, data_type<Out>(), N, M, ldc), "cublasLtMatrixLayoutCreate");
+  if (batch > 0) {
+    const std::uint32_t mode = CUBLASLT_BATCH_MODE_POINTER_ARRAY;
+    for (cublasLtMatrixLayout_t l : {plan->a, plan->b, plan->c}) {
+      check(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &batch, sizeof batch),
+            "cublasLtMatrixLayoutSetAttribute(BATCH_COUNT)");
+      check(cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_MODE, &mode, sizeof mode),
+            "cublasLtMatrixLayoutSetAttribute(BATCH_MODE)");
+    }
   }
-  const LtPlan& p = *it->second;
+  cublasLtMatmulPreference_t pref = nullptr;
+  check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
+  const std::size_t ws = Context::kLtWorkspaceBytes;
+  cublasLtMatmulHeuristicResult_t result{};
+  int found = 0;
+  const cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                                                 sizeof ws);
+  if (st == CUBLAS_STATUS_SUCCESS)
+    cublasLtMatmulAlgoGetHeuristic(ctx.blas_lt(), plan->op, plan->a, plan->b, plan->c, plan->c, pref, 1, &result,
+                                   &found);
+  cublasLtMatmulPreferenceDestroy(pref);
+  check(st, "cublasLtMatmulPreferenceSetAttribute");
+  plan->has_algo = found > 0;
+  if (plan->has_algo) plan->algo = result.algo;
+  return *plans.emplace(key, std::move(plan)).first->second;
+}
+
+template <class In, class Out>
+void lt_matmul(Context& ctx, Op opa, Op opb, bool device_scalars, const void* alpha, const In* A, Index lda,
+               const In* B, Index ldb, const void* beta, Out* C, Index ldc, Index M, Index N, Index K) {
+  const LtPlan& p = lt_plan<In, Out>(ctx, opa, opb, device_scalars, lda, ldb, ldc, M, N, K);
   if (!p.has_algo) {  // no cuBLASLt kernel for this problem: cublasGemmEx decides
     check(cublasSetPointerMode(ctx.blas(), device_scalars ? CUBLAS_POINTER_MODE_DEVICE : CUBLAS_POINTER_MODE_HOST),
           "cublasSetPointerMode");
@@ -146,6 +161,38 @@ void gemm_device_scalars(Context& ctx, Op opa, Op opb, const float* alpha, Devic
                          DeviceView<const TB> B, const float* beta, DeviceView<TC> C) {
   static_assert(!std::is_same_v<std::remove_const_t<TA>, double>, "galore: device scalars are float");
   impl::gemm_impl(ctx, opa, opb, true, alpha, A, B, beta, C);
+}
+
+// `count` products of one shape, C_i = alpha op(A_i) op(B_i) + beta C_i, the
+// matrices read from device arrays of pointers (A, B, C: `count` entries each,
+// in device memory, read when the GEMM runs: a kernel earlier on the stream may
+// redirect them). C_i is rows x cols, the inner dimension `inner`; alpha and
+// beta are device pointers. The plan is made by the first call with a shape
+// (host work only), so calls after it can be captured in a CUDA graph.
+template <class In, class Out>
+void gemm_batched(Context& ctx, Op opa, Op opb, Index rows, Index cols, Index inner, const float* alpha,
+                  const In* const* A, Index lda, const In* const* B, Index ldb, const float* beta, Out* const* C,
+                  Index ldc, int count) {
+  static_assert(is_device_scalar_v<In> && is_device_scalar_v<Out>, "galore: batched GEMMs take float or bf16");
+  if (count <= 0 || rows == 0 || cols == 0) return;
+  const LtPlan& p = impl::lt_plan<In, Out>(ctx, opa, opb, true, lda, ldb, ldc, rows, cols, inner, count);
+  if (!p.has_algo) {  // no cuBLASLt kernel for it: cublasGemmBatchedEx decides
+    check(cublasSetPointerMode(ctx.blas(), CUBLAS_POINTER_MODE_DEVICE), "cublasSetPointerMode");
+    const cublasStatus_t st = cublasGemmBatchedEx(
+        ctx.blas(), impl::to_cublas(opb), impl::to_cublas(opa), static_cast<int>(cols), static_cast<int>(rows),
+        static_cast<int>(inner), alpha, reinterpret_cast<const void* const*>(B), data_type<In>(),
+        static_cast<int>(ldb), reinterpret_cast<const void* const*>(A), data_type<In>(), static_cast<int>(lda), beta,
+        reinterpret_cast<void* const*>(C), data_type<Out>(), static_cast<int>(ldc), count, CUBLAS_COMPUTE_32F,
+        CUBLAS_GEMM_DEFAULT);
+    check(cublasSetPointerMode(ctx.blas(), CUBLAS_POINTER_MODE_HOST), "cublasSetPointerMode");
+    check(st, "cublasGemmBatchedEx");
+    return;
+  }
+  // Pointer-array mode: A, B and C are the device arrays of pointers.
+  void* const c_arrays = const_cast<Out**>(C);
+  check(cublasLtMatmul(ctx.blas_lt(), p.op, alpha, B, p.a, A, p.b, beta, c_arrays, p.c, c_arrays, p.c, &p.algo,
+                       ctx.lt_workspace(), Context::kLtWorkspaceBytes, ctx.stream()),
+        "cublasLtMatmul");
 }
 
 }  // namespace galore::cuda

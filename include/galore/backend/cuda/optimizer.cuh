@@ -45,6 +45,7 @@
 #include "../../schedule/lazy.hpp"
 #include "../../schedule/traits.hpp"
 #include "adam.cuh"
+#include "batched_step.cuh"
 #include "context.cuh"
 #include "device_buffer.cuh"
 #include "drift.cuh"
@@ -53,16 +54,6 @@
 #include "staging.cuh"
 
 namespace galore::cuda {
-
-enum class DType : std::uint8_t { Float32, BFloat16 };
-
-template <class T>
-constexpr DType dtype_of() {
-  static_assert(is_device_scalar_v<T>, "galore: the CUDA backend steps float or __nv_bfloat16 weights");
-  return std::is_same_v<T, float> ? DType::Float32 : DType::BFloat16;
-}
-inline std::size_t size_of(DType t) { return t == DType::Float32 ? 4 : 2; }
-inline const char* to_string(DType t) { return t == DType::Float32 ? "float32" : "bfloat16"; }
 
 // What a GPU step knows when it returns. Unless the step synchronized (a
 // refresh step), the outcome is decided on the device later: status_known is
@@ -192,6 +183,19 @@ class GaLoreOptimizer {
     return step(id, DeviceView<T>(W, s.rows, s.cols), DeviceView<const T>(G, s.rows, s.cols), ctx);
   }
 
+  // The whole-model step (batched_step.cuh): plan once for a fixed set of
+  // layers and their device buffers, then step them all with one call. The plan
+  // checks every parameter first (invalid_argument, nothing allocated), makes
+  // the GEMMs' plans and copies its tables to the device (synchronizes). A step
+  // at which some layer may refresh runs layer by layer through step() and uses
+  // ctx's workspace, sized by workspace_bytes(ctx); the other steps use the
+  // plan's own workspace and, on a stream other than the legacy default one,
+  // replay a CUDA graph captured at the first of them.
+  StepPlan plan_step_all(Span<const StepParam> params, Context& ctx, const StepPlanOptions& options = {}) {
+    return BatchedStepAccess::plan(*this, params, ctx, options);
+  }
+  StepAllResult step_all(StepPlan& plan, Context& ctx) { return BatchedStepAccess::step(*this, plan, ctx); }
+
   // The outcome of the layer's latest step. Synchronizes ctx's stream.
   StepStatus status(LayerId id, Context& ctx) {
     const StepCounters c = read_counters(layer(id), ctx);
@@ -282,7 +286,8 @@ class GaLoreOptimizer {
   }
 
  private:
-  friend struct CheckpointAccess;  // checkpoint.cuh: saves and restores the layers
+  friend struct CheckpointAccess;   // checkpoint.cuh: saves and restores the layers
+  friend struct BatchedStepAccess;  // batched_step.cuh: steps many layers at once
   using A = WorkspaceArena;
 
   struct Layer {

@@ -1,0 +1,552 @@
+// galore (CUDA backend): the whole-model step, batched across layers and
+// replayed as a CUDA graph.
+//
+// For trainers that have every gradient at once: plan once, step every time.
+//
+//   std::vector<cuda::StepParam> params;
+//   for (...) params.push_back(cuda::step_param(id, W_view, G_view));
+//   cuda::StepPlan plan = opt.plan_step_all(params, ctx);   // synchronizes once
+//   for (each step) opt.step_all(plan, ctx);                // no synchronization
+//
+// The plan groups the layers by what one batched GEMM can serve (projected or
+// dense, element type, shape, side, rank, scale, leading dimensions) and cuts
+// each group into chunks whose temporaries (R, D, and the padded copies of
+// staging.cuh) fit the workspace limit. A steady step is, per chunk, one
+// pointer-array batched GEMM for the projection, one cooperative Adam kernel
+// over the chunk's layers (batched_adam.cuh: each layer keeps its own skip
+// decision), one batched GEMM for the back-projection; all dense layers share
+// one Adam kernel. The pointer arrays, the layers' state, the workspace and the
+// hyperparameters live at fixed device addresses, so the steady step is
+// captured in a CUDA graph on its first run and replayed after; the learning
+// rate is read from device memory, so set_lr() needs no new capture.
+//
+// A step at which some layer's schedule may refresh its basis (or measure its
+// drift) runs layer by layer through step(), which synchronizes as it does
+// there; the steps between refreshes are batched. The layers' bases and
+// moments stay in their per-layer allocations: the batched GEMMs read every
+// matrix through pointer arrays, as they must for the caller's W and G anyway.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <tuple>
+#include <vector>
+
+#include "../../core/matrix_view.hpp"
+#include "../../core/span.hpp"
+#include "../../optim/step_result.hpp"
+#include "../../projection_type.hpp"
+#include "batched_adam.cuh"
+#include "context.cuh"
+#include "device_buffer.cuh"
+#include "error.cuh"
+#include "gemm.cuh"
+#include "staging.cuh"
+
+namespace galore::cuda {
+
+enum class DType : std::uint8_t { Float32, BFloat16 };
+
+template <class T>
+constexpr DType dtype_of() {
+  static_assert(is_device_scalar_v<T>, "galore: the CUDA backend steps float or __nv_bfloat16 weights");
+  return std::is_same_v<T, float> ? DType::Float32 : DType::BFloat16;
+}
+inline std::size_t size_of(DType t) { return t == DType::Float32 ? 4 : 2; }
+inline const char* to_string(DType t) { return t == DType::Float32 ? "float32" : "bfloat16"; }
+
+// One layer of a batched step: its weight and gradient in device memory.
+struct StepParam {
+  LayerId id;
+  DType dtype = DType::Float32;
+  void* W = nullptr;
+  const void* G = nullptr;
+  Index ldw = 0, ldg = 0;  // leading dimensions in elements
+};
+template <class T>
+StepParam step_param(LayerId id, DeviceView<T> W, DeviceView<const T> G) {
+  static_assert(!std::is_const_v<T>, "galore: W must be a view of mutable elements");
+  return StepParam{id, dtype_of<T>(), W.data, G.data, W.ld, G.ld};
+}
+template <class T>
+StepParam step_param(LayerId id, DeviceView<T> W, DeviceView<T> G) {
+  return step_param(id, W, DeviceView<const T>(G));
+}
+
+struct StepPlanOptions {
+  // The most workspace a chunk's temporaries may take (a chunk holds at least
+  // one layer, so a single larger layer raises it).
+  std::size_t workspace_limit = std::size_t{256} << 20;
+  // Capture the steady step in a CUDA graph on its first run (not on the legacy
+  // default stream, which cannot be captured: there it runs eagerly).
+  bool use_graph = true;
+};
+
+struct StepAllResult {
+  bool batched = false;  // false: the step ran layer by layer (a refresh may have been due)
+  bool graph = false;    // the batched step was a graph launch
+};
+
+class StepPlan {
+ public:
+  StepPlan() = default;
+  StepPlan(StepPlan&& o) noexcept { *this = std::move(o); }
+  StepPlan& operator=(StepPlan&& o) noexcept {
+    if (this != &o) {
+      release_graph();
+      owner_ = o.owner_;
+      entries_ = std::move(o.entries_);
+      chunks_ = std::move(o.chunks_);
+      tables_ = std::move(o.tables_);
+      workspace_ = std::move(o.workspace_);
+      uploaded_ = std::move(o.uploaded_);
+      params_offset_ = o.params_offset_;
+      barrier_offset_ = o.barrier_offset_;
+      scalars_offset_ = o.scalars_offset_;
+      use_graph_ = o.use_graph_;
+      graph_ = o.graph_;
+      graph_context_ = o.graph_context_;
+      o.graph_ = nullptr;
+    }
+    return *this;
+  }
+  StepPlan(const StepPlan&) = delete;
+  StepPlan& operator=(const StepPlan&) = delete;
+  ~StepPlan() { release_graph(); }
+
+  std::size_t num_layers() const { return entries_.size(); }
+  std::size_t num_chunks() const { return chunks_.size(); }
+  // Device bytes of the temporaries (R, D, padded copies, the scratch output of
+  // skipped layers), allocated by the plan.
+  std::size_t workspace_bytes() const { return workspace_.bytes(); }
+  // Device bytes the plan holds: the workspace plus its tables (pointer arrays,
+  // per-layer descriptors, work items, hyperparameters, barrier).
+  std::size_t device_bytes() const { return workspace_.bytes() + tables_.bytes(); }
+  bool graph_captured() const { return graph_ != nullptr; }
+
+ private:
+  friend struct BatchedStepAccess;
+
+  struct Entry {
+    LayerId id;
+    DType dtype = DType::Float32;
+    void* W = nullptr;
+    const void* G = nullptr;
+    Index ldw = 0, ldg = 0;
+    void* R = nullptr;  // workspace (low-rank layers)
+    void* D = nullptr;
+    void* G_copy = nullptr;  // padded copies (staged layers)
+    void* W_copy = nullptr;
+  };
+  struct Chunk {
+    bool dense = false, staged = false;
+    DType dtype = DType::Float32;
+    Side side = Side::Right;
+    Shape shape, low_rank;
+    Index rank = 0, ld = 0;  // ld: columns of R and D (padded when staged)
+    Index ldw = 0, ldg = 0;
+    float scale = 1.0f;
+    std::size_t first = 0, count = 0;  // entries_[first, first + count)
+    // Offsets into tables_.
+    std::size_t proj_a = 0, proj_b = 0, proj_c = 0, back_a = 0, back_b = 0, back_c = 0, layers = 0, items = 0;
+    int num_items = 0;
+    std::int64_t elements = 0;
+    int scalars = 0;  // index of this chunk's alpha in the scalars (beta follows)
+  };
+
+  void release_graph() noexcept {
+    if (graph_) cudaGraphExecDestroy(graph_);
+    graph_ = nullptr;
+  }
+  unsigned char* table(std::size_t offset) { return tables_.data() + offset; }
+
+  const void* owner_ = nullptr;
+  std::vector<Entry> entries_;
+  std::vector<Chunk> chunks_;
+  DeviceBuffer<unsigned char> tables_;
+  DeviceBuffer<unsigned char> workspace_;
+  std::vector<double> uploaded_;  // the hyperparameters last copied to the device
+  std::size_t params_offset_ = 0, barrier_offset_ = 0, scalars_offset_ = 0;
+  bool use_graph_ = true;
+  cudaGraphExec_t graph_ = nullptr;
+  const Context* graph_context_ = nullptr;
+};
+
+// The optimizer's side of plan_step_all() and step_all() (friend of
+// cuda::GaLoreOptimizer).
+struct BatchedStepAccess {
+  template <class Opt>
+  static StepPlan plan(Opt& opt, Span<const StepParam> params, Context& ctx, const StepPlanOptions& options) {
+    using A = WorkspaceArena;
+    using M = typename Opt::moment_type;
+    StepPlan plan;
+    plan.owner_ = &opt;
+    plan.use_graph_ = options.use_graph;
+    // Check everything before any allocation.
+    std::vector<char> seen(opt.layers_.size(), 0);
+    for (const StepParam& p : params) {
+      const auto& l = opt.layer(p.id);
+      detail::require(!seen[p.id.index], "plan_step_all: layer ", Opt::describe(l), " is listed twice");
+      seen[p.id.index] = 1;
+      detail::require(l.dtype == p.dtype, "plan_step_all: layer ", Opt::describe(l), " was registered with ",
+                      to_string(l.dtype), " elements but its parameter holds ", to_string(p.dtype));
+      detail::require(p.W != nullptr && p.G != nullptr, "plan_step_all: layer ", Opt::describe(l),
+                      " has a null device pointer");
+      detail::require(p.ldw >= l.shape.cols && p.ldg >= l.shape.cols, "plan_step_all: layer ", Opt::describe(l),
+                      ": leading dimensions must be at least its ", l.shape.cols, " columns");
+      detail::require(l.projected ? l.side != Side::Both : (p.ldw == l.shape.cols && p.ldg == l.shape.cols),
+                      "plan_step_all: layer ", Opt::describe(l),
+                      l.projected ? " is projected on both sides (ProjectionType::Full), which the batched step does "
+                                    "not serve yet: step it with step()"
+                                  : " is dense: W and G must be contiguous row-major");
+    }
+    // Groups: layers one batched GEMM can serve, in the order of first appearance.
+    using Key = std::tuple<bool, int, Index, Index, int, Index, float, Index, Index>;
+    std::vector<Key> keys;
+    std::vector<std::vector<const StepParam*>> groups;
+    for (const StepParam& p : params) {
+      const auto& l = opt.layer(p.id);
+      const Key k = l.projected ? Key{false, static_cast<int>(l.dtype), l.shape.rows, l.shape.cols,
+                                      static_cast<int>(l.side), l.options.rank, l.options.scale, p.ldw, p.ldg}
+                                : Key{true, 0, 0, 0, 0, 0, 1.0f, 0, 0};  // every dense layer in one kernel
+      const auto at = std::find(keys.begin(), keys.end(), k);
+      if (at == keys.end()) {
+        keys.push_back(k);
+        groups.emplace_back();
+        groups.back().push_back(&p);
+      } else {
+        groups[static_cast<std::size_t>(at - keys.begin())].push_back(&p);
+      }
+    }
+    // Chunks, and the workspace: the largest chunk's temporaries, plus one
+    // layer-sized scratch output for skipped layers when weight decay may make
+    // beta differ from 1.
+    const bool decays = opt.adam_.weight_decay != 0.0;
+    std::size_t chunk_bytes = 0, scratch_bytes = 0;
+    for (const auto& g : groups) {
+      const auto& l = opt.layer(g.front()->id);
+      StepPlan::Chunk c;
+      c.dense = !l.projected;
+      c.dtype = l.dtype;
+      c.shape = l.shape;
+      c.low_rank = l.low_rank;
+      if (!c.dense) {
+        c.side = l.side;
+        c.rank = l.options.rank;
+        c.scale = l.options.scale;
+        c.staged = Opt::staged(l);
+        c.ld = c.staged ? Opt::step_cols(l) : l.low_rank.cols;
+        c.ldw = g.front()->ldw;
+        c.ldg = g.front()->ldg;
+      }
+      const std::size_t per_layer = c.dense ? 0 : layer_bytes(c);
+      const std::size_t fit = per_layer == 0 ? g.size() : std::max<std::size_t>(1, options.workspace_limit / per_layer);
+      const std::size_t pieces = (g.size() + fit - 1) / fit;
+      std::size_t done = 0;
+      for (std::size_t piece = 0; piece < pieces; ++piece) {
+        StepPlan::Chunk part = c;
+        part.first = plan.entries_.size();
+        part.count = (g.size() - done) / (pieces - piece);  // balanced pieces
+        for (std::size_t i = 0; i < part.count; ++i) {
+          const StepParam* p = g[done + i];
+          StepPlan::Entry e;
+          e.id = p->id;
+          e.dtype = p->dtype;
+          e.W = p->W;
+          e.G = p->G;
+          e.ldw = p->ldw;
+          e.ldg = p->ldg;
+          plan.entries_.push_back(e);
+        }
+        done += part.count;
+        chunk_bytes = std::max(chunk_bytes, part.count * per_layer);
+        plan.chunks_.push_back(part);
+      }
+      if (!c.dense && decays)
+        scratch_bytes = std::max(scratch_bytes, A::align(size_of(c.dtype) * static_cast<std::size_t>(
+                                                              c.shape.rows * (c.staged ? c.ld : c.ldw))));
+    }
+    plan.workspace_ = DeviceBuffer<unsigned char>(chunk_bytes + scratch_bytes);
+    unsigned char* scratch = scratch_bytes ? plan.workspace_.data() + chunk_bytes : nullptr;
+
+    // Tables: per chunk six pointer arrays, the Adam layers and items; then the
+    // hyperparameters, the GEMM scalars and the barrier.
+    std::size_t at = 0;
+    auto reserve = [&](std::size_t bytes) {
+      const std::size_t o = at;
+      at += A::align(bytes);
+      return o;
+    };
+    std::vector<std::vector<BatchedAdamItem>> items(plan.chunks_.size());
+    for (std::size_t ci = 0; ci < plan.chunks_.size(); ++ci) {
+      StepPlan::Chunk& c = plan.chunks_[ci];
+      for (std::size_t i = 0; i < c.count; ++i) {
+        const auto& l = opt.layers_[plan.entries_[c.first + i].id.index];
+        const std::int64_t n = c.dense ? l.shape.size() : l.low_rank.rows * c.ld;
+        for (std::int64_t b = 0; b < n; b += kItemElements)
+          items[ci].push_back(BatchedAdamItem{static_cast<int>(i), b, std::min(n, b + kItemElements)});
+        c.elements += n;
+      }
+      c.num_items = static_cast<int>(items[ci].size());
+      if (!c.dense)
+        for (std::size_t* o : {&c.proj_a, &c.proj_b, &c.proj_c, &c.back_a, &c.back_b, &c.back_c})
+          *o = reserve(sizeof(void*) * c.count);
+      c.layers = reserve(sizeof(BatchedAdamLayer<M>) * c.count);
+      c.items = reserve(sizeof(BatchedAdamItem) * items[ci].size());
+      c.scalars = 2 + 2 * static_cast<int>(ci);
+    }
+    plan.params_offset_ = reserve(sizeof(BatchedAdamParams));
+    plan.scalars_offset_ = reserve(sizeof(float) * (2 + 2 * plan.chunks_.size()));
+    plan.barrier_offset_ = reserve(sizeof(BatchBarrier));
+    plan.tables_ = DeviceBuffer<unsigned char>(at);
+
+    // The host image of the tables, with device addresses.
+    std::vector<unsigned char> image(at, 0);
+    auto put = [&](std::size_t offset, std::size_t index, const auto& value) {
+      std::memcpy(image.data() + offset + index * sizeof(value), &value, sizeof(value));
+    };
+    for (std::size_t ci = 0; ci < plan.chunks_.size(); ++ci) {
+      const StepPlan::Chunk& c = plan.chunks_[ci];
+      unsigned char* ws = plan.workspace_.data();
+      const std::size_t t = size_of(c.dtype);
+      const std::size_t lr_elems = c.dense ? 0 : static_cast<std::size_t>(c.low_rank.rows * c.ld);
+      const std::size_t full_elems = static_cast<std::size_t>(c.shape.rows * c.ld);
+      for (std::size_t i = 0; i < c.count; ++i) {
+        StepPlan::Entry& e = plan.entries_[c.first + i];
+        auto& l = opt.layers_[e.id.index];
+        BatchedAdamLayer<M> L;
+        L.rows = c.dense ? l.shape.rows : c.low_rank.rows;
+        L.cols = c.dense ? l.shape.cols : c.low_rank.cols;
+        L.ld = c.dense ? l.shape.cols : c.ld;
+        L.m = reinterpret_cast<M*>(l.storage.data());
+        L.v = reinterpret_cast<M*>(l.storage.data() + Opt::layout(l).v);
+        L.counters = Opt::counters_of(l);
+        L.bf16 = e.dtype == DType::BFloat16 ? 1 : 0;
+        L.dense = c.dense ? 1 : 0;
+        if (c.dense) {
+          L.input = e.G;
+          L.output = e.W;
+          L.vec4 = reinterpret_cast<std::uintptr_t>(e.W) % 16 == 0 && reinterpret_cast<std::uintptr_t>(e.G) % 16 == 0;
+        } else {
+          L.vec4 = c.ld == c.low_rank.cols;  // R, D and the moments start 256-byte aligned
+          e.R = ws;
+          ws += A::align(sizeof(float) * lr_elems);
+          e.D = ws;
+          ws += A::align(t * lr_elems);
+          if (c.staged) {
+            e.G_copy = ws;
+            ws += A::align(t * full_elems);
+            e.W_copy = ws;
+            ws += A::align(t * full_elems);
+          }
+          L.input = e.R;
+          L.output = e.D;
+          L.scale = c.scale;
+          void* P = c.side == Side::Right ? static_cast<void*>(Opt::template basis_of<float>(l, l.storage.data()).right)
+                                          : static_cast<void*>(Opt::template basis_of<float>(l, l.storage.data()).left);
+          const void* G_in = c.staged ? e.G_copy : e.G;
+          void* W_out = c.staged ? e.W_copy : e.W;
+          // Projection: right R = G P^T (A = G, B = P), left R = P^T G (A = P, B = G).
+          put(c.proj_a, i, c.side == Side::Right ? G_in : static_cast<const void*>(P));
+          put(c.proj_b, i, c.side == Side::Right ? static_cast<const void*>(P) : G_in);
+          put(c.proj_c, i, e.R);
+          // Back-projection: right W += D P (A = D, B = P), left W += P D (A = P, B = D).
+          put(c.back_a, i, c.side == Side::Right ? e.D : P);
+          put(c.back_b, i, c.side == Side::Right ? P : e.D);
+          put(c.back_c, i, W_out);
+          L.back_output_slot = reinterpret_cast<void**>(plan.table(c.back_c) + i * sizeof(void*));
+          L.back_output = W_out;
+          L.skipped_output = scratch;
+        }
+        put(c.layers, i, L);
+      }
+      for (std::size_t k = 0; k < items[ci].size(); ++k) put(c.items, k, items[ci][k]);
+    }
+    check(cudaMemcpy(plan.tables_.data(), image.data(), image.size(), cudaMemcpyHostToDevice), "cudaMemcpy");
+    // Plans of the GEMMs now (host work), so that the first step can be captured.
+    for (const StepPlan::Chunk& c : plan.chunks_)
+      if (!c.dense) {
+        for (const bool back : {false, true}) {
+          if (c.dtype == DType::Float32) run_chunk_gemms<float, true>(plan, c, ctx, back);
+          else run_chunk_gemms<bf16, true>(plan, c, ctx, back);
+        }
+      }
+    (void)ctx.resident_blocks(reinterpret_cast<const void*>(impl::batched_adam_step<M>), impl::kThreads);
+    return plan;
+  }
+
+  template <class Opt>
+  static StepAllResult step(Opt& opt, StepPlan& plan, Context& ctx) {
+    detail::require(plan.owner_ == &opt, "step_all: the plan was made by another optimizer (or is empty)");
+    StepAllResult result;
+    bool per_layer = false;
+    for (const StepPlan::Entry& e : plan.entries_) {
+      const auto& l = opt.layers_[e.id.index];
+      if (l.projected && (opt.refresh_may_be_due(l) || opt.measurement_may_be_wanted(l, false))) per_layer = true;
+    }
+    if (per_layer) {
+      for (const StepPlan::Entry& e : plan.entries_) {
+        const Shape s = opt.layers_[e.id.index].shape;
+        if (e.dtype == DType::Float32)
+          opt.step(e.id, DeviceView<float>(static_cast<float*>(e.W), s.rows, s.cols, e.ldw),
+                   DeviceView<const float>(static_cast<const float*>(e.G), s.rows, s.cols, e.ldg), ctx);
+        else
+          opt.step(e.id, DeviceView<bf16>(static_cast<bf16*>(e.W), s.rows, s.cols, e.ldw),
+                   DeviceView<const bf16>(static_cast<const bf16*>(e.G), s.rows, s.cols, e.ldg), ctx);
+      }
+      return result;
+    }
+    upload_params(opt, plan, ctx);
+    result.batched = true;
+    const bool graph = plan.use_graph_ && ctx.stream() != nullptr;
+    if (graph && (plan.graph_ == nullptr || plan.graph_context_ != &ctx)) {
+      plan.release_graph();
+      cudaGraph_t g = nullptr;
+      check(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+      try {
+        run<Opt>(plan, ctx);
+      } catch (...) {
+        if (cudaStreamEndCapture(ctx.stream(), &g) == cudaSuccess && g) cudaGraphDestroy(g);
+        throw;
+      }
+      check(cudaStreamEndCapture(ctx.stream(), &g), "cudaStreamEndCapture");
+      const cudaError_t st = cudaGraphInstantiate(&plan.graph_, g, 0);
+      cudaGraphDestroy(g);
+      check(st, "cudaGraphInstantiate");
+      plan.graph_context_ = &ctx;
+    }
+    if (graph) {
+      check(cudaGraphLaunch(plan.graph_, ctx.stream()), "cudaGraphLaunch");
+      result.graph = true;
+    } else {
+      run<Opt>(plan, ctx);
+    }
+    for (const StepPlan::Entry& e : plan.entries_) ++opt.layers_[e.id.index].pending;
+    return result;
+  }
+
+ private:
+  static std::size_t layer_bytes(const StepPlan::Chunk& c) {
+    using A = WorkspaceArena;
+    const std::size_t t = size_of(c.dtype);
+    const std::size_t lr = static_cast<std::size_t>(c.low_rank.rows * c.ld);
+    std::size_t b = A::align(sizeof(float) * lr) + A::align(t * lr);
+    if (c.staged) b += 2 * A::align(t * static_cast<std::size_t>(c.shape.rows * c.ld));
+    return b;
+  }
+
+  // The hyperparameters on the device, copied when they changed (a pageable
+  // copy: the host buffer may change as soon as the call returns).
+  template <class Opt>
+  static void upload_params(Opt& opt, StepPlan& plan, Context& ctx) {
+    BatchedAdamParams p{};
+    p.adam = opt.launch(1.0f);
+    std::vector<float> scalars{1.0f, 0.0f};
+    for (const StepPlan::Chunk& c : plan.chunks_) {
+      scalars.push_back(-p.adam.decay * c.scale);
+      scalars.push_back(p.adam.decay);
+    }
+    const math::AdamCoefficients& k = p.adam.coeffs;
+    std::vector<double> key{p.adam.lr, p.adam.beta1, p.adam.beta2, p.adam.correct_bias ? 1.0 : 0.0, p.adam.decay,
+                            k.b1, k.a1, k.b2, k.a2, k.eps};
+    key.insert(key.end(), scalars.begin(), scalars.end());
+    if (key == plan.uploaded_) return;
+    check(cudaMemcpyAsync(plan.table(plan.params_offset_), &p, sizeof p, cudaMemcpyHostToDevice, ctx.stream()),
+          "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(plan.table(plan.scalars_offset_), scalars.data(), sizeof(float) * scalars.size(),
+                          cudaMemcpyHostToDevice, ctx.stream()),
+          "cudaMemcpyAsync");
+    plan.uploaded_ = std::move(key);
+  }
+
+  template <bool Prepare, class In, class Out>
+  static void gemm(Context& ctx, Op opa, Op opb, Index rows, Index cols, Index inner, const float* alpha,
+                   const In* const* A, Index lda, const In* const* B, Index ldb, const float* beta, Out* const* C,
+                   Index ldc, int count) {
+    if constexpr (Prepare) (void)impl::lt_plan<In, Out>(ctx, opa, opb, true, lda, ldb, ldc, rows, cols, inner, count);
+    else gemm_batched<In, Out>(ctx, opa, opb, rows, cols, inner, alpha, A, lda, B, ldb, beta, C, ldc, count);
+  }
+
+  // The projection (or, with back = true, the back-projection) of a chunk;
+  // Prepare: only make the GEMMs' plans (host work), run nothing.
+  template <class T, bool Prepare = false>
+  static void run_chunk_gemms(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx, bool back) {
+    const float* scalars = reinterpret_cast<const float*>(plan.table(plan.scalars_offset_));
+    const int n = static_cast<int>(c.count);
+    const Index m = c.shape.rows, cols = c.staged ? c.ld : c.shape.cols, r = c.rank;
+    const Index ldg = c.staged ? c.ld : c.ldg, ldw = c.staged ? c.ld : c.ldw;
+    auto arr = [&](std::size_t offset) { return reinterpret_cast<T* const*>(plan.table(offset)); };
+    auto carr = [&](std::size_t offset) { return reinterpret_cast<const T* const*>(plan.table(offset)); };
+    if (!back) {
+      float* const* R = reinterpret_cast<float* const*>(plan.table(c.proj_c));
+      if (c.side == Side::Right)  // R (m x r) = G P^T
+        gemm<Prepare, T, float>(ctx, Op::N, Op::T, m, r, cols, scalars, carr(c.proj_a), ldg, carr(c.proj_b), cols,
+                               scalars + 1, R, r, n);
+      else  // R (r x cols) = P^T G
+        gemm<Prepare, T, float>(ctx, Op::T, Op::N, r, cols, m, scalars, carr(c.proj_a), r, carr(c.proj_b), ldg,
+                               scalars + 1, R, c.ld, n);
+      return;
+    }
+    const float* alpha = scalars + c.scalars;
+    const float* beta = alpha + 1;
+    if (c.side == Side::Right)  // W = beta W + alpha D P
+      gemm<Prepare, T, T>(ctx, Op::N, Op::N, m, cols, r, alpha, carr(c.back_a), r, carr(c.back_b), cols, beta,
+                         arr(c.back_c), ldw, n);
+    else  // W = beta W + alpha P D
+      gemm<Prepare, T, T>(ctx, Op::N, Op::N, m, cols, r, alpha, carr(c.back_a), r, carr(c.back_b), c.ld, beta,
+                         arr(c.back_c), ldw, n);
+  }
+
+  template <class T>
+  static void stage_chunk(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx, bool weights) {
+    for (std::size_t i = 0; i < c.count; ++i) {
+      const StepPlan::Entry& e = plan.entries_[c.first + i];
+      const Index ld = weights ? e.ldw : e.ldg;
+      const T* src = static_cast<const T*>(weights ? e.W : e.G);
+      T* dst = static_cast<T*>(weights ? e.W_copy : e.G_copy);
+      stage(ctx, DeviceView<const T>(src, c.shape.rows, c.shape.cols, ld), DeviceView<T>(dst, c.shape.rows, c.ld));
+    }
+  }
+  template <class T>
+  static void unstage_chunk(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx) {
+    for (std::size_t i = 0; i < c.count; ++i) {
+      const StepPlan::Entry& e = plan.entries_[c.first + i];
+      unstage(ctx, DeviceView<const T>(static_cast<const T*>(e.W_copy), c.shape.rows, c.ld),
+              DeviceView<T>(static_cast<T*>(e.W), c.shape.rows, c.shape.cols, e.ldw));
+    }
+  }
+
+  template <class T, class Opt>
+  static void run_chunk(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx) {
+    using M = typename Opt::moment_type;
+    const auto* layers = reinterpret_cast<const BatchedAdamLayer<M>*>(plan.table(c.layers));
+    const auto* items = reinterpret_cast<const BatchedAdamItem*>(plan.table(c.items));
+    const auto* params = reinterpret_cast<const BatchedAdamParams*>(plan.table(plan.params_offset_));
+    auto* barrier = reinterpret_cast<BatchBarrier*>(plan.table(plan.barrier_offset_));
+    if (c.dense) {
+      batched_adam_step<M>(ctx, layers, static_cast<int>(c.count), items, c.num_items, params, barrier, c.elements);
+      return;
+    }
+    if (c.staged) stage_chunk<T>(plan, c, ctx, false);
+    run_chunk_gemms<T>(plan, c, ctx, false);
+    batched_adam_step<M>(ctx, layers, static_cast<int>(c.count), items, c.num_items, params, barrier, c.elements);
+    if (c.staged) stage_chunk<T>(plan, c, ctx, true);
+    run_chunk_gemms<T>(plan, c, ctx, true);
+    if (c.staged) unstage_chunk<T>(plan, c, ctx);
+  }
+
+  template <class Opt>
+  static void run(StepPlan& plan, Context& ctx) {
+    for (const StepPlan::Chunk& c : plan.chunks_) {
+      if (c.dtype == DType::Float32) run_chunk<float, Opt>(plan, c, ctx);
+      else run_chunk<bf16, Opt>(plan, c, ctx);
+    }
+  }
+};
+
+}  // namespace galore::cuda

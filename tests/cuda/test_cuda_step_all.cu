@@ -1,0 +1,389 @@
+// The whole-model step (cuda::StepPlan, step_all): batched against per-layer
+// and against the CPU on identical inputs, a skipped layer inside a batch,
+// graph replay against eager execution, the plan's errors and its memory.
+#include <doctest/doctest.h>
+
+#include <galore/cuda.hpp>
+
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "cpu_reference.hpp"
+#include "cuda_support.cuh"
+
+using namespace galore;
+using galore_test::Device;
+using galore_test::RunSpec;
+
+namespace {
+
+struct LayerSpec {
+  long m, n;
+  ProjectionType type;
+  bool dense = false;
+  bool bf16 = false;
+};
+
+// Every group the plan forms: right (Std on a tall matrix, Right), left (Std on
+// a wide one, ReverseStd on a tall one, Left), left with a column count that is
+// not a multiple of 8 (staged), dense; float and bf16.
+const std::vector<LayerSpec> kMix = {
+    {48, 32, ProjectionType::Std},        {48, 32, ProjectionType::Std},
+    {48, 32, ProjectionType::Std},        {32, 56, ProjectionType::Std},
+    {32, 56, ProjectionType::Std},        {48, 32, ProjectionType::ReverseStd},
+    {40, 37, ProjectionType::Left},       {40, 37, ProjectionType::Left},
+    {24, 40, ProjectionType::Right},      {16, 24, ProjectionType::Std, true},
+    {8, 40, ProjectionType::Std, true},   {48, 32, ProjectionType::Std, false, true},
+    {48, 32, ProjectionType::Std, false, true}, {32, 56, ProjectionType::Left, false, true},
+    {16, 24, ProjectionType::Std, true, true},
+};
+
+RunSpec spec_of(const LayerSpec& l) {
+  RunSpec s;
+  s.rows = l.m;
+  s.cols = l.n;
+  s.rank = 6;
+  s.type = static_cast<int>(l.type);
+  s.scale = 0.25f;
+  s.lr = 1e-2;
+  s.weight_decay = 0.05;
+  s.eps = 1e-3;
+  s.gap = 3;
+  s.dense = l.dense;
+  return s;
+}
+
+using Opt = galore_test::GpuOptimizer<svd::Exact, float>;
+
+// A model of kMix-like layers on the device: weights, gradients, layer ids.
+struct Model {
+  std::vector<LayerSpec> specs;
+  std::vector<LayerId> ids;
+  std::vector<std::unique_ptr<Device<float>>> Wf, Gf;
+  std::vector<std::unique_ptr<Device<cuda::bf16>>> Wb, Gb;
+  std::vector<std::vector<float>> W0;
+
+  Model(Opt& opt, const std::vector<LayerSpec>& s) : specs(s) {
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+      const LayerSpec& l = specs[i];
+      const cuda::DType t = l.bf16 ? cuda::DType::BFloat16 : cuda::DType::Float32;
+      ids.push_back(l.dense ? opt.add_dense({l.m, l.n}, t)
+                            : opt.add_layer({l.m, l.n}, t, ProjectorOptions{6, l.type, 0.25f}));
+      std::vector<float> w = galore_test::gaussian(static_cast<std::size_t>(l.m * l.n), 100u + unsigned(i));
+      if (l.bf16) w = galore_test::round_to_bf16(w);
+      W0.push_back(w);
+      Wf.push_back(std::make_unique<Device<float>>(l.bf16 ? std::vector<float>(1) : w));
+      Gf.push_back(std::make_unique<Device<float>>(std::vector<float>(l.bf16 ? 1 : w.size(), 0.0f)));
+      Wb.push_back(std::make_unique<Device<cuda::bf16>>(l.bf16 ? w : std::vector<float>(1)));
+      Gb.push_back(std::make_unique<Device<cuda::bf16>>(std::vector<float>(l.bf16 ? w.size() : 1, 0.0f)));
+    }
+  }
+  std::vector<cuda::StepParam> params() {
+    std::vector<cuda::StepParam> p;
+    for (std::size_t i = 0; i < specs.size(); ++i) {
+      const LayerSpec& l = specs[i];
+      if (l.bf16)
+        p.push_back(cuda::step_param(ids[i], DeviceView<cuda::bf16>(Wb[i]->data(), l.m, l.n),
+                                     DeviceView<const cuda::bf16>(Gb[i]->data(), l.m, l.n)));
+      else
+        p.push_back(cuda::step_param(ids[i], DeviceView<float>(Wf[i]->data(), l.m, l.n),
+                                     DeviceView<const float>(Gf[i]->data(), l.m, l.n)));
+    }
+    return p;
+  }
+  void upload_gradient(std::size_t i, const std::vector<float>& g) {
+    if (specs[i].bf16) Gb[i]->upload(g);
+    else Gf[i]->upload(g);
+  }
+  std::vector<float> weight(std::size_t i) { return specs[i].bf16 ? Wb[i]->download() : Wf[i]->download(); }
+  void step_each(Opt& opt, cuda::Context& ctx) {
+    for (const cuda::StepParam& p : params()) {
+      const LayerSpec& l = specs[p.id.index];
+      if (l.bf16)
+        opt.step(p.id, static_cast<cuda::bf16*>(p.W), static_cast<const cuda::bf16*>(p.G), ctx);
+      else
+        opt.step(p.id, static_cast<float*>(p.W), static_cast<const float*>(p.G), ctx);
+    }
+  }
+};
+
+// Gradients per layer and step (bf16 layers: rounded to bf16).
+std::vector<std::vector<std::vector<float>>> gradients(const std::vector<LayerSpec>& specs, int steps) {
+  std::vector<std::vector<std::vector<float>>> g;
+  for (std::size_t i = 0; i < specs.size(); ++i) {
+    auto s = galore_test::separated_gradients(specs[i].m, specs[i].n, 10, steps, 300u + 7u * unsigned(i));
+    if (specs[i].bf16)
+      for (auto& x : s) x = galore_test::round_to_bf16(x);
+    g.push_back(std::move(s));
+  }
+  return g;
+}
+
+std::vector<float> moments(Opt& opt, LayerId id, std::size_t n) {
+  auto m = Device<float>::download(opt.first_moment(id), n);
+  const auto v = Device<float>::download(opt.second_moment(id), n);
+  m.insert(m.end(), v.begin(), v.end());
+  return m;
+}
+
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { cuda::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"); }
+  ~Stream() { cudaStreamDestroy(s); }
+};
+
+}  // namespace
+
+TEST_CASE("the batched step equals the per-layer step and the CPU: left, right, staged and dense layers, float and bf16") {
+  const int steps = 8;  // gap 3: steps 0, 3 and 6 refresh (layer by layer), the others are batched
+  const auto grads = gradients(kMix, steps);
+  Stream stream;
+  cuda::Context ctx_each(stream.s), ctx_all(stream.s);
+  Opt each(ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
+           schedule::FixedGap{3});
+  Opt all(ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
+          schedule::FixedGap{3});
+  Model a(each, kMix), b(all, kMix);
+  ctx_each.reserve_workspace(each.workspace_bytes(ctx_each));
+  ctx_all.reserve_workspace(all.workspace_bytes(ctx_all));
+  cuda::StepPlan plan = all.plan_step_all(b.params(), ctx_all);
+  CHECK(plan.num_layers() == kMix.size());
+  int batched = 0;
+  std::vector<std::vector<std::vector<float>>> traj(kMix.size());
+  for (int t = 0; t < steps; ++t) {
+    for (std::size_t i = 0; i < kMix.size(); ++i) {
+      a.upload_gradient(i, grads[i][t]);
+      b.upload_gradient(i, grads[i][t]);
+    }
+    a.step_each(each, ctx_each);
+    const cuda::StepAllResult r = all.step_all(plan, ctx_all);
+    CHECK(r.batched == (t % 3 != 0));
+    batched += r.batched ? 1 : 0;
+    ctx_all.synchronize();
+    for (std::size_t i = 0; i < kMix.size(); ++i) {
+      INFO("step ", t, " layer ", i, " (", kMix[i].m, "x", kMix[i].n, " ", to_string(kMix[i].type),
+           kMix[i].dense ? " dense" : "", kMix[i].bf16 ? " bf16" : "", ")");
+      const auto wa = a.weight(i), wb = b.weight(i);
+      traj[i].push_back(wb);
+      // The same arithmetic but other GEMM kernels: float sums in another order.
+      const double e = galore_test::relative_change_error(wb, wa, a.W0[i]);
+      CHECK(e < (kMix[i].bf16 ? 2e-2 : 1e-4));
+      CHECK(all.status(b.ids[i], ctx_all) == StepStatus::Applied);
+    }
+  }
+  CHECK(batched == 5);
+  CHECK(plan.graph_captured());
+  // And against the CPU backend, layer by layer (float layers; the bf16 ones
+  // match the per-layer GPU step above, which test_cuda_step compares with the CPU).
+  for (std::size_t i = 0; i < kMix.size(); ++i) {
+    if (kMix[i].bf16) continue;
+    INFO("layer ", i);
+    std::vector<std::vector<float>> g(grads[i].begin(), grads[i].end());
+    const auto cpu = galore_test::cpu_run(spec_of(kMix[i]), a.W0[i], g);
+    for (int t = 0; t < steps; ++t) CHECK(galore_test::relative_change_error(traj[i][t], cpu[t], a.W0[i]) < 1e-3);
+  }
+}
+
+TEST_CASE("a layer with a non-finite gradient is skipped inside the batch; the others step") {
+  const int steps = 6;
+  auto grads = gradients(kMix, steps);
+  // Step 1 is batched (gap 3). In it a right float layer, a staged one, a dense
+  // one and a bf16 one are skipped (weight decay 0.05: beta is not 1, so the
+  // back-projection of a skipped layer must not touch its W).
+  grads[0][1][5] = std::numeric_limits<float>::quiet_NaN();
+  grads[6][1][11] = std::numeric_limits<float>::infinity();
+  grads[9][1][3] = std::numeric_limits<float>::quiet_NaN();
+  grads[12][1][7] = std::numeric_limits<float>::infinity();
+  const std::vector<std::pair<int, std::size_t>> skips{{1, 0}, {1, 6}, {1, 9}, {1, 12}};
+  int batched_after = 0;
+  Stream stream;
+  cuda::Context ctx_each(stream.s), ctx_all(stream.s);
+  Opt each(ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
+           schedule::FixedGap{3});
+  Opt all(ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
+          schedule::FixedGap{3});
+  Model a(each, kMix), b(all, kMix);
+  ctx_each.reserve_workspace(each.workspace_bytes(ctx_each));
+  ctx_all.reserve_workspace(all.workspace_bytes(ctx_all));
+  cuda::StepPlan plan = all.plan_step_all(b.params(), ctx_all);
+  for (int t = 0; t < steps; ++t) {
+    std::vector<std::vector<float>> w_before, m_before;
+    for (std::size_t i = 0; i < kMix.size(); ++i) {
+      a.upload_gradient(i, grads[i][t]);
+      b.upload_gradient(i, grads[i][t]);
+      w_before.push_back(b.weight(i));
+      const long n = kMix[i].dense ? kMix[i].m * kMix[i].n : 6 * (all.side(b.ids[i]) == Side::Right ? kMix[i].m : kMix[i].n);
+      m_before.push_back(moments(all, b.ids[i], static_cast<std::size_t>(n)));
+    }
+    a.step_each(each, ctx_each);
+    const auto r = all.step_all(plan, ctx_all);
+    if (t == 1) CHECK(r.batched);
+    // The skips leave the host unsure of some step counts: steps that might
+    // refresh run layer by layer until it reads them; later ones batch again.
+    if (t > 1 && r.batched) ++batched_after;
+    for (std::size_t i = 0; i < kMix.size(); ++i) {
+      INFO("step ", t, " layer ", i);
+      bool skipped = false;
+      for (const auto& s : skips) skipped |= s.first == t && s.second == i;
+      CHECK(all.status(b.ids[i], ctx_all) == (skipped ? StepStatus::SkippedNonFinite : StepStatus::Applied));
+      CHECK(each.status(a.ids[i], ctx_each) == all.status(b.ids[i], ctx_all));
+      const long n = kMix[i].dense ? kMix[i].m * kMix[i].n : 6 * (all.side(b.ids[i]) == Side::Right ? kMix[i].m : kMix[i].n);
+      if (skipped) {
+        CHECK(b.weight(i) == w_before[i]);
+        CHECK(moments(all, b.ids[i], static_cast<std::size_t>(n)) == m_before[i]);
+      } else {
+        CHECK(b.weight(i) != w_before[i]);
+      }
+      CHECK(galore_test::relative_change_error(b.weight(i), a.weight(i), a.W0[i]) < (kMix[i].bf16 ? 2e-2 : 1e-4));
+    }
+  }
+  CHECK(batched_after > 0);  // a layer skipped in a batch steps again in later batches
+  for (const auto& s : skips) CHECK(all.stats(b.ids[s.second], ctx_all).skipped_steps == 1);
+}
+
+TEST_CASE("graph replay equals eager execution bit for bit, with learning-rate changes and refreshes between replays") {
+  const int steps = 10;
+  const auto grads = gradients(kMix, steps);
+  Stream stream;
+  cuda::Context ctx_g(stream.s), ctx_e(stream.s);
+  auto make = [] {
+    return Opt(ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
+               schedule::FixedGap{4});
+  };
+  Opt og = make(), oe = make();
+  Model g(og, kMix), e(oe, kMix);
+  ctx_g.reserve_workspace(og.workspace_bytes(ctx_g));
+  ctx_e.reserve_workspace(oe.workspace_bytes(ctx_e));
+  cuda::StepPlan pg = og.plan_step_all(g.params(), ctx_g);
+  cuda::StepPlanOptions eager;
+  eager.use_graph = false;
+  cuda::StepPlan pe = oe.plan_step_all(e.params(), ctx_e, eager);
+  int replays = 0;
+  for (int t = 0; t < steps; ++t) {
+    const double lr = 1e-2 * (1.0 + 0.1 * t);
+    og.set_lr(lr);
+    oe.set_lr(lr);
+    for (std::size_t i = 0; i < kMix.size(); ++i) {
+      g.upload_gradient(i, grads[i][t]);
+      e.upload_gradient(i, grads[i][t]);
+    }
+    const auto rg = og.step_all(pg, ctx_g);
+    const auto re = oe.step_all(pe, ctx_e);
+    CHECK(rg.batched == re.batched);
+    CHECK(rg.graph == rg.batched);
+    CHECK_FALSE(re.graph);
+    replays += rg.graph ? 1 : 0;
+    ctx_g.synchronize();
+    for (std::size_t i = 0; i < kMix.size(); ++i) {
+      INFO("step ", t, " layer ", i);
+      CHECK(g.weight(i) == e.weight(i));
+    }
+  }
+  CHECK(replays == 7);  // steps 0, 4 and 8 refresh
+  CHECK(pg.graph_captured());
+  CHECK_FALSE(pe.graph_captured());
+}
+
+TEST_CASE("on the legacy default stream the batched step runs eagerly") {
+  cuda::Context ctx;  // stream 0
+  Opt opt(ProjectorOptions{6, ProjectionType::Std, 0.25f}, AdamConfig{}, schedule::FixedGap{100});
+  Model m(opt, {{48, 32, ProjectionType::Std}, {48, 32, ProjectionType::Std}});
+  ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  cuda::StepPlan plan = opt.plan_step_all(m.params(), ctx);
+  const auto grads = gradients(m.specs, 2);
+  for (int t = 0; t < 2; ++t) {
+    for (std::size_t i = 0; i < 2; ++i) m.upload_gradient(i, grads[i][t]);
+    const auto r = opt.step_all(plan, ctx);
+    CHECK(r.batched == (t == 1));
+    CHECK_FALSE(r.graph);
+  }
+  CHECK_FALSE(plan.graph_captured());
+}
+
+TEST_CASE("the plan's workspace is its chunks' temporaries, and the limit cuts groups into chunks") {
+  cuda::Context ctx;
+  AdamConfig adam;
+  adam.weight_decay = 0.1;  // the scratch output for skipped layers is needed
+  Opt opt(ProjectorOptions{6, ProjectionType::Std, 0.25f}, adam, schedule::FixedGap{100});
+  // Four right 48x32 float layers, two staged left 40x37 bf16 layers.
+  Model m(opt, {{48, 32, ProjectionType::Std}, {48, 32, ProjectionType::Std}, {48, 32, ProjectionType::Std},
+                {48, 32, ProjectionType::Std}, {40, 37, ProjectionType::Left, false, true},
+                {40, 37, ProjectionType::Left, false, true}});
+  auto align = [](std::size_t b) { return (b + 255) / 256 * 256; };
+  const std::size_t right = align(4 * 48 * 6) + align(4 * 48 * 6);                                // R, D float
+  const std::size_t staged = align(4 * 6 * 40) + align(2 * 6 * 40) + 2 * align(2 * 40 * 40);       // ld 40
+  const std::size_t scratch = std::max(align(4 * 48 * 32), align(2 * 40 * 40));
+  cuda::StepPlan whole = opt.plan_step_all(m.params(), ctx);
+  CHECK(whole.num_chunks() == 2);
+  CHECK(whole.workspace_bytes() == std::max(4 * right, 2 * staged) + scratch);
+  cuda::StepPlanOptions small;
+  small.workspace_limit = 2 * right;
+  cuda::StepPlan cut = opt.plan_step_all(m.params(), ctx, small);
+  CHECK(cut.num_chunks() == 2 + 2);  // 4 right layers in 2 chunks, 2 staged ones in 2 (each exceeds the limit)
+  CHECK(cut.workspace_bytes() == std::max(2 * right, staged) + scratch);
+  CHECK(cut.device_bytes() > cut.workspace_bytes());
+  // The device memory the plan allocates is what it reports (layers large
+  // enough that cudaMalloc's 2 MiB granularity does not hide the workspace:
+  // eight 2048 x 1024 right layers at rank 256, R and D in float, 4 MiB each).
+  Opt large(ProjectorOptions{256, ProjectionType::Std, 0.25f}, AdamConfig{}, schedule::FixedGap{100});
+  cuda::DeviceBuffer<float> any(64);  // the plan only stores the pointers
+  std::vector<cuda::StepParam> params;
+  for (int i = 0; i < 8; ++i)
+    params.push_back(cuda::step_param(large.add_layer({2048, 1024}, cuda::DType::Float32),
+                                      DeviceView<float>(any.data(), 2048, 1024),
+                                      DeviceView<const float>(any.data(), 2048, 1024)));
+  ctx.synchronize();
+  std::size_t free_before = 0, free_after = 0, total = 0;
+  cuda::check(cudaMemGetInfo(&free_before, &total), "cudaMemGetInfo");
+  {
+    cuda::StepPlan big = large.plan_step_all(params, ctx);
+    CHECK(big.workspace_bytes() == 8 * 2 * align(4 * 2048 * 256));
+    cuda::check(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
+    // cudaMalloc rounds to 2 MiB pages: the plan's two allocations take at most 4 MiB more.
+    CHECK(free_before - free_after >= big.device_bytes());
+    CHECK(free_before - free_after <= big.device_bytes() + (std::size_t{4} << 20));
+  }
+}
+
+TEST_CASE("plan_step_all checks every parameter and step_all its plan") {
+  cuda::Context ctx;
+  Opt opt(ProjectorOptions{6, ProjectionType::Std, 0.25f}, AdamConfig{}, schedule::FixedGap{100});
+  Model m(opt, {{48, 32, ProjectionType::Std}, {16, 24, ProjectionType::Std, true}});
+  const LayerId full = opt.add_layer({48, 32}, cuda::DType::Float32, ProjectorOptions{6, ProjectionType::Full, 0.25f});
+  Device<float> Wx(std::vector<float>(48 * 32, 0.0f)), Gx(std::vector<float>(48 * 32, 0.0f));
+  auto with = [&](auto change) {
+    auto p = m.params();
+    change(p);
+    return p;
+  };
+  auto throws = [&](const std::vector<cuda::StepParam>& p, const char* what) {
+    INFO(what);
+    CHECK_THROWS_AS(opt.plan_step_all(p, ctx), invalid_argument);
+  };
+  throws(with([](auto& p) { p.push_back(p[0]); }), "a layer twice");
+  throws(with([](auto& p) { p[0].id = LayerId{99}; }), "an unknown layer");
+  throws(with([](auto& p) { p[0].dtype = cuda::DType::BFloat16; }), "the wrong element type");
+  throws(with([](auto& p) { p[0].W = nullptr; }), "a null weight");
+  throws(with([](auto& p) { p[0].ldg = 31; }), "a leading dimension below the columns");
+  throws(with([](auto& p) { p[1].ldw = 25; }), "a strided dense layer");
+  throws(with([&](auto& p) {
+           p.push_back(cuda::step_param(full, DeviceView<float>(Wx.data(), 48, 32), DeviceView<const float>(Gx.data(), 48, 32)));
+         }),
+         "a two-sided layer");
+  Opt other(ProjectorOptions{6, ProjectionType::Std, 0.25f});
+  cuda::StepPlan foreign = other.plan_step_all(std::vector<cuda::StepParam>{}, ctx);
+  CHECK_THROWS_AS(opt.step_all(foreign, ctx), invalid_argument);
+  cuda::StepPlan empty;
+  CHECK_THROWS_AS(opt.step_all(empty, ctx), invalid_argument);
+  // The optimizer is unharmed.
+  ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  cuda::StepPlan plan = opt.plan_step_all(m.params(), ctx);
+  m.upload_gradient(0, galore_test::gaussian(48 * 32, 1u));
+  m.upload_gradient(1, galore_test::gaussian(16 * 24, 2u));
+  opt.step_all(plan, ctx);
+  CHECK(opt.status(m.ids[0], ctx) == StepStatus::Applied);
+  CHECK(opt.status(m.ids[1], ctx) == StepStatus::Applied);
+}
