@@ -6,7 +6,8 @@
 //   BM_CudaGemmFloorBatched/<model>  the same GEMMs batched per shape (pointer arrays): the floor of StepAll
 //   BM_CudaStepAll/<galore|adamw>/<model>   the whole-model step (step_all), graph replay; adamw: the
 //                                 fused multi-tensor full-rank AdamW over the same weights
-//   BM_CudaGemmFloor/<model>      the same two projection GEMMs per layer, bare cuBLAS (the floor)
+//   BM_CudaGemmFloor/<model>      the same two projection GEMMs per layer, bare cuBLAS (the floor; on
+//                                 padded copies where the step pads)
 //   BM_CudaCopy/<model>           a device copy of the weights (bytes moved = read + write)
 //   BM_CudaRefresh/<exact|randomized|warm|warm_rayleigh_ritz>/llama1b/r512
 //                                 a basis refresh of every matrix; counter `energy`: captured energy
@@ -203,32 +204,46 @@ void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step) {
 void BM_CudaGemmFloor(benchmark::State& state, const Model& m) {
   cuda::Context ctx;
   Weights& w = weights_for(m, ctx);
-  // The step's two products for a right-sided layer: R = G P^T (float out), W = W - D P (bf16).
-  std::vector<cuda::DeviceBuffer<bf16>> P, D;
+  // The step's two products: right R = G P^T (float out), W = W - D P (bf16);
+  // left R = P^T G, W = W - P D, on copies padded to a multiple of 8 columns
+  // where the step pads them (staging.cuh; the copies themselves are not timed).
+  std::vector<cuda::DeviceBuffer<bf16>> P, D, Gpad, Wpad;
   std::vector<cuda::DeviceBuffer<float>> R;
   for (Shape s : w.shapes) {
     const bool right = s.rows >= s.cols;
+    const Index cols = right ? s.cols : cuda::padded_cols(s.cols);
     P.emplace_back(static_cast<std::size_t>(m.rank * (right ? s.cols : s.rows)));
-    D.emplace_back(static_cast<std::size_t>(m.rank * (right ? s.rows : s.cols)));
-    R.emplace_back(static_cast<std::size_t>(m.rank * (right ? s.rows : s.cols)));
+    D.emplace_back(static_cast<std::size_t>(m.rank * (right ? s.rows : cols)));
+    R.emplace_back(static_cast<std::size_t>(m.rank * (right ? s.rows : cols)));
     fill_gaussian(ctx, P.back().data(), P.back().size(), 7);
     fill_gaussian(ctx, D.back().data(), D.back().size(), 8);
+    const bool pad = cols != s.cols;
+    Gpad.emplace_back(pad ? static_cast<std::size_t>(s.rows * cols) : 0);
+    Wpad.emplace_back(pad ? static_cast<std::size_t>(s.rows * cols) : 0);
+    if (pad) {
+      fill_gaussian(ctx, Gpad.back().data(), Gpad.back().size(), 9);
+      fill_gaussian(ctx, Wpad.back().data(), Wpad.back().size(), 10);
+    }
   }
   auto pass = [&] {
     for (std::size_t i = 0; i < w.shapes.size(); ++i) {
       const Shape s = w.shapes[i];
-      const DeviceView<const bf16> G(w.G[i].data(), s.rows, s.cols);
-      const DeviceView<bf16> W(w.W[i].data(), s.rows, s.cols);
       if (s.rows >= s.cols) {
+        const DeviceView<const bf16> G(w.G[i].data(), s.rows, s.cols);
+        const DeviceView<bf16> W(w.W[i].data(), s.rows, s.cols);
         cuda::gemm(ctx, cuda::Op::N, cuda::Op::T, 1.0f, G, DeviceView<const bf16>(P[i].data(), m.rank, s.cols), 0.0f,
                    DeviceView<float>(R[i].data(), s.rows, m.rank));
         cuda::gemm(ctx, cuda::Op::N, cuda::Op::N, -1e-9f, DeviceView<const bf16>(D[i].data(), s.rows, m.rank),
                    DeviceView<const bf16>(P[i].data(), m.rank, s.cols), 1.0f, W);
       } else {
+        const bool pad = Gpad[i].size() > 0;
+        const Index cols = pad ? cuda::padded_cols(s.cols) : s.cols;
+        const DeviceView<const bf16> G(pad ? Gpad[i].data() : w.G[i].data(), s.rows, cols);
+        const DeviceView<bf16> W(pad ? Wpad[i].data() : w.W[i].data(), s.rows, cols);
         cuda::gemm(ctx, cuda::Op::T, cuda::Op::N, 1.0f, DeviceView<const bf16>(P[i].data(), s.rows, m.rank), G, 0.0f,
-                   DeviceView<float>(R[i].data(), m.rank, s.cols));
+                   DeviceView<float>(R[i].data(), m.rank, cols));
         cuda::gemm(ctx, cuda::Op::N, cuda::Op::N, -1e-9f, DeviceView<const bf16>(P[i].data(), s.rows, m.rank),
-                   DeviceView<const bf16>(D[i].data(), m.rank, s.cols), 1.0f, W);
+                   DeviceView<const bf16>(D[i].data(), m.rank, cols), 1.0f, W);
       }
     }
   };

@@ -72,6 +72,154 @@ inline int blocks_for(std::int64_t n, int max_blocks = 2048) {
   return static_cast<int>(b < 1 ? 1 : (b > max_blocks ? max_blocks : b));
 }
 
+// Four consecutive elements as float: one 16-byte (float) or 8-byte (bf16) access.
+template <class T>
+__device__ inline void load4(const T* p, float (&x)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    const float4 v = *reinterpret_cast<const float4*>(p);
+    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
+  } else {
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v.x));
+    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v.y));
+    x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
+  }
+}
+template <class T>
+__device__ inline void store4(T* p, const float (&x)[4]) {
+  if constexpr (std::is_same_v<T, float>) {
+    *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
+  } else {
+    const __nv_bfloat162 a = __floats2bfloat162_rn(x[0], x[1]), b = __floats2bfloat162_rn(x[2], x[3]);
+    uint2 v;
+    v.x = *reinterpret_cast<const unsigned*>(&a);
+    v.y = *reinterpret_cast<const unsigned*>(&b);
+    *reinterpret_cast<uint2*>(p) = v;
+  }
+}
+
+// Elements [begin, end), this thread taking `first` and every `stride`-th
+// after it (of the threads sharing the range): f(i) on one element, f4(i) on
+// four from i. With vec4 (begin a multiple of 4 and the arrays aligned for it)
+// the thread takes groups of four and single elements only in the tail.
+template <class One, class Four>
+__device__ inline void for_elements(bool vec4, std::int64_t begin, std::int64_t end, std::int64_t first,
+                                    std::int64_t stride, One f, Four f4) {
+  std::int64_t tail = begin;
+  if (vec4) {
+    tail = begin + (end - begin) / 4 * 4;
+    for (std::int64_t i = begin + 4 * first; i < tail; i += 4 * stride) f4(i);
+  }
+  for (std::int64_t i = tail + first; i < end; i += stride) f(i);
+}
+
+// Is any element of x[begin, end) outside Adam's range (this thread's share)?
+template <class T>
+__device__ bool any_out_of_range(bool vec4, const T* x, std::int64_t begin, std::int64_t end, std::int64_t first,
+                                 std::int64_t stride) {
+  bool bad = false;
+  for_elements(
+      vec4, begin, end, first, stride, [&](std::int64_t i) { bad |= !math::in_adam_range(to_float(x[i])); },
+      [&](std::int64_t i) {
+        float y[4];
+        load4(x + i, y);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) bad |= !math::in_adam_range(y[k]);
+      });
+  return bad;
+}
+
+// Low-rank Adam on elements [begin, end) of contiguous R, m, v and D (this
+// thread's share); on a skipped step D = 0 and the moments stay.
+template <class M, class D>
+__device__ void lowrank_elements(const float* __restrict__ r, M* __restrict__ m, M* __restrict__ v,
+                                 D* __restrict__ d, bool vec4, std::int64_t begin, std::int64_t end,
+                                 std::int64_t first, std::int64_t stride, bool skip, float step,
+                                 const math::AdamCoefficients& coeffs) {
+  if (skip) {
+    for_elements(vec4, begin, end, first, stride, [&](std::int64_t j) { d[j] = from_float<D>(0.0f); },
+                 [&](std::int64_t j) { store4(d + j, {0.0f, 0.0f, 0.0f, 0.0f}); });
+    return;
+  }
+  for_elements(
+      vec4, begin, end, first, stride,
+      [&](std::int64_t i) {
+        const math::AdamElement e = math::adam_element(r[i], to_float(m[i]), to_float(v[i]), step, coeffs);
+        m[i] = from_float<M>(e.m);
+        v[i] = from_float<M>(e.v);
+        d[i] = from_float<D>(e.d);
+      },
+      [&](std::int64_t i) {
+        float g4[4], m4[4], v4[4], d4[4];
+        load4(r + i, g4);
+        load4(m + i, m4);
+        load4(v + i, v4);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const math::AdamElement e = math::adam_element(g4[k], m4[k], v4[k], step, coeffs);
+          m4[k] = e.m, v4[k] = e.v, d4[k] = e.d;
+        }
+        store4(m + i, m4);
+        store4(v + i, v4);
+        store4(d + i, d4);
+      });
+}
+
+// Low-rank Adam on padded rows: R and D have ld columns, the moments cols; the
+// padded columns of D are set to 0. Elements [begin, end) of R's rows x ld.
+template <class M, class D>
+__device__ void padded_lowrank_elements(const float* __restrict__ r, M* __restrict__ m, M* __restrict__ v,
+                                        D* __restrict__ d, std::int64_t cols, std::int64_t ld, std::int64_t begin,
+                                        std::int64_t end, std::int64_t first, std::int64_t stride, bool skip,
+                                        float step, const math::AdamCoefficients& coeffs) {
+  for (std::int64_t j = begin + first; j < end; j += stride) {
+    const std::int64_t row = j / ld, col = j - row * ld;
+    if (skip || col >= cols) {
+      d[j] = from_float<D>(0.0f);
+      continue;
+    }
+    const std::int64_t i = row * cols + col;
+    const math::AdamElement e = math::adam_element(r[j], to_float(m[i]), to_float(v[i]), step, coeffs);
+    m[i] = from_float<M>(e.m);
+    v[i] = from_float<M>(e.v);
+    d[j] = from_float<D>(e.d);
+  }
+}
+
+// Dense AdamW on elements [begin, end): W = (W - d) * decay, as the CPU backend.
+template <class M, class T>
+__device__ void dense_elements(const T* __restrict__ g, T* __restrict__ w, M* __restrict__ m, M* __restrict__ v,
+                               bool vec4, std::int64_t begin, std::int64_t end, std::int64_t first,
+                               std::int64_t stride, float step, const math::AdamCoefficients& coeffs, float decay) {
+  for_elements(
+      vec4, begin, end, first, stride,
+      [&](std::int64_t i) {
+        const math::AdamElement e = math::adam_element(to_float(g[i]), to_float(m[i]), to_float(v[i]), step, coeffs);
+        m[i] = from_float<M>(e.m);
+        v[i] = from_float<M>(e.v);
+        w[i] = from_float<T>((to_float(w[i]) - e.d) * decay);
+      },
+      [&](std::int64_t i) {
+        float g4[4], m4[4], v4[4], w4[4];
+        load4(g + i, g4);
+        load4(m + i, m4);
+        load4(v + i, v4);
+        load4(w + i, w4);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const math::AdamElement e = math::adam_element(g4[k], m4[k], v4[k], step, coeffs);
+          m4[k] = e.m, v4[k] = e.v, w4[k] = (w4[k] - e.d) * decay;
+        }
+        store4(m + i, m4);
+        store4(v + i, v4);
+        store4(w + i, w4);
+      });
+}
+
+// This thread's place in a grid-stride loop.
+__device__ inline std::int64_t grid_first() { return blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; }
+__device__ inline std::int64_t grid_stride() { return static_cast<std::int64_t>(gridDim.x) * blockDim.x; }
+
 // Phase one of a step kernel: every block checks its share of g[0, n), the
 // grid meets, and every thread learns the verdict and this step's Adam step
 // size. Block 0 then updates the counters: every block read them before the
@@ -81,22 +229,13 @@ struct Verdict {
   float step;
 };
 template <class G>
-__device__ Verdict decide_step(const G* __restrict__ g, std::int64_t n, const AdamLaunch& p, StepCounters* c) {
+__device__ Verdict decide_step(const G* __restrict__ g, std::int64_t n, bool vec4, const AdamLaunch& p,
+                               StepCounters* c) {
   const long long applied = c->applied;
   const long long t = applied + c->skipped;
   unsigned* slot = &c->bad[t & 1];
   if (blockIdx.x == 0 && threadIdx.x == 0) c->bad[(t + 1) & 1] = c->arrived[(t + 1) & 1] = 0u;
-  // Four independent loads per thread and round: a check of a few MB is
-  // otherwise bound by the latency of one load at a time.
-  bool bad = false;
-  const std::int64_t stride = static_cast<std::int64_t>(gridDim.x) * blockDim.x;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n; i += 4 * stride) {
-    float x[4];
-#pragma unroll
-    for (int k = 0; k < 4; ++k) x[k] = i + k * stride < n ? to_float(g[i + k * stride]) : 0.0f;
-#pragma unroll
-    for (int k = 0; k < 4; ++k) bad |= !math::in_adam_range(x[k]);
-  }
+  bool bad = any_out_of_range(vec4, g, 0, n, grid_first(), grid_stride());
   bad = __syncthreads_or(bad);
   __shared__ Verdict verdict;
   if (threadIdx.x == 0) {
@@ -135,55 +274,30 @@ __device__ Verdict decide_step(const G* __restrict__ g, std::int64_t n, const Ad
 // columns of a staged layer, staging.cuh, hold 0): the moments (rows x cols,
 // contiguous) and D (in the basis' element type, for the GEMM, leading
 // dimension ld; its padded columns are set to 0, and all of D on a skipped step).
+// R, D and the moments start 256-byte aligned (workspace and layer storage).
 template <class M, class D>
 __global__ void __launch_bounds__(kThreads) adam_step(const float* __restrict__ r, std::int64_t rows,
                                                       std::int64_t cols, std::int64_t ld, M* __restrict__ m,
                                                       M* __restrict__ v, D* __restrict__ d, AdamLaunch p,
                                                       StepCounters* c) {
-  const Verdict verdict = decide_step(r, rows * ld, p, c);
-  const bool skip = verdict.skip;
-  const float step = verdict.step;
-  auto element = [&](std::int64_t i, std::int64_t j) {
-    if (skip) {
-      d[j] = from_float<D>(0.0f);
-      return;
-    }
-    const math::AdamElement e = math::adam_element(r[j], to_float(m[i]), to_float(v[i]), step, p.coeffs);
-    m[i] = from_float<M>(e.m);
-    v[i] = from_float<M>(e.v);
-    d[j] = from_float<D>(e.d);
-  };
-  if (ld == cols) {
-    const std::int64_t n = rows * cols;
-    for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-         i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-      element(i, i);
-    return;
-  }
-  // Padded rows: a block takes kThreads consecutive columns of one row at a time.
-  const std::int64_t per_row = (ld + kThreads - 1) / kThreads;
-  for (std::int64_t item = blockIdx.x; item < rows * per_row; item += gridDim.x) {
-    const std::int64_t row = item / per_row, col = (item % per_row) * kThreads + threadIdx.x;
-    if (col < cols) element(row * cols + col, row * ld + col);
-    else if (col < ld) d[row * ld + col] = from_float<D>(0.0f);
-  }
+  const Verdict verdict = decide_step(r, rows * ld, true, p, c);
+  if (ld == cols)
+    lowrank_elements(r, m, v, d, true, 0, rows * cols, grid_first(), grid_stride(), verdict.skip, verdict.step,
+                     p.coeffs);
+  else
+    padded_lowrank_elements(r, m, v, d, cols, ld, 0, rows * ld, grid_first(), grid_stride(), verdict.skip,
+                            verdict.step, p.coeffs);
 }
 
 // Dense AdamW: W = (W - d) * decay, element by element, as the CPU backend.
+// vec4: w and g are 16-byte aligned.
 template <class T, class M>
 __global__ void __launch_bounds__(kThreads) adamw_dense_step(T* __restrict__ w, const T* __restrict__ g,
-                                                             std::int64_t n, M* __restrict__ m, M* __restrict__ v,
-                                                             AdamLaunch p, StepCounters* c) {
-  const Verdict verdict = decide_step(g, n, p, c);
+                                                             std::int64_t n, bool vec4, M* __restrict__ m,
+                                                             M* __restrict__ v, AdamLaunch p, StepCounters* c) {
+  const Verdict verdict = decide_step(g, n, vec4, p, c);
   if (verdict.skip) return;
-  const float step = verdict.step;
-  for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    const math::AdamElement e = math::adam_element(to_float(g[i]), to_float(m[i]), to_float(v[i]), step, p.coeffs);
-    m[i] = from_float<M>(e.m);
-    v[i] = from_float<M>(e.v);
-    w[i] = from_float<T>((to_float(w[i]) - e.d) * p.decay);
-  }
+  dense_elements(g, w, m, v, vec4, 0, n, grid_first(), grid_stride(), verdict.step, p.coeffs, p.decay);
 }
 
 // Launches a step kernel cooperatively with at most as many blocks as the
@@ -219,8 +333,9 @@ void adam_step(Context& ctx, const float* r, std::int64_t rows, std::int64_t col
 template <class T, class M>
 void adamw_dense_step(Context& ctx, T* w, const T* g, std::int64_t n, M* m, M* v, const AdamLaunch& p,
                       StepCounters* counters) {
-  impl::launch_cooperative(ctx, impl::adamw_dense_step<T, M>, n, "galore::cuda::adamw_dense_step", w, g, n, m, v, p,
-                           counters);
+  const bool vec4 = reinterpret_cast<std::uintptr_t>(w) % 16 == 0 && reinterpret_cast<std::uintptr_t>(g) % 16 == 0;
+  impl::launch_cooperative(ctx, impl::adamw_dense_step<T, M>, n, "galore::cuda::adamw_dense_step", w, g, n, vec4, m,
+                           v, p, counters);
 }
 
 }  // namespace galore::cuda

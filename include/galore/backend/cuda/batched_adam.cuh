@@ -74,136 +74,26 @@ constexpr std::int64_t kItemElements = std::int64_t{1} << 16;
 
 namespace impl {
 
-// Four consecutive elements as float: one 16-byte (float) or 8-byte (bf16) access.
-template <class T>
-__device__ inline void load4(const T* p, float (&x)[4]) {
-  if constexpr (std::is_same_v<T, float>) {
-    const float4 v = *reinterpret_cast<const float4*>(p);
-    x[0] = v.x, x[1] = v.y, x[2] = v.z, x[3] = v.w;
-  } else {
-    const uint2 v = *reinterpret_cast<const uint2*>(p);
-    const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v.x));
-    const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&v.y));
-    x[0] = a.x, x[1] = a.y, x[2] = b.x, x[3] = b.y;
-  }
-}
-template <class T>
-__device__ inline void store4(T* p, const float (&x)[4]) {
-  if constexpr (std::is_same_v<T, float>) {
-    *reinterpret_cast<float4*>(p) = make_float4(x[0], x[1], x[2], x[3]);
-  } else {
-    const __nv_bfloat162 a = __floats2bfloat162_rn(x[0], x[1]), b = __floats2bfloat162_rn(x[2], x[3]);
-    uint2 v;
-    v.x = *reinterpret_cast<const unsigned*>(&a);
-    v.y = *reinterpret_cast<const unsigned*>(&b);
-    *reinterpret_cast<uint2*>(p) = v;
-  }
-}
-
-// Elements [begin, end) of a layer: f(i) on one element, f4(i) on four from i;
-// 4-element accesses where the layer allows them (begin is a multiple of 4:
-// items start at multiples of kItemElements), single ones for the rest.
-template <class One, class Four>
-__device__ inline void for_elements(bool vec4, std::int64_t begin, std::int64_t end, One f, Four f4) {
-  std::int64_t tail = begin;
-  if (vec4) {
-    tail = begin + (end - begin) / 4 * 4;
-    for (std::int64_t i = begin + 4 * static_cast<std::int64_t>(threadIdx.x); i < tail; i += 4 * blockDim.x) f4(i);
-  }
-  for (std::int64_t i = tail + threadIdx.x; i < end; i += blockDim.x) f(i);
-}
-
+// One item of a layer, its elements shared by the block's threads.
 template <class M, class T>
-__device__ void batched_lowrank_item(const BatchedAdamLayer<M>& L, std::int64_t begin, std::int64_t end, bool skip,
-                                     float step, const math::AdamCoefficients& coeffs) {
+__device__ void run_lowrank(const BatchedAdamLayer<M>& L, std::int64_t begin, std::int64_t end, bool skip, float step,
+                            const math::AdamCoefficients& coeffs) {
   const float* r = static_cast<const float*>(L.input);
   T* d = static_cast<T*>(L.output);
-  if (skip) {
-    for_elements(L.vec4, begin, end, [&](std::int64_t j) { d[j] = from_float<T>(0.0f); },
-                 [&](std::int64_t j) { store4(d + j, {0.0f, 0.0f, 0.0f, 0.0f}); });
-    return;
-  }
-  if (L.ld != L.cols) {  // padded rows (a staged layer): R and D have ld columns, the moments cols
-    for (std::int64_t j = begin + threadIdx.x; j < end; j += blockDim.x) {
-      const std::int64_t row = j / L.ld, col = j - row * L.ld;
-      if (col >= L.cols) {
-        d[j] = from_float<T>(0.0f);
-        continue;
-      }
-      const std::int64_t i = row * L.cols + col;
-      const math::AdamElement e = math::adam_element(r[j], to_float(L.m[i]), to_float(L.v[i]), step, coeffs);
-      L.m[i] = from_float<M>(e.m);
-      L.v[i] = from_float<M>(e.v);
-      d[j] = from_float<T>(e.d);
-    }
-    return;
-  }
-  for_elements(
-      L.vec4, begin, end,
-      [&](std::int64_t i) {
-        const math::AdamElement e = math::adam_element(r[i], to_float(L.m[i]), to_float(L.v[i]), step, coeffs);
-        L.m[i] = from_float<M>(e.m);
-        L.v[i] = from_float<M>(e.v);
-        d[i] = from_float<T>(e.d);
-      },
-      [&](std::int64_t i) {
-        float g[4], m[4], v[4], out[4];
-        load4(r + i, g);
-        load4(L.m + i, m);
-        load4(L.v + i, v);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const math::AdamElement e = math::adam_element(g[k], m[k], v[k], step, coeffs);
-          m[k] = e.m, v[k] = e.v, out[k] = e.d;
-        }
-        store4(L.m + i, m);
-        store4(L.v + i, v);
-        store4(d + i, out);
-      });
+  if (L.ld == L.cols)
+    lowrank_elements(r, L.m, L.v, d, L.vec4 != 0, begin, end, threadIdx.x, blockDim.x, skip, step, coeffs);
+  else
+    padded_lowrank_elements(r, L.m, L.v, d, L.cols, L.ld, begin, end, threadIdx.x, blockDim.x, skip, step, coeffs);
 }
-
-template <class M, class T>
-__device__ void batched_dense_item(const BatchedAdamLayer<M>& L, std::int64_t begin, std::int64_t end, float step,
-                                   const AdamLaunch& p) {
-  const T* g = static_cast<const T*>(L.input);
-  T* w = static_cast<T*>(L.output);
-  for_elements(
-      L.vec4, begin, end,
-      [&](std::int64_t i) {
-        const math::AdamElement e = math::adam_element(to_float(g[i]), to_float(L.m[i]), to_float(L.v[i]), step, p.coeffs);
-        L.m[i] = from_float<M>(e.m);
-        L.v[i] = from_float<M>(e.v);
-        w[i] = from_float<T>((to_float(w[i]) - e.d) * p.decay);
-      },
-      [&](std::int64_t i) {
-        float gv[4], m[4], v[4], wv[4];
-        load4(g + i, gv);
-        load4(L.m + i, m);
-        load4(L.v + i, v);
-        load4(w + i, wv);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const math::AdamElement e = math::adam_element(gv[k], m[k], v[k], step, p.coeffs);
-          m[k] = e.m, v[k] = e.v, wv[k] = (wv[k] - e.d) * p.decay;
-        }
-        store4(L.m + i, m);
-        store4(L.v + i, v);
-        store4(w + i, wv);
-      });
-}
-
-template <class T>
-__device__ bool any_out_of_range(bool vec4, const T* x, std::int64_t begin, std::int64_t end) {
-  bool bad = false;
-  for_elements(
-      vec4, begin, end, [&](std::int64_t i) { bad |= !math::in_adam_range(to_float(x[i])); },
-      [&](std::int64_t i) {
-        float y[4];
-        load4(x + i, y);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) bad |= !math::in_adam_range(y[k]);
-      });
-  return bad;
+template <class M>
+__device__ void run_dense(const BatchedAdamLayer<M>& L, std::int64_t begin, std::int64_t end, float step,
+                          const AdamLaunch& p) {
+  if (L.bf16)
+    dense_elements(static_cast<const bf16*>(L.input), static_cast<bf16*>(L.output), L.m, L.v, L.vec4 != 0, begin, end,
+                   threadIdx.x, blockDim.x, step, p.coeffs, p.decay);
+  else
+    dense_elements(static_cast<const float*>(L.input), static_cast<float*>(L.output), L.m, L.v, L.vec4 != 0, begin,
+                   end, threadIdx.x, blockDim.x, step, p.coeffs, p.decay);
 }
 
 template <class M>
@@ -227,9 +117,10 @@ __global__ void __launch_bounds__(kThreads) batched_adam_step(const BatchedAdamL
     const BatchedAdamLayer<M>& L = layers[it.layer];
     bool bad;
     const bool vec4 = L.vec4 || !L.dense;  // R (float, in the workspace) is always aligned
-    if (!L.dense) bad = any_out_of_range(vec4, static_cast<const float*>(L.input), it.begin, it.end);
-    else if (L.bf16) bad = any_out_of_range(vec4, static_cast<const bf16*>(L.input), it.begin, it.end);
-    else bad = any_out_of_range(vec4, static_cast<const float*>(L.input), it.begin, it.end);
+    const std::int64_t first = threadIdx.x, stride = blockDim.x;
+    if (!L.dense) bad = any_out_of_range(vec4, static_cast<const float*>(L.input), it.begin, it.end, first, stride);
+    else if (L.bf16) bad = any_out_of_range(vec4, static_cast<const bf16*>(L.input), it.begin, it.end, first, stride);
+    else bad = any_out_of_range(vec4, static_cast<const float*>(L.input), it.begin, it.end, first, stride);
     if (__syncthreads_or(bad) && threadIdx.x == 0) {
       StepCounters* c = L.counters;
       atomicOr(&c->bad[(c->applied + c->skipped) & 1], 1u);
@@ -252,13 +143,11 @@ __global__ void __launch_bounds__(kThreads) batched_adam_step(const BatchedAdamL
     const bool skip = *static_cast<const volatile unsigned*>(&c->bad[(applied + c->skipped) & 1]) != 0u;
     const float step = skip ? 0.0f : math::adam_step_size_float(p.lr, p.beta1, p.beta2, applied + 1, p.correct_bias);
     if (L.dense) {
-      if (skip) continue;
-      if (L.bf16) batched_dense_item<M, bf16>(L, it.begin, it.end, step, p);
-      else batched_dense_item<M, float>(L, it.begin, it.end, step, p);
+      if (!skip) run_dense(L, it.begin, it.end, step, p);
     } else if (L.bf16) {
-      batched_lowrank_item<M, bf16>(L, it.begin, it.end, skip, step, p.coeffs);
+      run_lowrank<M, bf16>(L, it.begin, it.end, skip, step, p.coeffs);
     } else {
-      batched_lowrank_item<M, float>(L, it.begin, it.end, skip, step, p.coeffs);
+      run_lowrank<M, float>(L, it.begin, it.end, skip, step, p.coeffs);
     }
   }
   // The last block to finish updates every layer's counters.
