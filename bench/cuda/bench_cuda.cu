@@ -326,14 +326,14 @@ void BM_CudaGemmFloorBatched(benchmark::State& state, const Model& m) {
       auto in = [&](int slot) { return reinterpret_cast<const bf16* const*>(g.arrays.data() + slot * k); };
       if (g.right) {
         cuda::gemm_batched<bf16, float>(ctx, cuda::Op::N, cuda::Op::T, m_, r, n, one, in(0), n, in(1), n, one + 1,
-                                        reinterpret_cast<float* const*>(g.arrays.data() + 2 * k), r, k);
+                                        reinterpret_cast<float* const*>(g.arrays.data() + 2 * k), r, k, 256u);
         cuda::gemm_batched<bf16, bf16>(ctx, cuda::Op::N, cuda::Op::N, m_, n, r, one + 2, in(3), r, in(4), n, one + 3,
-                                       reinterpret_cast<bf16* const*>(g.arrays.data() + 5 * k), n, k);
+                                       reinterpret_cast<bf16* const*>(g.arrays.data() + 5 * k), n, k, 256u);
       } else {
         cuda::gemm_batched<bf16, float>(ctx, cuda::Op::T, cuda::Op::N, r, n, m_, one, in(0), r, in(1), n, one + 1,
-                                        reinterpret_cast<float* const*>(g.arrays.data() + 2 * k), n, k);
+                                        reinterpret_cast<float* const*>(g.arrays.data() + 2 * k), n, k, 256u);
         cuda::gemm_batched<bf16, bf16>(ctx, cuda::Op::N, cuda::Op::N, m_, n, r, one + 2, in(3), r, in(4), n, one + 3,
-                                       reinterpret_cast<bf16* const*>(g.arrays.data() + 5 * k), n, k);
+                                       reinterpret_cast<bf16* const*>(g.arrays.data() + 5 * k), n, k, 256u);
       }
     }
   };

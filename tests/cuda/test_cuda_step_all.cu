@@ -39,6 +39,11 @@ const std::vector<LayerSpec> kMix = {
     {8, 40, ProjectionType::Std, true},   {48, 32, ProjectionType::Std, false, true},
     {48, 32, ProjectionType::Std, false, true}, {32, 56, ProjectionType::Left, false, true},
     {16, 24, ProjectionType::Std, true, true},
+    // Layers of more than one work item (65536 elements) of the Adam kernel:
+    // a staged left one (R 6 x 11008, an item boundary inside a row), a right one
+    // (R 12000 x 6: 4-element accesses and a tail), a dense one.
+    {40, 11001, ProjectionType::Std},     {12000, 16, ProjectionType::Std},
+    {320, 320, ProjectionType::Std, true},
 };
 
 RunSpec spec_of(const LayerSpec& l) {
@@ -246,7 +251,13 @@ TEST_CASE("a layer with a non-finite gradient is skipped inside the batch; the o
 
 TEST_CASE("graph replay equals eager execution bit for bit, with learning-rate changes and refreshes between replays") {
   const int steps = 10;
-  const auto grads = gradients(kMix, steps);
+  auto grads = gradients(kMix, steps);
+  // Step 8 runs layer by layer (a refresh is due) after batched steps: the
+  // per-layer kernel's grid barrier must not find its slot left over from step
+  // 4 (the batched kernel clears it). Layer 16 spreads over many blocks.
+  const std::size_t big = 16;
+  REQUIRE(kMix[big].m == 12000);
+  grads[big][8][100] = std::numeric_limits<float>::quiet_NaN();
   Stream stream;
   cuda::Context ctx_g(stream.s), ctx_e(stream.s);
   auto make = [] {
@@ -270,8 +281,14 @@ TEST_CASE("graph replay equals eager execution bit for bit, with learning-rate c
       g.upload_gradient(i, grads[i][t]);
       e.upload_gradient(i, grads[i][t]);
     }
+    const auto before = g.weight(big);
     const auto rg = og.step_all(pg, ctx_g);
     const auto re = oe.step_all(pe, ctx_e);
+    if (t == 8) {
+      CHECK_FALSE(rg.batched);
+      CHECK(og.status(g.ids[big], ctx_g) == StepStatus::SkippedNonFinite);
+      CHECK(g.weight(big) == before);
+    }
     CHECK(rg.batched == re.batched);
     CHECK(rg.graph == rg.batched);
     CHECK_FALSE(re.graph);
@@ -282,7 +299,7 @@ TEST_CASE("graph replay equals eager execution bit for bit, with learning-rate c
       CHECK(g.weight(i) == e.weight(i));
     }
   }
-  CHECK(replays == 7);  // steps 0, 4 and 8 refresh
+  CHECK(replays == 6);  // steps 0, 4 and 8 refresh, and 9 (layer 16's refresh, skipped at 8, is due)
   CHECK(pg.graph_captured());
   CHECK_FALSE(pe.graph_captured());
 }
@@ -345,6 +362,67 @@ TEST_CASE("the plan's workspace is its chunks' temporaries, and the limit cuts g
     // cudaMalloc rounds to 2 MiB pages: the plan's two allocations take at most 4 MiB more.
     CHECK(free_before - free_after >= big.device_bytes());
     CHECK(free_before - free_after <= big.device_bytes() + (std::size_t{4} << 20));
+  }
+}
+
+TEST_CASE("weights and gradients at odd offsets into larger buffers step in the batch as one by one") {
+  // Views one element into their buffers: 4-byte aligned float, 2-byte aligned
+  // bf16 (the batched GEMMs are told the alignment: cuBLASLt cannot see it).
+  Stream stream;
+  cuda::Context ctx(stream.s);
+  Opt each(ProjectorOptions{6, ProjectionType::Std, 0.25f}, AdamConfig{}, schedule::FixedGap{100});
+  Opt all(ProjectorOptions{6, ProjectionType::Std, 0.25f}, AdamConfig{}, schedule::FixedGap{100});
+  const long m = 48, n = 32;
+  std::vector<std::unique_ptr<Device<float>>> buffers;
+  std::vector<std::unique_ptr<Device<cuda::bf16>>> bbuffers;
+  std::vector<cuda::StepParam> pe, pa;
+  const auto grads = galore_test::separated_gradients(m, n, 10, 3, 77u);
+  for (int copy = 0; copy < 2; ++copy)
+    for (int i = 0; i < 4; ++i) {
+      Opt& opt = copy == 0 ? each : all;
+      const bool bf16 = i >= 2;
+      std::vector<float> w(static_cast<std::size_t>(m * n + 1), 0.0f), g(w.size(), 0.0f);
+      const auto w0 = galore_test::round_to_bf16(galore_test::gaussian(static_cast<std::size_t>(m * n), 50u + unsigned(i)));
+      std::copy(w0.begin(), w0.end(), w.begin() + 1);
+      std::copy(grads[static_cast<std::size_t>(i % 3)].begin(), grads[static_cast<std::size_t>(i % 3)].end(), g.begin() + 1);
+      if (bf16) g = galore_test::round_to_bf16(g);
+      const LayerId id = opt.add_layer({m, n}, bf16 ? cuda::DType::BFloat16 : cuda::DType::Float32);
+      auto& list = copy == 0 ? pe : pa;
+      if (bf16) {
+        bbuffers.push_back(std::make_unique<Device<cuda::bf16>>(w));
+        bbuffers.push_back(std::make_unique<Device<cuda::bf16>>(g));
+        list.push_back(cuda::step_param(id, DeviceView<cuda::bf16>(bbuffers[bbuffers.size() - 2]->data() + 1, m, n),
+                                        DeviceView<const cuda::bf16>(bbuffers.back()->data() + 1, m, n)));
+      } else {
+        buffers.push_back(std::make_unique<Device<float>>(w));
+        buffers.push_back(std::make_unique<Device<float>>(g));
+        list.push_back(cuda::step_param(id, DeviceView<float>(buffers[buffers.size() - 2]->data() + 1, m, n),
+                                        DeviceView<const float>(buffers.back()->data() + 1, m, n)));
+      }
+    }
+  ctx.reserve_workspace(std::max(each.workspace_bytes(ctx), all.workspace_bytes(ctx)));
+  cuda::StepPlan plan = all.plan_step_all(pa, ctx);
+  for (int t = 0; t < 3; ++t) {
+    for (const cuda::StepParam& p : pe) {
+      if (p.dtype == cuda::DType::BFloat16)
+        each.step(p.id, static_cast<cuda::bf16*>(p.W), static_cast<const cuda::bf16*>(p.G), ctx);
+      else
+        each.step(p.id, static_cast<float*>(p.W), static_cast<const float*>(p.G), ctx);
+    }
+    CHECK(all.step_all(plan, ctx).batched == (t > 0));
+  }
+  ctx.synchronize();
+  for (std::size_t i = 0; i < 4; ++i) {
+    INFO("layer ", i);
+    const bool bf16 = i >= 2;
+    const std::size_t k = bf16 ? 2 * (i - 2) : 2 * i;  // W of `each`; `all`'s follow the first four
+    const auto we = bf16 ? Device<cuda::bf16>::download(bbuffers[k]->data() + 1, m * n)
+                         : Device<float>::download(buffers[k]->data() + 1, m * n);
+    const auto wa = bf16 ? Device<cuda::bf16>::download(bbuffers[k + 4]->data() + 1, m * n)
+                         : Device<float>::download(buffers[k + 4]->data() + 1, m * n);
+    const auto w0 = galore_test::round_to_bf16(galore_test::gaussian(static_cast<std::size_t>(m * n), 50u + unsigned(i)));
+    CHECK(galore_test::relative_change_error(wa, we, w0) < (bf16 ? 2e-2 : 1e-4));
+    CHECK(we != w0);
   }
 }
 

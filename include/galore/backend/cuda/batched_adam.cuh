@@ -105,10 +105,12 @@ __global__ void __launch_bounds__(kThreads) batched_adam_step(const BatchedAdamL
   const unsigned long long launch = barrier->launches;
   if (blockIdx.x == 0) {
     if (threadIdx.x == 0) barrier->arrived[(launch + 1) & 1] = barrier->finished[(launch + 1) & 1] = 0u;
-    // Clear each layer's slot of its next step (adam.cuh's decide_step does the same).
+    // Clear each layer's slots of its next step, which may be a per-layer one
+    // (adam.cuh's decide_step does the same).
     for (int l = threadIdx.x; l < num_layers; l += blockDim.x) {
       StepCounters* c = layers[l].counters;
-      c->bad[(c->applied + c->skipped + 1) & 1] = 0u;
+      const long long next = c->applied + c->skipped + 1;
+      c->bad[next & 1] = c->arrived[next & 1] = 0u;
     }
   }
   // Phase one: check. A bad element marks its layer in the slot of its step.

@@ -157,6 +157,7 @@ class StepPlan {
     int num_items = 0;
     std::int64_t elements = 0;
     int scalars = 0;  // index of this chunk's alpha in the scalars (beta follows)
+    std::uint32_t alignment = 256;  // of every matrix the chunk's GEMMs read or write
   };
 
   void release_graph() noexcept {
@@ -174,7 +175,7 @@ class StepPlan {
   std::size_t params_offset_ = 0, barrier_offset_ = 0, scalars_offset_ = 0;
   bool use_graph_ = true;
   cudaGraphExec_t graph_ = nullptr;
-  const Context* graph_context_ = nullptr;
+  std::uint64_t graph_context_ = 0;  // Context::id() of the context the graph was captured on
 };
 
 // The optimizer's side of plan_step_all() and step_all() (friend of
@@ -311,7 +312,7 @@ struct BatchedStepAccess {
       std::memcpy(image.data() + offset + index * sizeof(value), &value, sizeof(value));
     };
     for (std::size_t ci = 0; ci < plan.chunks_.size(); ++ci) {
-      const StepPlan::Chunk& c = plan.chunks_[ci];
+      StepPlan::Chunk& c = plan.chunks_[ci];
       unsigned char* ws = plan.workspace_.data();
       const std::size_t t = size_of(c.dtype);
       const std::size_t lr_elems = c.dense ? 0 : static_cast<std::size_t>(c.low_rank.rows * c.ld);
@@ -351,6 +352,7 @@ struct BatchedStepAccess {
                                           : static_cast<void*>(Opt::template basis_of<float>(l, l.storage.data()).left);
           const void* G_in = c.staged ? e.G_copy : e.G;
           void* W_out = c.staged ? e.W_copy : e.W;
+          c.alignment = std::min({c.alignment, impl::alignment_of(P), impl::alignment_of(G_in), impl::alignment_of(W_out)});
           // Projection: right R = G P^T (A = G, B = P), left R = P^T G (A = P, B = G).
           put(c.proj_a, i, c.side == Side::Right ? G_in : static_cast<const void*>(P));
           put(c.proj_b, i, c.side == Side::Right ? static_cast<const void*>(P) : G_in);
@@ -367,7 +369,11 @@ struct BatchedStepAccess {
       }
       for (std::size_t k = 0; k < items[ci].size(); ++k) put(c.items, k, items[ci][k]);
     }
-    check(cudaMemcpy(plan.tables_.data(), image.data(), image.size(), cudaMemcpyHostToDevice), "cudaMemcpy");
+    // On ctx's stream, and waited for: a pageable cudaMemcpy may return before
+    // its DMA lands, and a non-blocking stream is not ordered after it.
+    check(cudaMemcpyAsync(plan.tables_.data(), image.data(), image.size(), cudaMemcpyHostToDevice, ctx.stream()),
+          "cudaMemcpyAsync");
+    ctx.synchronize();
     // Plans of the GEMMs now (host work), so that the first step can be captured.
     for (const StepPlan::Chunk& c : plan.chunks_)
       if (!c.dense) {
@@ -404,7 +410,7 @@ struct BatchedStepAccess {
     upload_params(opt, plan, ctx);
     result.batched = true;
     const bool graph = plan.use_graph_ && ctx.stream() != nullptr;
-    if (graph && (plan.graph_ == nullptr || plan.graph_context_ != &ctx)) {
+    if (graph && (plan.graph_ == nullptr || plan.graph_context_ != ctx.id())) {
       plan.release_graph();
       cudaGraph_t g = nullptr;
       check(cudaStreamBeginCapture(ctx.stream(), cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
@@ -418,7 +424,7 @@ struct BatchedStepAccess {
       const cudaError_t st = cudaGraphInstantiate(&plan.graph_, g, 0);
       cudaGraphDestroy(g);
       check(st, "cudaGraphInstantiate");
-      plan.graph_context_ = &ctx;
+      plan.graph_context_ = ctx.id();
     }
     if (graph) {
       check(cudaGraphLaunch(plan.graph_, ctx.stream()), "cudaGraphLaunch");
@@ -467,9 +473,10 @@ struct BatchedStepAccess {
   template <bool Prepare, class In, class Out>
   static void gemm(Context& ctx, Op opa, Op opb, Index rows, Index cols, Index inner, const float* alpha,
                    const In* const* A, Index lda, const In* const* B, Index ldb, const float* beta, Out* const* C,
-                   Index ldc, int count) {
-    if constexpr (Prepare) (void)impl::lt_plan<In, Out>(ctx, opa, opb, true, lda, ldb, ldc, rows, cols, inner, count);
-    else gemm_batched<In, Out>(ctx, opa, opb, rows, cols, inner, alpha, A, lda, B, ldb, beta, C, ldc, count);
+                   Index ldc, int count, std::uint32_t alignment) {
+    if constexpr (Prepare)
+      (void)impl::lt_plan<In, Out>(ctx, opa, opb, true, lda, ldb, ldc, rows, cols, inner, count, alignment);
+    else gemm_batched<In, Out>(ctx, opa, opb, rows, cols, inner, alpha, A, lda, B, ldb, beta, C, ldc, count, alignment);
   }
 
   // The projection (or, with back = true, the back-projection) of a chunk;
@@ -486,20 +493,20 @@ struct BatchedStepAccess {
       float* const* R = reinterpret_cast<float* const*>(plan.table(c.proj_c));
       if (c.side == Side::Right)  // R (m x r) = G P^T
         gemm<Prepare, T, float>(ctx, Op::N, Op::T, m, r, cols, scalars, carr(c.proj_a), ldg, carr(c.proj_b), cols,
-                               scalars + 1, R, r, n);
+                               scalars + 1, R, r, n, c.alignment);
       else  // R (r x cols) = P^T G
         gemm<Prepare, T, float>(ctx, Op::T, Op::N, r, cols, m, scalars, carr(c.proj_a), r, carr(c.proj_b), ldg,
-                               scalars + 1, R, c.ld, n);
+                               scalars + 1, R, c.ld, n, c.alignment);
       return;
     }
     const float* alpha = scalars + c.scalars;
     const float* beta = alpha + 1;
     if (c.side == Side::Right)  // W = beta W + alpha D P
       gemm<Prepare, T, T>(ctx, Op::N, Op::N, m, cols, r, alpha, carr(c.back_a), r, carr(c.back_b), cols, beta,
-                         arr(c.back_c), ldw, n);
+                         arr(c.back_c), ldw, n, c.alignment);
     else  // W = beta W + alpha P D
       gemm<Prepare, T, T>(ctx, Op::N, Op::N, m, cols, r, alpha, carr(c.back_a), r, carr(c.back_b), c.ld, beta,
-                         arr(c.back_c), ldw, n);
+                         arr(c.back_c), ldw, n, c.alignment);
   }
 
   template <class T>

@@ -18,6 +18,7 @@
 #include <cusolverDn.h>
 
 #include <array>
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -73,7 +74,7 @@ struct LtPlan {
     if (op) cublasLtMatmulDescDestroy(op);
   }
 };
-using LtPlanKey = std::array<std::int64_t, 12>;
+using LtPlanKey = std::array<std::int64_t, 13>;
 
 class Context {
  public:
@@ -100,6 +101,9 @@ class Context {
   Context& operator=(const Context&) = delete;
 
   cudaStream_t stream() const { return stream_; }
+  // A number no other context of this process has had: what a captured CUDA
+  // graph records to know the context (and its cuBLASLt workspace) it belongs to.
+  std::uint64_t id() const { return id_; }
   cublasHandle_t blas() const { return blas_; }
   cusolverDnHandle_t solver() const { return solver_; }
   cusolverDnParams_t solver_params() const { return solver_params_; }
@@ -164,7 +168,13 @@ class Context {
     blas_ = nullptr;
   }
 
+  static std::uint64_t next_id() {
+    static std::atomic<std::uint64_t> counter{0};
+    return ++counter;
+  }
+
   cudaStream_t stream_ = nullptr;
+  std::uint64_t id_ = next_id();
   cublasHandle_t blas_ = nullptr;
   cusolverDnHandle_t solver_ = nullptr;
   cusolverDnParams_t solver_params_ = nullptr;

@@ -19,6 +19,8 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <type_traits>
 
 #include "../../core/matrix_view.hpp"
@@ -47,16 +49,26 @@ namespace impl {
 inline Shape op_shape(Op op, Index rows, Index cols) { return op == Op::N ? Shape{rows, cols} : Shape{cols, rows}; }
 inline cublasOperation_t to_cublas(Op op) { return op == Op::N ? CUBLAS_OP_N : CUBLAS_OP_T; }
 
-// The cached cuBLASLt plan of C^T = op(B)^T op(A)^T in column-major terms;
-// batch > 0: that many products whose matrices are read from device arrays of
-// pointers (CUBLASLT_BATCH_MODE_POINTER_ARRAY), all with one shape.
+// The largest power of two up to 256 that divides the address: the alignment
+// cuBLASLt may assume of a matrix (its heuristic assumes 256 unless told).
+inline std::uint32_t alignment_of(const void* p) {
+  const auto a = reinterpret_cast<std::uintptr_t>(p);
+  std::uint32_t b = 256;
+  while (b > 1 && a % b != 0) b /= 2;
+  return b;
+}
+
+// The cached cuBLASLt plan of C^T = op(B)^T op(A)^T in column-major terms, for
+// matrices aligned to at least `alignment` bytes; batch > 0: that many products
+// whose matrices are read from device arrays of pointers
+// (CUBLASLT_BATCH_MODE_POINTER_ARRAY), all with one shape.
 template <class In, class Out>
 const LtPlan& lt_plan(Context& ctx, Op opa, Op opb, bool device_scalars, Index lda, Index ldb, Index ldc, Index M,
-                      Index N, Index K, int batch = 0) {
+                      Index N, Index K, int batch, std::uint32_t alignment) {
   // Column-major problem: C^T (N x M) = X (N x K) * Y (K x M), X from B, Y from A.
   const LtPlanKey key{static_cast<std::int64_t>(opa), static_cast<std::int64_t>(opb), M, N, K, lda, ldb, ldc,
                       static_cast<std::int64_t>(data_type<In>()), static_cast<std::int64_t>(data_type<Out>()),
-                      device_scalars ? 1 : 0, batch};
+                      device_scalars ? 1 : 0, batch, alignment};
   auto& plans = ctx.lt_plans();
   auto it = plans.find(key);
   if (it != plans.end()) return *it->second;
@@ -88,8 +100,12 @@ const LtPlan& lt_plan(Context& ctx, Op opa, Op opb, bool device_scalars, Index l
   const std::size_t ws = Context::kLtWorkspaceBytes;
   cublasLtMatmulHeuristicResult_t result{};
   int found = 0;
-  const cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
-                                                                 sizeof ws);
+  cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                                           sizeof ws);
+  for (cublasLtMatmulPreferenceAttributes_t a :
+       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulPreferenceSetAttribute(pref, a, &alignment, sizeof alignment);
   if (st == CUBLAS_STATUS_SUCCESS)
     cublasLtMatmulAlgoGetHeuristic(ctx.blas_lt(), plan->op, plan->a, plan->b, plan->c, plan->c, pref, 1, &result,
                                    &found);
@@ -103,7 +119,8 @@ const LtPlan& lt_plan(Context& ctx, Op opa, Op opb, bool device_scalars, Index l
 template <class In, class Out>
 void lt_matmul(Context& ctx, Op opa, Op opb, bool device_scalars, const void* alpha, const In* A, Index lda,
                const In* B, Index ldb, const void* beta, Out* C, Index ldc, Index M, Index N, Index K) {
-  const LtPlan& p = lt_plan<In, Out>(ctx, opa, opb, device_scalars, lda, ldb, ldc, M, N, K);
+  const std::uint32_t alignment = std::min({alignment_of(A), alignment_of(B), alignment_of(C)});
+  const LtPlan& p = lt_plan<In, Out>(ctx, opa, opb, device_scalars, lda, ldb, ldc, M, N, K, 0, alignment);
   if (!p.has_algo) {  // no cuBLASLt kernel for this problem: cublasGemmEx decides
     check(cublasSetPointerMode(ctx.blas(), device_scalars ? CUBLAS_POINTER_MODE_DEVICE : CUBLAS_POINTER_MODE_HOST),
           "cublasSetPointerMode");
@@ -167,15 +184,17 @@ void gemm_device_scalars(Context& ctx, Op opa, Op opb, const float* alpha, Devic
 // matrices read from device arrays of pointers (A, B, C: `count` entries each,
 // in device memory, read when the GEMM runs: a kernel earlier on the stream may
 // redirect them). C_i is rows x cols, the inner dimension `inner`; alpha and
-// beta are device pointers. The plan is made by the first call with a shape
-// (host work only), so calls after it can be captured in a CUDA graph.
+// beta are device pointers; every matrix is aligned to at least `alignment`
+// bytes (a power of two up to 256: cuBLASLt cannot see the pointers). The plan
+// is made by the first call with a shape (host work only), so calls after it
+// can be captured in a CUDA graph.
 template <class In, class Out>
 void gemm_batched(Context& ctx, Op opa, Op opb, Index rows, Index cols, Index inner, const float* alpha,
                   const In* const* A, Index lda, const In* const* B, Index ldb, const float* beta, Out* const* C,
-                  Index ldc, int count) {
+                  Index ldc, int count, std::uint32_t alignment) {
   static_assert(is_device_scalar_v<In> && is_device_scalar_v<Out>, "galore: batched GEMMs take float or bf16");
   if (count <= 0 || rows == 0 || cols == 0) return;
-  const LtPlan& p = impl::lt_plan<In, Out>(ctx, opa, opb, true, lda, ldb, ldc, rows, cols, inner, count);
+  const LtPlan& p = impl::lt_plan<In, Out>(ctx, opa, opb, true, lda, ldb, ldc, rows, cols, inner, count, alignment);
   if (!p.has_algo) {  // no cuBLASLt kernel for it: cublasGemmBatchedEx decides
     check(cublasSetPointerMode(ctx.blas(), CUBLAS_POINTER_MODE_DEVICE), "cublasSetPointerMode");
     const cublasStatus_t st = cublasGemmBatchedEx(

@@ -351,6 +351,9 @@ class GaLoreOptimizer {
     check(cudaMemset(l.storage.data(), 0, o.total), "cudaMemset");
     const StepCounters init{};
     check(cudaMemcpy(l.storage.data() + o.counters, &init, sizeof init, cudaMemcpyHostToDevice), "cudaMemcpy");
+    // Both ran on the legacy default stream, which a non-blocking stream does
+    // not wait for (and a pageable copy may return before its DMA lands).
+    check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
   }
 
   LayerId push(Layer&& l) {
