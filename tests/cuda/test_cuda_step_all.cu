@@ -359,8 +359,9 @@ TEST_CASE("the plan's workspace is its chunks' temporaries, and the limit cuts g
     cuda::StepPlan big = large.plan_step_all(params, ctx);
     CHECK(big.workspace_bytes() == 8 * 2 * align(4 * 2048 * 256));
     cuda::check(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
-    // cudaMalloc rounds to 2 MiB pages: the plan's two allocations take at most 4 MiB more.
-    CHECK(free_before - free_after >= big.device_bytes());
+    // cudaMalloc hands out 2 MiB pages: the 32 MiB workspace takes its own
+    // pages, the small tables may fit a page the process holds already.
+    CHECK(free_before - free_after >= big.workspace_bytes());
     CHECK(free_before - free_after <= big.device_bytes() + (std::size_t{4} << 20));
   }
 }

@@ -172,8 +172,11 @@ __device__ void padded_lowrank_elements(const float* __restrict__ r, M* __restri
                                         D* __restrict__ d, std::int64_t cols, std::int64_t ld, std::int64_t begin,
                                         std::int64_t end, std::int64_t first, std::int64_t stride, bool skip,
                                         float step, const math::AdamCoefficients& coeffs) {
+  // 32-bit division where it suffices (most layers): far cheaper than 64-bit.
+  const bool narrow = end <= std::int64_t{UINT32_MAX};
   for (std::int64_t j = begin + first; j < end; j += stride) {
-    const std::int64_t row = j / ld, col = j - row * ld;
+    const std::int64_t row = narrow ? static_cast<std::uint32_t>(j) / static_cast<std::uint32_t>(ld) : j / ld;
+    const std::int64_t col = j - row * ld;
     if (skip || col >= cols) {
       d[j] = from_float<D>(0.0f);
       continue;
