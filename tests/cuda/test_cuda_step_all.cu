@@ -140,21 +140,31 @@ struct Stream {
   ~Stream() { cudaStreamDestroy(s); }
 };
 
+// kMix twice on one stream, with refresh gap 3: `each` stepped layer by layer
+// (model a), `all` through a plan (model b).
+struct Twins {
+  Stream stream;
+  cuda::Context ctx_each{stream.s}, ctx_all{stream.s};
+  Opt each{ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
+           schedule::FixedGap{3}};
+  Opt all{ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
+          schedule::FixedGap{3}};
+  Model a{each, kMix}, b{all, kMix};
+  cuda::StepPlan plan;
+  Twins() {
+    ctx_each.reserve_workspace(each.workspace_bytes(ctx_each));
+    ctx_all.reserve_workspace(all.workspace_bytes(ctx_all));
+    plan = all.plan_step_all(b.params(), ctx_all);
+  }
+};
+
 }  // namespace
 
 TEST_CASE("the batched step equals the per-layer step and the CPU: left, right, staged and dense layers, float and bf16") {
   const int steps = 8;  // gap 3: steps 0, 3 and 6 refresh (layer by layer), the others are batched
   const auto grads = gradients(kMix, steps);
-  Stream stream;
-  cuda::Context ctx_each(stream.s), ctx_all(stream.s);
-  Opt each(ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
-           schedule::FixedGap{3});
-  Opt all(ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
-          schedule::FixedGap{3});
-  Model a(each, kMix), b(all, kMix);
-  ctx_each.reserve_workspace(each.workspace_bytes(ctx_each));
-  ctx_all.reserve_workspace(all.workspace_bytes(ctx_all));
-  cuda::StepPlan plan = all.plan_step_all(b.params(), ctx_all);
+  Twins twins;
+  auto& [stream, ctx_each, ctx_all, each, all, a, b, plan] = twins;
   CHECK(plan.num_layers() == kMix.size());
   int batched = 0;
   std::vector<std::vector<std::vector<float>>> traj(kMix.size());
@@ -204,16 +214,8 @@ TEST_CASE("a layer with a non-finite gradient is skipped inside the batch; the o
   grads[12][1][7] = std::numeric_limits<float>::infinity();
   const std::vector<std::pair<int, std::size_t>> skips{{1, 0}, {1, 6}, {1, 9}, {1, 12}};
   int batched_after = 0;
-  Stream stream;
-  cuda::Context ctx_each(stream.s), ctx_all(stream.s);
-  Opt each(ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
-           schedule::FixedGap{3});
-  Opt all(ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
-          schedule::FixedGap{3});
-  Model a(each, kMix), b(all, kMix);
-  ctx_each.reserve_workspace(each.workspace_bytes(ctx_each));
-  ctx_all.reserve_workspace(all.workspace_bytes(ctx_all));
-  cuda::StepPlan plan = all.plan_step_all(b.params(), ctx_all);
+  Twins twins;
+  auto& [stream, ctx_each, ctx_all, each, all, a, b, plan] = twins;
   for (int t = 0; t < steps; ++t) {
     std::vector<std::vector<float>> w_before, m_before;
     for (std::size_t i = 0; i < kMix.size(); ++i) {

@@ -20,6 +20,9 @@
 // captured in a CUDA graph on its first run and replayed after; the learning
 // rate is read from device memory, so set_lr() needs no new capture.
 //
+// A plan steps on one stream at a time: its tables, workspace and barrier are
+// shared by its launches, which must not overlap.
+//
 // A step at which some layer's schedule may refresh its basis (or measure its
 // drift) runs layer by layer through step(), which synchronizes as it does
 // there; the steps between refreshes are batched. The layers' bases and
