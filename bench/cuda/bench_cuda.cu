@@ -135,6 +135,16 @@ struct Timer {
   }
 };
 
+// Google Benchmark's loop over `pass` timed with CUDA events, after one
+// untimed pass (plans, first-touch).
+template <class F>
+void time_passes(benchmark::State& state, cuda::Context& ctx, F&& pass) {
+  pass();
+  ctx.synchronize();
+  Timer timer;
+  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+}
+
 double gemm_flops(const Model& m) {
   double f = 0.0;
   for (Shape s : linear_shapes(m)) f += 4.0 * static_cast<double>(m.rank) * static_cast<double>(s.size());
@@ -155,10 +165,7 @@ void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step) {
       opt.step(ids[i], w.W[i].data(), static_cast<const bf16*>(w.G[i].data()), ctx);
   };
   pass();  // the first step refreshes every basis
-  pass();
-  ctx.synchronize();
-  Timer timer;
-  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+  time_passes(state, ctx, pass);
   state.counters["layers"] = static_cast<double>(ids.size());
   state.counters["state_MiB"] = static_cast<double>(opt.state_bytes()) / (1 << 20);
   if (galore_step) state.counters["gemm_TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
@@ -247,10 +254,7 @@ void BM_CudaGemmFloor(benchmark::State& state, const Model& m) {
       }
     }
   };
-  pass();
-  ctx.synchronize();
-  Timer timer;
-  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+  time_passes(state, ctx, pass);
   state.counters["TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
 }
 
@@ -324,23 +328,19 @@ void BM_CudaGemmFloorBatched(benchmark::State& state, const Model& m) {
       const Index m_ = g.shape.rows, n = g.cols, r = m.rank;
       const int k = static_cast<int>(g.layers.size());
       auto in = [&](int slot) { return reinterpret_cast<const bf16* const*>(g.arrays.data() + slot * k); };
-      if (g.right) {
-        cuda::gemm_batched<bf16, float>(ctx, cuda::Op::N, cuda::Op::T, m_, r, n, one, in(0), n, in(1), n, one + 1,
-                                        reinterpret_cast<float* const*>(g.arrays.data() + 2 * k), r, k, 256u);
-        cuda::gemm_batched<bf16, bf16>(ctx, cuda::Op::N, cuda::Op::N, m_, n, r, one + 2, in(3), r, in(4), n, one + 3,
-                                       reinterpret_cast<bf16* const*>(g.arrays.data() + 5 * k), n, k, 256u);
-      } else {
-        cuda::gemm_batched<bf16, float>(ctx, cuda::Op::T, cuda::Op::N, r, n, m_, one, in(0), r, in(1), n, one + 1,
-                                        reinterpret_cast<float* const*>(g.arrays.data() + 2 * k), n, k, 256u);
-        cuda::gemm_batched<bf16, bf16>(ctx, cuda::Op::N, cuda::Op::N, m_, n, r, one + 2, in(3), r, in(4), n, one + 3,
-                                       reinterpret_cast<bf16* const*>(g.arrays.data() + 5 * k), n, k, 256u);
-      }
+      float* const* R = reinterpret_cast<float* const*>(g.arrays.data() + 2 * k);
+      if (g.right)  // R = G P^T
+        cuda::gemm_batched<bf16, float>(ctx, cuda::Op::N, cuda::Op::T, m_, r, n, one, in(0), n, in(1), n, one + 1, R, r,
+                                        k, 256u);
+      else  // R = P^T G
+        cuda::gemm_batched<bf16, float>(ctx, cuda::Op::T, cuda::Op::N, r, n, m_, one, in(0), r, in(1), n, one + 1, R, n,
+                                        k, 256u);
+      // W -= D P (right) or P D (left): m x r times r x n either way.
+      cuda::gemm_batched<bf16, bf16>(ctx, cuda::Op::N, cuda::Op::N, m_, n, r, one + 2, in(3), r, in(4), n, one + 3,
+                                     reinterpret_cast<bf16* const*>(g.arrays.data() + 5 * k), n, k, 256u);
     }
   };
-  pass();
-  ctx.synchronize();
-  Timer timer;
-  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+  time_passes(state, ctx, pass);
   state.counters["TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
 }
 
@@ -356,9 +356,7 @@ void BM_CudaCopy(benchmark::State& state, const Model& m) {
       at += w.W[i].size();
     }
   };
-  pass();
-  Timer timer;
-  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+  time_passes(state, ctx, pass);
   state.counters["GBps"] = benchmark::Counter(2.0 * sizeof(bf16) * static_cast<double>(w.elements) * 1e-9,
                                               benchmark::Counter::kIsIterationInvariantRate);
 }
@@ -458,10 +456,7 @@ void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm, bool batc
                           basis_of(i, Pnew[i]), warm ? &prev : nullptr);
     }
   };
-  pass();
-  ctx.synchronize();
-  Timer timer;
-  for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, pass));
+  time_passes(state, ctx, pass);
   // Captured energy of the refreshed basis against the exact one, over the first block (7 matrices).
   double ratio = 0.0;
   for (std::size_t i = 0; i < 7; ++i) {

@@ -21,6 +21,7 @@
 #include "backend/cuda/checkpoint.cuh"
 #include "backend/cuda/context.cuh"
 #include "backend/cuda/device_buffer.cuh"
+#include "backend/cuda/dtype.cuh"
 #include "backend/cuda/error.cuh"
 #include "backend/cuda/gemm.cuh"
 #include "backend/cuda/optimizer.cuh"

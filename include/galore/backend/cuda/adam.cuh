@@ -219,9 +219,36 @@ __device__ void dense_elements(const T* __restrict__ g, T* __restrict__ w, M* __
       });
 }
 
+// May a dense step use 4-element accesses on W and G (16-byte aligned)?
+inline bool vector_aligned(const void* w, const void* g) { return std::min(alignment_of(w), alignment_of(g)) >= 16; }
+
 // This thread's place in a grid-stride loop.
 __device__ inline std::int64_t grid_first() { return blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; }
 __device__ inline std::int64_t grid_stride() { return static_cast<std::int64_t>(gridDim.x) * blockDim.x; }
+
+// A layer's step number t (applied + skipped before it) picks its slots in
+// bad[] and arrived[]; before any block of step t touches them, the slots of
+// step t + 1 are cleared, whichever kernel (per layer or batched) runs it.
+__device__ inline void clear_next_slots(StepCounters* c) {
+  const long long next = c->applied + c->skipped + 1;
+  c->bad[next & 1] = c->arrived[next & 1] = 0u;
+}
+
+// The outcome of a step in the layer's counters: applied or skipped, the step
+// size, and the back-projection's alpha and beta (W = beta W + alpha back(D)).
+__device__ inline void record_step(StepCounters* c, bool skip, float step, float decay, float scale) {
+  c->last_skipped = skip ? 1 : 0;
+  if (skip) {
+    c->skipped += 1;
+    c->alpha = 0.0f;
+    c->beta = 1.0f;
+  } else {
+    c->applied += 1;
+    c->alpha = -decay * scale;
+    c->beta = decay;
+  }
+  c->step_size = step;
+}
 
 // Phase one of a step kernel: every block checks its share of g[0, n), the
 // grid meets, and every thread learns the verdict and this step's Adam step
@@ -237,7 +264,7 @@ __device__ Verdict decide_step(const G* __restrict__ g, std::int64_t n, bool vec
   const long long applied = c->applied;
   const long long t = applied + c->skipped;
   unsigned* slot = &c->bad[t & 1];
-  if (blockIdx.x == 0 && threadIdx.x == 0) c->bad[(t + 1) & 1] = c->arrived[(t + 1) & 1] = 0u;
+  if (blockIdx.x == 0 && threadIdx.x == 0) clear_next_slots(c);
   bool bad = any_out_of_range(vec4, g, 0, n, grid_first(), grid_stride());
   bad = __syncthreads_or(bad);
   __shared__ Verdict verdict;
@@ -255,19 +282,7 @@ __device__ Verdict decide_step(const G* __restrict__ g, std::int64_t n, bool vec
     const bool skip = *static_cast<volatile unsigned*>(slot) != 0u;
     const float step = skip ? 0.0f : math::adam_step_size_float(p.lr, p.beta1, p.beta2, applied + 1, p.correct_bias);
     verdict = {skip, step};
-    if (blockIdx.x == 0) {
-      c->last_skipped = skip ? 1 : 0;
-      if (skip) {
-        c->skipped += 1;
-        c->alpha = 0.0f;
-        c->beta = 1.0f;
-      } else {
-        c->applied = applied + 1;
-        c->alpha = -p.decay * p.scale;
-        c->beta = p.decay;
-      }
-      c->step_size = step;
-    }
+    if (blockIdx.x == 0) record_step(c, skip, step, p.decay, p.scale);
   }
   __syncthreads();
   return verdict;
@@ -336,7 +351,7 @@ void adam_step(Context& ctx, const float* r, std::int64_t rows, std::int64_t col
 template <class T, class M>
 void adamw_dense_step(Context& ctx, T* w, const T* g, std::int64_t n, M* m, M* v, const AdamLaunch& p,
                       StepCounters* counters) {
-  const bool vec4 = reinterpret_cast<std::uintptr_t>(w) % 16 == 0 && reinterpret_cast<std::uintptr_t>(g) % 16 == 0;
+  const bool vec4 = impl::vector_aligned(w, g);
   impl::launch_cooperative(ctx, impl::adamw_dense_step<T, M>, n, "galore::cuda::adamw_dense_step", w, g, n, vec4, m,
                            v, p, counters);
 }

@@ -64,12 +64,6 @@ struct BatchBarrier {
   unsigned finished[2] = {0, 0};
 };
 
-// The hyperparameters the kernel reads from device memory, so that a captured
-// CUDA graph follows learning-rate changes.
-struct BatchedAdamParams {
-  AdamLaunch adam;
-};
-
 constexpr std::int64_t kItemElements = std::int64_t{1} << 16;
 
 namespace impl {
@@ -99,19 +93,14 @@ __device__ void run_dense(const BatchedAdamLayer<M>& L, std::int64_t begin, std:
 template <class M>
 __global__ void __launch_bounds__(kThreads) batched_adam_step(const BatchedAdamLayer<M>* __restrict__ layers,
                                                               int num_layers, const BatchedAdamItem* __restrict__ items,
-                                                              int num_items, const BatchedAdamParams* params,
+                                                              int num_items, const AdamLaunch* params,
                                                               BatchBarrier* barrier) {
-  const AdamLaunch p = params->adam;
+  const AdamLaunch p = *params;  // in device memory, so that a captured graph follows lr changes
   const unsigned long long launch = barrier->launches;
   if (blockIdx.x == 0) {
     if (threadIdx.x == 0) barrier->arrived[(launch + 1) & 1] = barrier->finished[(launch + 1) & 1] = 0u;
-    // Clear each layer's slots of its next step, which may be a per-layer one
-    // (adam.cuh's decide_step does the same).
-    for (int l = threadIdx.x; l < num_layers; l += blockDim.x) {
-      StepCounters* c = layers[l].counters;
-      const long long next = c->applied + c->skipped + 1;
-      c->bad[next & 1] = c->arrived[next & 1] = 0u;
-    }
+    // Each layer's next step may be a per-layer one: its slots are cleared here too.
+    for (int l = threadIdx.x; l < num_layers; l += blockDim.x) clear_next_slots(layers[l].counters);
   }
   // Phase one: check. A bad element marks its layer in the slot of its step.
   for (int k = blockIdx.x; k < num_items; k += gridDim.x) {
@@ -167,18 +156,8 @@ __global__ void __launch_bounds__(kThreads) batched_adam_step(const BatchedAdamL
     StepCounters* c = L.counters;
     const long long applied = c->applied;
     const bool skip = *static_cast<volatile unsigned*>(&c->bad[(applied + c->skipped) & 1]) != 0u;
-    c->last_skipped = skip ? 1 : 0;
-    if (skip) {
-      c->skipped += 1;
-      c->step_size = 0.0f;
-      c->alpha = 0.0f;
-      c->beta = 1.0f;
-    } else {
-      c->applied = applied + 1;
-      c->step_size = math::adam_step_size_float(p.lr, p.beta1, p.beta2, applied + 1, p.correct_bias);
-      c->alpha = -p.decay * L.scale;
-      c->beta = p.decay;
-    }
+    record_step(c, skip, skip ? 0.0f : math::adam_step_size_float(p.lr, p.beta1, p.beta2, applied + 1, p.correct_bias),
+                p.decay, L.scale);
     if (L.back_output_slot) *L.back_output_slot = skip && L.skipped_output ? L.skipped_output : L.back_output;
   }
   if (threadIdx.x == 0) barrier->launches = launch + 1;
@@ -190,7 +169,7 @@ __global__ void __launch_bounds__(kThreads) batched_adam_step(const BatchedAdamL
 // (all arrays in device memory). `total_elements` sizes the grid.
 template <class M>
 void batched_adam_step(Context& ctx, const BatchedAdamLayer<M>* layers, int num_layers, const BatchedAdamItem* items,
-                       int num_items, const BatchedAdamParams* params, BatchBarrier* barrier,
+                       int num_items, const AdamLaunch* params, BatchBarrier* barrier,
                        std::int64_t total_elements) {
   if (num_items == 0) return;
   impl::launch_cooperative(ctx, impl::batched_adam_step<M>, total_elements, "galore::cuda::batched_adam_step", layers,

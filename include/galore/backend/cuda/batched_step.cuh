@@ -36,7 +36,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <map>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -47,21 +47,12 @@
 #include "batched_adam.cuh"
 #include "context.cuh"
 #include "device_buffer.cuh"
+#include "dtype.cuh"
 #include "error.cuh"
 #include "gemm.cuh"
 #include "staging.cuh"
 
 namespace galore::cuda {
-
-enum class DType : std::uint8_t { Float32, BFloat16 };
-
-template <class T>
-constexpr DType dtype_of() {
-  static_assert(is_device_scalar_v<T>, "galore: the CUDA backend steps float or __nv_bfloat16 weights");
-  return std::is_same_v<T, float> ? DType::Float32 : DType::BFloat16;
-}
-inline std::size_t size_of(DType t) { return t == DType::Float32 ? 4 : 2; }
-inline const char* to_string(DType t) { return t == DType::Float32 ? "float32" : "bfloat16"; }
 
 // One layer of a batched step: its weight and gradient in device memory.
 struct StepParam {
@@ -107,7 +98,7 @@ class StepPlan {
       chunks_ = std::move(o.chunks_);
       tables_ = std::move(o.tables_);
       workspace_ = std::move(o.workspace_);
-      uploaded_ = std::move(o.uploaded_);
+      uploaded_lr_ = o.uploaded_lr_;
       params_offset_ = o.params_offset_;
       barrier_offset_ = o.barrier_offset_;
       scalars_offset_ = o.scalars_offset_;
@@ -135,13 +126,9 @@ class StepPlan {
  private:
   friend struct BatchedStepAccess;
 
-  struct Entry {
-    LayerId id;
-    DType dtype = DType::Float32;
-    void* W = nullptr;
-    const void* G = nullptr;
-    Index ldw = 0, ldg = 0;
-    void* R = nullptr;  // workspace (low-rank layers)
+  // A layer's parameter and its temporaries in the workspace.
+  struct Entry : StepParam {
+    void* R = nullptr;  // low-rank layers
     void* D = nullptr;
     void* G_copy = nullptr;  // padded copies (staged layers)
     void* W_copy = nullptr;
@@ -174,7 +161,7 @@ class StepPlan {
   std::vector<Chunk> chunks_;
   DeviceBuffer<unsigned char> tables_;
   DeviceBuffer<unsigned char> workspace_;
-  std::vector<double> uploaded_;  // the hyperparameters last copied to the device
+  std::optional<double> uploaded_lr_;  // the learning rate of the hyperparameters on the device
   std::size_t params_offset_ = 0, barrier_offset_ = 0, scalars_offset_ = 0;
   bool use_graph_ = true;
   cudaGraphExec_t graph_ = nullptr;
@@ -257,14 +244,8 @@ struct BatchedStepAccess {
         part.first = plan.entries_.size();
         part.count = (g.size() - done) / (pieces - piece);  // balanced pieces
         for (std::size_t i = 0; i < part.count; ++i) {
-          const StepParam* p = g[done + i];
           StepPlan::Entry e;
-          e.id = p->id;
-          e.dtype = p->dtype;
-          e.W = p->W;
-          e.G = p->G;
-          e.ldw = p->ldw;
-          e.ldg = p->ldg;
+          static_cast<StepParam&>(e) = *g[done + i];
           plan.entries_.push_back(e);
         }
         done += part.count;
@@ -304,7 +285,7 @@ struct BatchedStepAccess {
       c.items = reserve(sizeof(BatchedAdamItem) * items[ci].size());
       c.scalars = 2 + 2 * static_cast<int>(ci);
     }
-    plan.params_offset_ = reserve(sizeof(BatchedAdamParams));
+    plan.params_offset_ = reserve(sizeof(AdamLaunch));
     plan.scalars_offset_ = reserve(sizeof(float) * (2 + 2 * plan.chunks_.size()));
     plan.barrier_offset_ = reserve(sizeof(BatchBarrier));
     plan.tables_ = DeviceBuffer<unsigned char>(at);
@@ -335,7 +316,7 @@ struct BatchedStepAccess {
         if (c.dense) {
           L.input = e.G;
           L.output = e.W;
-          L.vec4 = reinterpret_cast<std::uintptr_t>(e.W) % 16 == 0 && reinterpret_cast<std::uintptr_t>(e.G) % 16 == 0;
+          L.vec4 = impl::vector_aligned(e.W, e.G);
         } else {
           L.vec4 = c.ld == c.low_rank.cols;  // R, D and the moments start 256-byte aligned
           e.R = ws;
@@ -449,28 +430,24 @@ struct BatchedStepAccess {
     return b;
   }
 
-  // The hyperparameters on the device, copied when they changed (a pageable
-  // copy: the host buffer may change as soon as the call returns).
+  // The hyperparameters on the device, copied when the learning rate changed:
+  // after construction it is the only one that does (set_lr, a checkpoint's).
+  // A pageable copy: the host buffers may go as soon as the call returns.
   template <class Opt>
   static void upload_params(Opt& opt, StepPlan& plan, Context& ctx) {
-    BatchedAdamParams p{};
-    p.adam = opt.launch(1.0f);
-    std::vector<float> scalars{1.0f, 0.0f};
+    if (plan.uploaded_lr_ == opt.adam_.lr) return;
+    const AdamLaunch p = opt.launch(1.0f);
+    std::vector<float> scalars{1.0f, 0.0f};  // the projection's alpha and beta, then each chunk's
     for (const StepPlan::Chunk& c : plan.chunks_) {
-      scalars.push_back(-p.adam.decay * c.scale);
-      scalars.push_back(p.adam.decay);
+      scalars.push_back(-p.decay * c.scale);
+      scalars.push_back(p.decay);
     }
-    const math::AdamCoefficients& k = p.adam.coeffs;
-    std::vector<double> key{p.adam.lr, p.adam.beta1, p.adam.beta2, p.adam.correct_bias ? 1.0 : 0.0, p.adam.decay,
-                            k.b1, k.a1, k.b2, k.a2, k.eps};
-    key.insert(key.end(), scalars.begin(), scalars.end());
-    if (key == plan.uploaded_) return;
     check(cudaMemcpyAsync(plan.table(plan.params_offset_), &p, sizeof p, cudaMemcpyHostToDevice, ctx.stream()),
           "cudaMemcpyAsync");
     check(cudaMemcpyAsync(plan.table(plan.scalars_offset_), scalars.data(), sizeof(float) * scalars.size(),
                           cudaMemcpyHostToDevice, ctx.stream()),
           "cudaMemcpyAsync");
-    plan.uploaded_ = std::move(key);
+    plan.uploaded_lr_ = opt.adam_.lr;
   }
 
   template <bool Prepare, class In, class Out>
@@ -502,14 +479,11 @@ struct BatchedStepAccess {
                                scalars + 1, R, c.ld, n, c.alignment);
       return;
     }
+    // Right W = beta W + alpha D P, left W = beta W + alpha P D: A is m x r and
+    // B r x cols either way (a left layer's D has cols columns, padded or not).
     const float* alpha = scalars + c.scalars;
-    const float* beta = alpha + 1;
-    if (c.side == Side::Right)  // W = beta W + alpha D P
-      gemm<Prepare, T, T>(ctx, Op::N, Op::N, m, cols, r, alpha, carr(c.back_a), r, carr(c.back_b), cols, beta,
-                         arr(c.back_c), ldw, n, c.alignment);
-    else  // W = beta W + alpha P D
-      gemm<Prepare, T, T>(ctx, Op::N, Op::N, m, cols, r, alpha, carr(c.back_a), r, carr(c.back_b), c.ld, beta,
-                         arr(c.back_c), ldw, n, c.alignment);
+    gemm<Prepare, T, T>(ctx, Op::N, Op::N, m, cols, r, alpha, carr(c.back_a), r, carr(c.back_b), cols, alpha + 1,
+                        arr(c.back_c), ldw, n, c.alignment);
   }
 
   template <class T>
@@ -536,7 +510,7 @@ struct BatchedStepAccess {
     using M = typename Opt::moment_type;
     const auto* layers = reinterpret_cast<const BatchedAdamLayer<M>*>(plan.table(c.layers));
     const auto* items = reinterpret_cast<const BatchedAdamItem*>(plan.table(c.items));
-    const auto* params = reinterpret_cast<const BatchedAdamParams*>(plan.table(plan.params_offset_));
+    const auto* params = reinterpret_cast<const AdamLaunch*>(plan.table(plan.params_offset_));
     auto* barrier = reinterpret_cast<BatchBarrier*>(plan.table(plan.barrier_offset_));
     if (c.dense) {
       batched_adam_step<M>(ctx, layers, static_cast<int>(c.count), items, c.num_items, params, barrier, c.elements);

@@ -46,6 +46,7 @@
 #include "../../schedule/traits.hpp"
 #include "adam.cuh"
 #include "batched_step.cuh"
+#include "dtype.cuh"
 #include "context.cuh"
 #include "device_buffer.cuh"
 #include "drift.cuh"
