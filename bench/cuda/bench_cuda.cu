@@ -18,6 +18,10 @@
 //   BM_CudaRefresh/warm_batched/llama1b/r512
 //                                 warm, with the matrices of each shape refreshed together
 //                                 (cuda::compute_bases: batched orthonormalization)
+//   BM_CudaRefreshAll/<warm|warm_rayleigh_ritz|randomized>/llama1b/r512
+//                                 a whole-model step at which every layer refreshes (step_all, gap 1):
+//                                 per chunk the due layers' bases together, then the step, eagerly.
+//                                 The refresh's own cost is this minus BM_CudaStepAll/galore.
 #include <benchmark/benchmark.h>
 
 #include <galore/cuda.hpp>
@@ -192,7 +196,7 @@ void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step) {
     }
     ctx.reserve_workspace(opt.workspace_bytes(ctx));
     cuda::StepPlan plan = opt.plan_step_all(params, ctx);
-    opt.step_all(plan, ctx);  // the first step refreshes every basis, layer by layer
+    opt.step_all(plan, ctx);  // the first step refreshes every basis (eagerly)
     const cuda::StepAllResult first = opt.step_all(plan, ctx);  // captures the graph
     ctx.synchronize();
     if (!first.graph) state.SkipWithError("the steady step was not a graph launch");
@@ -488,6 +492,36 @@ void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm, bool batc
   state.counters["matrices"] = static_cast<double>(shapes.size());
 }
 
+// A whole-model step at which every layer refreshes: gap 1, so every pass is
+// a refresh step (the first one cold, the later ones warm).
+template <class Policy>
+void BM_CudaRefreshAll(benchmark::State& state, const Model& m, Policy policy, std::size_t workspace_limit) {
+  cudaStream_t stream = nullptr;
+  cuda::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  {
+    cuda::Context ctx(stream);
+    Weights& w = weights_for(m, ctx);
+    cuda::GaLoreOptimizer<Projector<Policy>> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f}, AdamConfig{},
+                                                  schedule::FixedGap{1}, policy);
+    std::vector<cuda::StepParam> params;
+    for (std::size_t i = 0; i < w.shapes.size(); ++i) {
+      const Shape s = w.shapes[i];
+      params.push_back(cuda::step_param(opt.add_layer(s, cuda::DType::BFloat16), DeviceView<bf16>(w.W[i].data(), s.rows, s.cols),
+                                        DeviceView<const bf16>(w.G[i].data(), s.rows, s.cols)));
+    }
+    cuda::StepPlanOptions options;
+    options.workspace_limit = workspace_limit;
+    cuda::StepPlan plan = opt.plan_step_all(params, ctx, options);
+    cuda::StepAllResult last;
+    time_passes(state, ctx, [&] { last = opt.step_all(plan, ctx); });
+    if (last.refreshed != static_cast<int>(params.size())) state.SkipWithError("a step did not refresh every layer");
+    state.counters["layers"] = static_cast<double>(params.size());
+    state.counters["chunks"] = static_cast<double>(plan.num_chunks());
+    state.counters["workspace_MiB"] = static_cast<double>(plan.workspace_bytes()) / (1 << 20);
+  }
+  cudaStreamDestroy(stream);
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -519,6 +553,20 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("BM_CudaRefresh/warm_rayleigh_ritz/llama1b/r512", BM_CudaRefresh<svd::WarmStart>,
                                svd::WarmStart{}, true, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+  const std::size_t limit = cuda::StepPlanOptions{}.workspace_limit;
+  benchmark::RegisterBenchmark("BM_CudaRefreshAll/warm/llama1b/r512", BM_CudaRefreshAll<svd::WarmStart>, kLlama1B,
+                               subspace, limit)
+      ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+  // The same with a 1 GiB workspace limit: larger chunks, larger refresh batches.
+  benchmark::RegisterBenchmark("BM_CudaRefreshAll/warm_1gib/llama1b/r512", BM_CudaRefreshAll<svd::WarmStart>, kLlama1B,
+                               subspace, std::size_t{1} << 30)
+      ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+  benchmark::RegisterBenchmark("BM_CudaRefreshAll/warm_rayleigh_ritz/llama1b/r512", BM_CudaRefreshAll<svd::WarmStart>,
+                               kLlama1B, svd::WarmStart{}, limit)
+      ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
+  benchmark::RegisterBenchmark("BM_CudaRefreshAll/randomized/llama1b/r512", BM_CudaRefreshAll<svd::Randomized>, kLlama1B,
+                               svd::Randomized{}, limit)
+      ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(2);
   benchmark::Initialize(&argc, argv);
   benchmark::RunSpecifiedBenchmarks();
   benchmark::Shutdown();

@@ -17,6 +17,7 @@
 #include "backend/cuda/adam.cuh"
 #include "backend/cuda/basis_kernels.cuh"
 #include "backend/cuda/batched_adam.cuh"
+#include "backend/cuda/batched_refresh.cuh"
 #include "backend/cuda/batched_step.cuh"
 #include "backend/cuda/checkpoint.cuh"
 #include "backend/cuda/context.cuh"

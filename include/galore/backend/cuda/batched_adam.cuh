@@ -1,5 +1,5 @@
 // galore (CUDA backend): one Adam kernel over many layers, each with its own
-// skip decision, for the batched step (step_plan.cuh).
+// skip decision, for the batched step (batched_step.cuh).
 //
 // The per-layer kernel (adam.cuh) checks one layer's gradient, meets at a grid
 // barrier and applies Adam or leaves the layer untouched. This one does the

@@ -23,11 +23,21 @@
 // A plan steps on one stream at a time: its tables, workspace and barrier are
 // shared by its launches, which must not overlap.
 //
-// A step at which some layer's schedule may refresh its basis (or measure its
-// drift) runs layer by layer through step(), which synchronizes as it does
-// there; the steps between refreshes are batched. The layers' bases and
-// moments stay in their per-layer allocations: the batched GEMMs read every
-// matrix through pointer arrays, as they must for the caller's W and G anyway.
+// A step at which some layer's schedule may refresh its basis is batched too,
+// but runs eagerly: the host reads the step counts of the layers that may be
+// due (one synchronization), then per chunk computes the due layers' candidate
+// bases together (cuda::compute_bases: svd::WarmStart batches their
+// orthonormalizations), projects with them, runs Adam, copies on the device
+// the candidates of the layers whose step applied into their bases
+// (batched_refresh.cuh), and back-projects with the layers' bases; at the end
+// it reads the due layers' counters (a second synchronization) for the SVD
+// counts and the schedules. A skipped refresh step thus leaves the basis, the
+// SVD count and the schedule untouched, as in step(); the graph's addresses do
+// not change. With a
+// drift-watching schedule (schedule::Drift), a step that may refresh or measure
+// runs layer by layer through step(). The layers' bases and moments stay in
+// their per-layer allocations: the batched GEMMs read every matrix through
+// pointer arrays, as they must for the caller's W and G anyway.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -45,11 +55,13 @@
 #include "../../optim/step_result.hpp"
 #include "../../projection_type.hpp"
 #include "batched_adam.cuh"
+#include "batched_refresh.cuh"
 #include "context.cuh"
 #include "device_buffer.cuh"
 #include "dtype.cuh"
 #include "error.cuh"
 #include "gemm.cuh"
+#include "refresh.cuh"
 #include "staging.cuh"
 
 namespace galore::cuda {
@@ -82,8 +94,9 @@ struct StepPlanOptions {
 };
 
 struct StepAllResult {
-  bool batched = false;  // false: the step ran layer by layer (a refresh may have been due)
-  bool graph = false;    // the batched step was a graph launch
+  bool batched = false;  // false: the step ran layer by layer (drift-watching schedules only)
+  bool graph = false;    // the step was a graph launch (not a step at which a refresh was due)
+  int refreshed = 0;     // layers whose basis this step refreshed (a skipped refresh step does not count)
 };
 
 class StepPlan {
@@ -98,6 +111,8 @@ class StepPlan {
       chunks_ = std::move(o.chunks_);
       tables_ = std::move(o.tables_);
       workspace_ = std::move(o.workspace_);
+      image_ = std::move(o.image_);
+      region_bytes_ = o.region_bytes_;
       uploaded_lr_ = o.uploaded_lr_;
       params_offset_ = o.params_offset_;
       barrier_offset_ = o.barrier_offset_;
@@ -115,8 +130,10 @@ class StepPlan {
 
   std::size_t num_layers() const { return entries_.size(); }
   std::size_t num_chunks() const { return chunks_.size(); }
-  // Device bytes of the temporaries (R, D, padded copies, the scratch output of
-  // skipped layers), allocated by the plan.
+  // Device bytes of the temporaries, allocated by the plan: the largest chunk's
+  // R, D and padded copies, or the SVD policy's scratch for refreshing one of
+  // its layers (or a batch of them) if that is more; then the candidate bases of
+  // the largest chunk, or the scratch output of skipped layers if that is more.
   std::size_t workspace_bytes() const { return workspace_.bytes(); }
   // Device bytes the plan holds: the workspace plus its tables (pointer arrays,
   // per-layer descriptors, work items, hyperparameters, barrier).
@@ -147,6 +164,8 @@ class StepPlan {
     int num_items = 0;
     std::int64_t elements = 0;
     int scalars = 0;  // index of this chunk's alpha in the scalars (beta follows)
+    std::size_t adopt = 0;  // offset of the refresh step's AdoptItems in tables_
+    Index refresh_batch = 1;  // due layers refreshed together (their scratch fits the workspace's first part)
     std::uint32_t alignment = 256;  // of every matrix the chunk's GEMMs read or write
   };
 
@@ -161,6 +180,8 @@ class StepPlan {
   std::vector<Chunk> chunks_;
   DeviceBuffer<unsigned char> tables_;
   DeviceBuffer<unsigned char> workspace_;
+  std::vector<unsigned char> image_;  // the host image of tables_ (a refresh step swaps pointers and restores them)
+  std::size_t region_bytes_ = 0;      // the workspace's first part: chunk temporaries or refresh scratch
   std::optional<double> uploaded_lr_;  // the learning rate of the hyperparameters on the device
   std::size_t params_offset_ = 0, barrier_offset_ = 0, scalars_offset_ = 0;
   bool use_graph_ = true;
@@ -214,11 +235,15 @@ struct BatchedStepAccess {
         groups[static_cast<std::size_t>(at - keys.begin())].push_back(&p);
       }
     }
-    // Chunks, and the workspace: the largest chunk's temporaries, plus one
-    // layer-sized scratch output for skipped layers when weight decay may make
-    // beta differ from 1.
+    // Chunks, and the workspace. Its first part holds the largest chunk's
+    // temporaries, or the SVD policy's scratch for refreshing one layer (a
+    // refresh step computes the candidates before the chunk's temporaries are
+    // written). Its second part holds the candidate bases of the largest chunk,
+    // or one layer-sized scratch output for skipped layers when weight decay
+    // may make beta differ from 1 (written by the back-projection, after the
+    // candidates were adopted).
     const bool decays = opt.adam_.weight_decay != 0.0;
-    std::size_t chunk_bytes = 0, scratch_bytes = 0;
+    std::size_t chunk_bytes = 0, scratch_bytes = 0, refresh_bytes = 0, candidate_bytes = 0;
     for (const auto& g : groups) {
       const auto& l = opt.layer(g.front()->id);
       StepPlan::Chunk c;
@@ -250,14 +275,17 @@ struct BatchedStepAccess {
         }
         done += part.count;
         chunk_bytes = std::max(chunk_bytes, part.count * per_layer);
+        if (!c.dense) candidate_bytes = std::max(candidate_bytes, part.count * basis_bytes(c));
         plan.chunks_.push_back(part);
       }
+      if (!c.dense) refresh_bytes = std::max(refresh_bytes, opt.refresh_bytes(l, ctx, 1));
       if (!c.dense && decays)
         scratch_bytes = std::max(scratch_bytes, A::align(size_of(c.dtype) * static_cast<std::size_t>(
                                                               c.shape.rows * (c.staged ? c.ld : c.ldw))));
     }
-    plan.workspace_ = DeviceBuffer<unsigned char>(chunk_bytes + scratch_bytes);
-    unsigned char* scratch = scratch_bytes ? plan.workspace_.data() + chunk_bytes : nullptr;
+    plan.region_bytes_ = std::max(chunk_bytes, refresh_bytes);
+    plan.workspace_ = DeviceBuffer<unsigned char>(plan.region_bytes_ + std::max(candidate_bytes, scratch_bytes));
+    unsigned char* scratch = scratch_bytes ? plan.workspace_.data() + plan.region_bytes_ : nullptr;
 
     // Tables: per chunk six pointer arrays, the Adam layers and items; then the
     // hyperparameters, the GEMM scalars and the barrier.
@@ -278,9 +306,20 @@ struct BatchedStepAccess {
         c.elements += n;
       }
       c.num_items = static_cast<int>(items[ci].size());
-      if (!c.dense)
+      if (!c.dense) {
         for (std::size_t* o : {&c.proj_a, &c.proj_b, &c.proj_c, &c.back_a, &c.back_b, &c.back_c})
           *o = reserve(sizeof(void*) * c.count);
+        c.adopt = reserve(sizeof(AdoptItem) * c.count);
+        // The largest batch of due layers whose refresh scratch fits (the
+        // scratch grows with the batch; one layer always fits).
+        const auto& l = opt.layers_[plan.entries_[c.first].id.index];
+        Index fits = 1, exceeds = static_cast<Index>(c.count) + 1;
+        while (exceeds - fits > 1) {
+          const Index mid = (fits + exceeds) / 2;
+          (opt.refresh_bytes(l, ctx, mid) <= plan.region_bytes_ ? fits : exceeds) = mid;
+        }
+        c.refresh_batch = fits;
+      }
       c.layers = reserve(sizeof(BatchedAdamLayer<M>) * c.count);
       c.items = reserve(sizeof(BatchedAdamItem) * items[ci].size());
       c.scalars = 2 + 2 * static_cast<int>(ci);
@@ -358,6 +397,7 @@ struct BatchedStepAccess {
     check(cudaMemcpyAsync(plan.tables_.data(), image.data(), image.size(), cudaMemcpyHostToDevice, ctx.stream()),
           "cudaMemcpyAsync");
     ctx.synchronize();
+    plan.image_ = std::move(image);
     // Plans of the GEMMs now (host work), so that the first step can be captured.
     for (const StepPlan::Chunk& c : plan.chunks_)
       if (!c.dense) {
@@ -374,12 +414,15 @@ struct BatchedStepAccess {
   static StepAllResult step(Opt& opt, StepPlan& plan, Context& ctx) {
     detail::require(plan.owner_ == &opt, "step_all: the plan was made by another optimizer (or is empty)");
     StepAllResult result;
-    bool per_layer = false;
+    bool may_refresh = false, may_measure = false;
     for (const StepPlan::Entry& e : plan.entries_) {
       const auto& l = opt.layers_[e.id.index];
-      if (l.projected && (opt.refresh_may_be_due(l) || opt.measurement_may_be_wanted(l, false))) per_layer = true;
+      if (!l.projected) continue;
+      may_refresh = may_refresh || opt.refresh_may_be_due(l);
+      may_measure = may_measure || opt.measurement_may_be_wanted(l, false);
     }
-    if (per_layer) {
+    if (may_measure || (Opt::watches_drift && may_refresh)) {
+      // A drift measurement (and the refresh it may call for) runs in step().
       for (const StepPlan::Entry& e : plan.entries_) {
         const Shape s = opt.layers_[e.id.index].shape;
         if (e.dtype == DType::Float32)
@@ -392,6 +435,14 @@ struct BatchedStepAccess {
       return result;
     }
     upload_params(opt, plan, ctx);
+    if (may_refresh) {
+      const std::vector<char> due = due_layers(opt, plan, ctx);
+      if (std::find(due.begin(), due.end(), 1) != due.end()) {
+        result.batched = true;
+        result.refreshed = refresh_step(opt, plan, due, ctx);
+        return result;
+      }
+    }
     result.batched = true;
     const bool graph = plan.use_graph_ && ctx.stream() != nullptr;
     if (graph && (plan.graph_ == nullptr || plan.graph_context_ != ctx.id())) {
@@ -428,6 +479,11 @@ struct BatchedStepAccess {
     std::size_t b = A::align(sizeof(float) * lr) + A::align(t * lr);
     if (c.staged) b += 2 * A::align(t * static_cast<std::size_t>(c.shape.rows * c.ld));
     return b;
+  }
+  // A candidate basis of one of the chunk's layers (left m x r, right r x n).
+  static std::size_t basis_bytes(const StepPlan::Chunk& c) {
+    const Index len = c.side == Side::Right ? c.shape.cols : c.shape.rows;
+    return WorkspaceArena::align(size_of(c.dtype) * static_cast<std::size_t>(len * c.rank));
   }
 
   // The hyperparameters on the device, copied when the learning rate changed:
@@ -505,23 +561,173 @@ struct BatchedStepAccess {
     }
   }
 
+  // A chunk's step up to Adam: the padded copies of G, the projection, Adam.
   template <class T, class Opt>
-  static void run_chunk(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx) {
+  static void run_front(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx) {
     using M = typename Opt::moment_type;
     const auto* layers = reinterpret_cast<const BatchedAdamLayer<M>*>(plan.table(c.layers));
     const auto* items = reinterpret_cast<const BatchedAdamItem*>(plan.table(c.items));
     const auto* params = reinterpret_cast<const AdamLaunch*>(plan.table(plan.params_offset_));
     auto* barrier = reinterpret_cast<BatchBarrier*>(plan.table(plan.barrier_offset_));
-    if (c.dense) {
-      batched_adam_step<M>(ctx, layers, static_cast<int>(c.count), items, c.num_items, params, barrier, c.elements);
-      return;
+    if (!c.dense) {
+      if (c.staged) stage_chunk<T>(plan, c, ctx, false);
+      run_chunk_gemms<T>(plan, c, ctx, false);
     }
-    if (c.staged) stage_chunk<T>(plan, c, ctx, false);
-    run_chunk_gemms<T>(plan, c, ctx, false);
     batched_adam_step<M>(ctx, layers, static_cast<int>(c.count), items, c.num_items, params, barrier, c.elements);
+  }
+  // The rest: the padded copies of W, the back-projection, W from its copy.
+  template <class T>
+  static void run_back(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx) {
+    if (c.dense) return;
     if (c.staged) stage_chunk<T>(plan, c, ctx, true);
     run_chunk_gemms<T>(plan, c, ctx, true);
     if (c.staged) unstage_chunk<T>(plan, c, ctx);
+  }
+  template <class T, class Opt>
+  static void run_chunk(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx) {
+    run_front<T, Opt>(plan, c, ctx);
+    run_back<T>(plan, c, ctx);
+  }
+
+  // Which entries refresh at this step: those without a basis, and those whose
+  // schedule is due at their step count (read from the device, one
+  // synchronization, for the layers where the host is unsure).
+  template <class Opt>
+  static std::vector<char> due_layers(Opt& opt, StepPlan& plan, Context& ctx) {
+    const std::size_t n = plan.entries_.size();
+    std::vector<char> due(n, 0), read(n, 0);
+    std::vector<StepCounters> counters(n);
+    bool any = false;
+    for (std::size_t i = 0; i < n; ++i) {
+      auto& l = opt.layers_[plan.entries_[i].id.index];
+      if (!l.projected || !opt.refresh_may_be_due(l)) continue;
+      if (!l.has_basis) {
+        due[i] = 1;
+        continue;
+      }
+      check(cudaMemcpyAsync(&counters[i], Opt::counters_of(l), sizeof(StepCounters), cudaMemcpyDeviceToHost,
+                            ctx.stream()),
+            "cudaMemcpyAsync");
+      read[i] = any = true;
+    }
+    if (any) ctx.synchronize();
+    for (std::size_t i = 0; i < n; ++i) {
+      if (!read[i]) continue;
+      auto& l = opt.layers_[plan.entries_[i].id.index];
+      l.known_applied = counters[i].applied;
+      l.pending = 0;
+      due[i] = opt.schedule_.due(l.state, l.known_applied) ? 1 : 0;
+    }
+    return due;
+  }
+
+  // A step at which the entries marked in `due` refresh their bases, chunk by
+  // chunk, eagerly. Returns how many refreshed (their steps applied).
+  template <class Opt>
+  static int refresh_step(Opt& opt, StepPlan& plan, const std::vector<char>& due, Context& ctx) {
+    for (const StepPlan::Chunk& c : plan.chunks_) {
+      const auto first = due.begin() + static_cast<std::ptrdiff_t>(c.first), last = first + static_cast<std::ptrdiff_t>(c.count);
+      const bool any = std::find(first, last, 1) != last;
+      if (c.dtype == DType::Float32) {
+        if (any) refresh_chunk<float>(opt, plan, c, due, ctx);
+        else run_chunk<float, Opt>(plan, c, ctx);
+      } else {
+        if (any) refresh_chunk<bf16>(opt, plan, c, due, ctx);
+        else run_chunk<bf16, Opt>(plan, c, ctx);
+      }
+    }
+    // The due layers' counters say whose step applied (one synchronization);
+    // their bases hold the candidates already.
+    const std::size_t n = plan.entries_.size();
+    std::vector<StepCounters> counters(n);
+    for (std::size_t i = 0; i < n; ++i)
+      if (due[i])
+        check(cudaMemcpyAsync(&counters[i], Opt::counters_of(opt.layers_[plan.entries_[i].id.index]),
+                              sizeof(StepCounters), cudaMemcpyDeviceToHost, ctx.stream()),
+              "cudaMemcpyAsync");
+    ctx.synchronize();
+    int refreshed = 0;
+    for (std::size_t i = 0; i < n; ++i) {
+      auto& l = opt.layers_[plan.entries_[i].id.index];
+      if (!due[i]) {
+        ++l.pending;
+        continue;
+      }
+      l.known_applied = counters[i].applied;
+      l.pending = 0;
+      if (counters[i].last_skipped) continue;
+      if (l.dtype == DType::Float32) opt.record_refresh(l, Opt::template basis_of<float>(l, l.storage.data()), counters[i], ctx);
+      else opt.record_refresh(l, Opt::template basis_of<bf16>(l, l.storage.data()), counters[i], ctx);
+      ++refreshed;
+    }
+    return refreshed;
+  }
+
+  template <class T, class Opt>
+  static void refresh_chunk(Opt& opt, StepPlan& plan, const StepPlan::Chunk& c, const std::vector<char>& due,
+                            Context& ctx) {
+    const Index m = c.shape.rows, n = c.shape.cols, r = c.rank;
+    const bool right = c.side == Side::Right;
+    // The due layers: their bases, candidates (the workspace's second part) and gradients.
+    std::vector<std::size_t> at;
+    std::vector<DeviceBasis<T>> stored, candidate;
+    std::vector<DeviceView<const T>> G;
+    std::vector<AdoptItem> adopt;
+    unsigned char* next = plan.workspace_.data() + plan.region_bytes_;
+    for (std::size_t i = 0; i < c.count; ++i) {
+      if (!due[c.first + i]) continue;
+      const StepPlan::Entry& e = plan.entries_[c.first + i];
+      auto& l = opt.layers_[e.id.index];
+      at.push_back(i);
+      stored.push_back(Opt::template basis_of<T>(l, l.storage.data()));
+      DeviceBasis<T> b = stored.back();
+      (right ? b.right : b.left) = reinterpret_cast<T*>(next);
+      next += basis_bytes(c);
+      candidate.push_back(b);
+      G.emplace_back(static_cast<const T*>(e.G), m, n, e.ldg);
+      adopt.push_back(AdoptItem{Opt::counters_of(l), right ? b.right : b.left, right ? stored.back().right : stored.back().left,
+                                static_cast<std::int64_t>(sizeof(T)) * (right ? n : m) * r});
+    }
+    // The candidates, in batches of layers that have a basis (warm) or not yet
+    // (cold), each batch as large as the first part of the workspace allows.
+    for (const bool warm : {true, false}) {
+      std::vector<DeviceView<const T>> g;
+      std::vector<DeviceBasis<T>> out, previous;
+      for (std::size_t k = 0; k < at.size(); ++k) {
+        if (opt.layers_[plan.entries_[c.first + at[k]].id.index].has_basis != warm) continue;
+        g.push_back(G[k]);
+        out.push_back(candidate[k]);
+        if (warm) previous.push_back(stored[k]);
+      }
+      for (Index done = 0, total = static_cast<Index>(g.size()); done < total;) {
+        const Index batch = std::min(c.refresh_batch, total - done);
+        WorkspaceArena ws(plan.workspace_.data(), plan.region_bytes_);
+        compute_bases(ctx, ws, opt.svd_, Span<const DeviceView<const T>>(g.data() + done, batch), r,
+                      Span<const DeviceBasis<T>>(out.data() + done, batch),
+                      warm ? Span<const DeviceBasis<T>>(previous.data() + done, batch) : Span<const DeviceBasis<T>>());
+        done += batch;
+      }
+    }
+    // The projection reads the candidates: the chunk's basis pointers swapped
+    // for this step, and restored after it (ordered before any later launch).
+    // Host-to-device copies from pageable memory return once the data is
+    // staged, so the host vectors may go.
+    const std::size_t slot = right ? c.proj_b : c.proj_a, bytes = sizeof(void*) * c.count;
+    std::vector<const void*> pointers(c.count);
+    std::memcpy(pointers.data(), plan.image_.data() + slot, bytes);
+    for (std::size_t k = 0; k < at.size(); ++k) pointers[at[k]] = right ? candidate[k].right : candidate[k].left;
+    check(cudaMemcpyAsync(plan.table(slot), pointers.data(), bytes, cudaMemcpyHostToDevice, ctx.stream()),
+          "cudaMemcpyAsync");
+    run_front<T, Opt>(plan, c, ctx);
+    check(cudaMemcpyAsync(plan.table(slot), plan.image_.data() + slot, bytes, cudaMemcpyHostToDevice, ctx.stream()),
+          "cudaMemcpyAsync");
+    // Where the step applied the candidate becomes the basis, before the
+    // back-projection reads it (a skipped layer keeps its basis; its D is 0).
+    auto* items = reinterpret_cast<AdoptItem*>(plan.table(c.adopt));
+    check(cudaMemcpyAsync(items, adopt.data(), sizeof(AdoptItem) * adopt.size(), cudaMemcpyHostToDevice, ctx.stream()),
+          "cudaMemcpyAsync");
+    adopt_applied(ctx, items, static_cast<int>(adopt.size()), adopt.front().bytes);
+    run_back<T>(plan, c, ctx);
   }
 
   template <class Opt>

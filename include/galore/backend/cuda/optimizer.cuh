@@ -187,11 +187,13 @@ class GaLoreOptimizer {
   // The whole-model step (batched_step.cuh): plan once for a fixed set of
   // layers and their device buffers, then step them all with one call. The plan
   // checks every parameter first (invalid_argument, nothing allocated), makes
-  // the GEMMs' plans and copies its tables to the device (synchronizes). A step
-  // at which some layer may refresh runs layer by layer through step() and uses
-  // ctx's workspace, sized by workspace_bytes(ctx); the other steps use the
-  // plan's own workspace and, on a stream other than the legacy default one,
-  // replay a CUDA graph captured at the first of them.
+  // the GEMMs' plans and copies its tables to the device (synchronizes). Steps
+  // use the plan's own workspace. A step at which some layer refreshes runs
+  // eagerly and synchronizes (once, then once per chunk that refreshes); the
+  // other steps, on a stream other than the legacy default one, replay a CUDA
+  // graph captured at the first of them. With schedule::Drift a step that may
+  // refresh or measure runs layer by layer through step() and uses ctx's
+  // workspace, sized by workspace_bytes(ctx).
   StepPlan plan_step_all(Span<const StepParam> params, Context& ctx, const StepPlanOptions& options = {}) {
     return BatchedStepAccess::plan(*this, params, ctx, options);
   }
@@ -457,10 +459,14 @@ class GaLoreOptimizer {
     if (l.side == Side::Both) b += 2 * A::align(sizeof(float) * mr) + A::align(t * mr);
     if (l.side != Side::Right) b += A::align(t * mr);
     if (l.side != Side::Left) b += A::align(t * rn);
-    const std::size_t refresh = l.dtype == DType::Float32
-                                    ? compute_basis_bytes<float>(ctx, svd_, l.shape.rows, l.shape.cols, l.options.rank, l.side)
-                                    : compute_basis_bytes<bf16>(ctx, svd_, l.shape.rows, l.shape.cols, l.options.rank, l.side);
-    return b + refresh;
+    return b + refresh_bytes(l, ctx, 1);
+  }
+  // The SVD policy's workspace for refreshing `count` layers of l's shape together.
+  std::size_t refresh_bytes(const Layer& l, Context& ctx, Index count) const {
+    const Shape s = l.shape;
+    return l.dtype == DType::Float32
+               ? compute_bases_bytes<float>(ctx, svd_, s.rows, s.cols, l.options.rank, l.side, count)
+               : compute_bases_bytes<bf16>(ctx, svd_, s.rows, s.cols, l.options.rank, l.side, count);
   }
 
   template <class T>
@@ -585,23 +591,8 @@ class GaLoreOptimizer {
         return result;
       }
       if (measured) l.state = std::move(measured_state);
-      const std::size_t t = sizeof(T);
-      if (l.side != Side::Right)
-        check(cudaMemcpyAsync(stored.left, use.left, t * l.shape.rows * r, cudaMemcpyDeviceToDevice, ctx.stream()),
-              "cudaMemcpyAsync");
-      if (l.side != Side::Left)
-        check(cudaMemcpyAsync(stored.right, use.right, t * r * l.shape.cols, cudaMemcpyDeviceToDevice, ctx.stream()),
-              "cudaMemcpyAsync");
-      // The first singular vector for schedules that may compare it (the lazy
-      // one; a custom one): Drift ignores it.
-      if constexpr (std::is_same_v<SchedulePolicy, schedule::Drift>)
-        schedule_.on_refresh(l.state, c.applied - 1, Span<const float>{});
-      else if constexpr (!std::is_same_v<SchedulePolicy, schedule::FixedGap>)
-        schedule_.on_refresh(l.state, c.applied - 1, first_singular_vector(l, use, ctx));
-      l.has_basis = true;
-      ++l.svd_count;
+      adopt_basis(l, stored, use, c, ctx);
       result.refreshed = true;
-      l.known_applied = c.applied;
     } else {
       ++l.pending;
     }
@@ -615,6 +606,37 @@ class GaLoreOptimizer {
       back_project(ctx, stored, D, PN, W, lr, counters);
     }
     return result;
+  }
+
+  // A refresh step applied (c: the layer's counters read after it): the
+  // candidate basis becomes the layer's, and the schedule learns of it.
+  template <class T>
+  void adopt_basis(Layer& l, const DeviceBasis<T>& stored, const DeviceBasis<T>& candidate, const StepCounters& c,
+                   Context& ctx) {
+    const std::size_t t = sizeof(T);
+    const Index r = l.options.rank;
+    if (l.side != Side::Right && candidate.left != stored.left)
+      check(cudaMemcpyAsync(stored.left, candidate.left, t * l.shape.rows * r, cudaMemcpyDeviceToDevice, ctx.stream()),
+            "cudaMemcpyAsync");
+    if (l.side != Side::Left && candidate.right != stored.right)
+      check(cudaMemcpyAsync(stored.right, candidate.right, t * r * l.shape.cols, cudaMemcpyDeviceToDevice,
+                            ctx.stream()),
+            "cudaMemcpyAsync");
+    record_refresh(l, stored, c, ctx);
+  }
+  // The host's side of an applied refresh step, once `stored` holds the new basis.
+  template <class T>
+  void record_refresh(Layer& l, const DeviceBasis<T>& stored, const StepCounters& c, Context& ctx) {
+    // The first singular vector for schedules that may compare it (the lazy
+    // one; a custom one): Drift ignores it.
+    if constexpr (std::is_same_v<SchedulePolicy, schedule::Drift>)
+      schedule_.on_refresh(l.state, c.applied - 1, Span<const float>{});
+    else if constexpr (!std::is_same_v<SchedulePolicy, schedule::FixedGap>)
+      schedule_.on_refresh(l.state, c.applied - 1, first_singular_vector(l, stored, ctx));
+    l.has_basis = true;
+    ++l.svd_count;
+    l.known_applied = c.applied;
+    l.pending = 0;
   }
 
   // The first singular vector of basis b on the host, in float (row 0 of the

@@ -513,4 +513,27 @@ std::size_t compute_basis_bytes(Context& ctx, const svd::WarmStart& p, Index m, 
   return compute_bases_bytes<T>(ctx, p, m, n, r, side, 1);
 }
 
+// ---- Any policy, many matrices ---------------------------------------------------------------
+
+// compute_bases for the policies without a batched form (svd::Exact,
+// svd::Randomized): one matrix after another, each in the same scratch, so the
+// workspace is one matrix's. (svd::WarmStart's overload above batches.)
+template <class T, class Policy>
+std::size_t compute_bases_bytes(Context& ctx, const Policy& p, Index m, Index n, Index r, Side side, Index count) {
+  (void)count;
+  return compute_basis_bytes<T>(ctx, p, m, n, r, side);
+}
+
+template <class T, class Policy>
+void compute_bases(Context& ctx, WorkspaceArena& ws, const Policy& p, Span<const DeviceView<const T>> G, Index r,
+                   Span<const DeviceBasis<T>> out, Span<const DeviceBasis<T>> previous) {
+  detail::require(out.size() == G.size() && (previous.empty() || previous.size() == G.size()),
+                  "galore::cuda::compute_bases: ", G.size(), " gradients, ", out.size(), " outputs and ",
+                  previous.size(), " previous bases (expected as many outputs, and as many previous bases or none)");
+  for (Index b = 0; b < G.size(); ++b) {
+    WorkspaceArena scratch = ws;
+    compute_basis(ctx, scratch, p, G[b], r, out[b], previous.empty() ? nullptr : &previous[b]);
+  }
+}
+
 }  // namespace galore::cuda
