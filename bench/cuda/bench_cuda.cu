@@ -6,6 +6,10 @@
 //   BM_CudaGemmFloorBatched/<model>  the same GEMMs batched per shape (pointer arrays): the floor of StepAll
 //   BM_CudaStepAll/<galore|adamw>/<model>   the whole-model step (step_all), graph replay; adamw: the
 //                                 fused multi-tensor full-rank AdamW over the same weights
+//   BM_CudaStepAll/galore_eager/<model>     the same launches without the graph (its saving)
+// After timing, every StepAll benchmark runs one more step between
+// cudaProfilerStart and cudaProfilerStop, for a profiler that starts with
+// profiling off (ncu --profile-from-start off: tools/probe/profile_step.sh).
 //   BM_CudaGemmFloor/<model>      the same two projection GEMMs per layer, bare cuBLAS (the floor; on
 //                                 padded copies where the step pads)
 //   BM_CudaCopy/<model>           a device copy of the weights (bytes moved = read + write)
@@ -23,6 +27,7 @@
 //                                 per chunk the due layers' bases together, then the step, eagerly.
 //                                 The refresh's own cost is this minus BM_CudaStepAll/galore.
 #include <benchmark/benchmark.h>
+#include <cuda_profiler_api.h>
 
 #include <galore/cuda.hpp>
 
@@ -179,7 +184,7 @@ void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step) {
 // layers one batched projection GEMM, one Adam kernel, one batched
 // back-projection; the steady step replayed as a CUDA graph. adamw: every layer
 // dense, all in one multi-tensor AdamW kernel (the fused full-rank baseline).
-void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step) {
+void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step, bool use_graph) {
   cudaStream_t stream = nullptr;
   cuda::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   {
@@ -195,13 +200,19 @@ void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step) {
                                         DeviceView<const bf16>(w.G[i].data(), s.rows, s.cols)));
     }
     ctx.reserve_workspace(opt.workspace_bytes(ctx));
-    cuda::StepPlan plan = opt.plan_step_all(params, ctx);
+    cuda::StepPlanOptions options;
+    options.use_graph = use_graph;
+    cuda::StepPlan plan = opt.plan_step_all(params, ctx, options);
     opt.step_all(plan, ctx);  // the first step refreshes every basis (eagerly)
     const cuda::StepAllResult first = opt.step_all(plan, ctx);  // captures the graph
     ctx.synchronize();
-    if (!first.graph) state.SkipWithError("the steady step was not a graph launch");
+    if (first.graph != use_graph) state.SkipWithError("the steady step was not launched as asked (graph or eager)");
     Timer timer;
     for (auto _ : state) state.SetIterationTime(timer.seconds(ctx, [&] { opt.step_all(plan, ctx); }));
+    cuda::check(cudaProfilerStart(), "cudaProfilerStart");
+    opt.step_all(plan, ctx);
+    ctx.synchronize();
+    cuda::check(cudaProfilerStop(), "cudaProfilerStop");
     state.counters["layers"] = static_cast<double>(params.size());
     state.counters["chunks"] = static_cast<double>(plan.num_chunks());
     state.counters["workspace_MiB"] = static_cast<double>(plan.workspace_bytes()) / (1 << 20);
@@ -536,8 +547,9 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(("BM_CudaGemmFloorBatched/" + m->name).c_str(), BM_CudaGemmFloorBatched, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStep/galore/" + m->name).c_str(), BM_CudaStep, *m, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep, *m, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore/" + m->name).c_str(), BM_CudaStepAll, *m, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStepAll/adamw/" + m->name).c_str(), BM_CudaStepAll, *m, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore/" + m->name).c_str(), BM_CudaStepAll, *m, true, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_eager/" + m->name).c_str(), BM_CudaStepAll, *m, true, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/adamw/" + m->name).c_str(), BM_CudaStepAll, *m, false, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
   }
   benchmark::RegisterBenchmark("BM_CudaRefresh/exact/llama1b/r512", BM_CudaRefresh<svd::Exact>, svd::Exact{}, false, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);
