@@ -7,6 +7,8 @@
 //   BM_CudaStepAll/<galore|adamw>/<model>   the whole-model step (step_all), graph replay; adamw: the
 //                                 fused multi-tensor full-rank AdamW over the same weights
 //   BM_CudaStepAll/galore_eager/<model>     the same launches without the graph (its saving)
+//   BM_CudaStepAll/galore_ws<32|64>mib/<model>  graph replay with a smaller workspace limit: smaller
+//                                 chunks, whose R and D may stay in L2 between the GEMMs and Adam
 // After timing, every StepAll benchmark runs one more step between
 // cudaProfilerStart and cudaProfilerStop, for a profiler that starts with
 // profiling off (ncu --profile-from-start off: tools/probe/profile_step.sh).
@@ -184,7 +186,8 @@ void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step) {
 // layers one batched projection GEMM, one Adam kernel, one batched
 // back-projection; the steady step replayed as a CUDA graph. adamw: every layer
 // dense, all in one multi-tensor AdamW kernel (the fused full-rank baseline).
-void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step, bool use_graph) {
+void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step, bool use_graph,
+                    std::size_t workspace_limit) {
   cudaStream_t stream = nullptr;
   cuda::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
   {
@@ -202,6 +205,7 @@ void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step, b
     ctx.reserve_workspace(opt.workspace_bytes(ctx));
     cuda::StepPlanOptions options;
     options.use_graph = use_graph;
+    options.workspace_limit = workspace_limit;
     cuda::StepPlan plan = opt.plan_step_all(params, ctx, options);
     opt.step_all(plan, ctx);  // the first step refreshes every basis (eagerly)
     const cuda::StepAllResult first = opt.step_all(plan, ctx);  // captures the graph
@@ -547,9 +551,12 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(("BM_CudaGemmFloorBatched/" + m->name).c_str(), BM_CudaGemmFloorBatched, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStep/galore/" + m->name).c_str(), BM_CudaStep, *m, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep, *m, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore/" + m->name).c_str(), BM_CudaStepAll, *m, true, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_eager/" + m->name).c_str(), BM_CudaStepAll, *m, true, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStepAll/adamw/" + m->name).c_str(), BM_CudaStepAll, *m, false, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    const std::size_t limit = cuda::StepPlanOptions{}.workspace_limit, mib = std::size_t{1} << 20;
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, limit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_eager/" + m->name).c_str(), BM_CudaStepAll, *m, true, false, limit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_ws32mib/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, 32 * mib)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_ws64mib/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, 64 * mib)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/adamw/" + m->name).c_str(), BM_CudaStepAll, *m, false, true, limit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
   }
   benchmark::RegisterBenchmark("BM_CudaRefresh/exact/llama1b/r512", BM_CudaRefresh<svd::Exact>, svd::Exact{}, false, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);
@@ -569,7 +576,10 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("BM_CudaRefreshAll/warm/llama1b/r512", BM_CudaRefreshAll<svd::WarmStart>, kLlama1B,
                                subspace, limit)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
-  // The same with a 1 GiB workspace limit: larger chunks, larger refresh batches.
+  // The same with other workspace limits: chunks (and so refresh batches) larger or smaller.
+  benchmark::RegisterBenchmark("BM_CudaRefreshAll/warm_ws32mib/llama1b/r512", BM_CudaRefreshAll<svd::WarmStart>, kLlama1B,
+                               subspace, std::size_t{32} << 20)
+      ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);
   benchmark::RegisterBenchmark("BM_CudaRefreshAll/warm_1gib/llama1b/r512", BM_CudaRefreshAll<svd::WarmStart>, kLlama1B,
                                subspace, std::size_t{1} << 30)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(5);

@@ -444,6 +444,49 @@ TEST_CASE("the plan's workspace is its chunks' temporaries and the refresh's, an
   CHECK(cut.workspace_bytes() ==
         std::max({2 * right, staged, svd}) + std::max({2 * right_basis, left_basis, scratch}));
   CHECK(cut.device_bytes() > cut.workspace_bytes());
+  // svd::WarmStart refreshes a chunk's due layers in batches whose scratch
+  // grows with the batch, up to refresh_workspace_limit (one layer at least).
+  // (For layers this small the cold policy's scratch for one matrix, which the
+  // size also covers, may exceed a warm batch's: then the batches do not split.)
+  cuda::Context ctx_warm;
+  galore_test::GpuOptimizer<svd::WarmStart> warm(ProjectorOptions{6, ProjectionType::Std, 0.25f}, AdamConfig{},
+                                                  schedule::FixedGap{100});
+  Model w(warm, {{48, 32, ProjectionType::Std}, {48, 32, ProjectionType::Std}, {48, 32, ProjectionType::Std},
+                 {48, 32, ProjectionType::Std}});
+  auto batch = [&](Index k) {
+    return cuda::compute_bases_bytes<float>(ctx_warm, svd::WarmStart{}, 48, 32, 6, Side::Right, k);
+  };
+  auto expected = [&](std::size_t limit) {
+    return std::max(4 * right, std::min(batch(4), std::max(limit, batch(1)))) + 4 * right_basis;
+  };
+  CHECK(batch(4) >= batch(1));
+  CHECK(warm.plan_step_all(w.params(), ctx_warm).workspace_bytes() == expected(std::size_t{256} << 20));
+  cuda::StepPlanOptions one;
+  one.refresh_workspace_limit = 0;
+  CHECK(warm.plan_step_all(w.params(), ctx_warm, one).workspace_bytes() == expected(0));
+  one.refresh_workspace_limit = batch(2);
+  CHECK(warm.plan_step_all(w.params(), ctx_warm, one).workspace_bytes() == expected(batch(2)));
+  // Refreshed in batches of at most two, the layers step as when refreshed
+  // four together (gap 2: steps 0 and 2 refresh, 2 warm-started).
+  galore_test::GpuOptimizer<svd::WarmStart> halves(ProjectorOptions{6, ProjectionType::Std, 0.25f}, AdamConfig{},
+                                                    schedule::FixedGap{2});
+  galore_test::GpuOptimizer<svd::WarmStart> whole4(ProjectorOptions{6, ProjectionType::Std, 0.25f}, AdamConfig{},
+                                                    schedule::FixedGap{2});
+  Model mh(halves, w.specs), mw(whole4, w.specs);
+  cuda::StepPlan ph = halves.plan_step_all(mh.params(), ctx_warm, one), pw = whole4.plan_step_all(mw.params(), ctx_warm);
+  const auto g4 = gradients(w.specs, 4);
+  for (int t = 0; t < 4; ++t) {
+    for (std::size_t i = 0; i < 4; ++i) {
+      mh.upload_gradient(i, g4[i][t]);
+      mw.upload_gradient(i, g4[i][t]);
+    }
+    CHECK(halves.step_all(ph, ctx_warm).refreshed == (t % 2 == 0 ? 4 : 0));
+    CHECK(whole4.step_all(pw, ctx_warm).refreshed == (t % 2 == 0 ? 4 : 0));
+  }
+  for (std::size_t i = 0; i < 4; ++i) {
+    CHECK(mh.weight(i) != mh.W0[i]);
+    CHECK(galore_test::relative_change_error(mh.weight(i), mw.weight(i), mw.W0[i]) < 1e-4);
+  }
   // The device memory the plan allocates is what it reports (layers large
   // enough that cudaMalloc's 2 MiB granularity does not hide the workspace:
   // eight 2048 x 1024 right layers at rank 256, R and D in float, 4 MiB each).

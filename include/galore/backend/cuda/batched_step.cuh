@@ -88,6 +88,11 @@ struct StepPlanOptions {
   // The most workspace a chunk's temporaries may take (a chunk holds at least
   // one layer, so a single larger layer raises it).
   std::size_t workspace_limit = std::size_t{256} << 20;
+  // The most workspace a refresh step's batch of due layers may take for the
+  // SVD policy's scratch (one layer at least). It shares room with the chunks'
+  // temporaries: the plan's first part is the larger of the two. A larger batch
+  // refreshes faster (svd::WarmStart orthonormalizes a batch at once).
+  std::size_t refresh_workspace_limit = std::size_t{256} << 20;
   // Capture the steady step in a CUDA graph on its first run (not on the legacy
   // default stream, which cannot be captured: there it runs eagerly).
   bool use_graph = true;
@@ -131,9 +136,10 @@ class StepPlan {
   std::size_t num_layers() const { return entries_.size(); }
   std::size_t num_chunks() const { return chunks_.size(); }
   // Device bytes of the temporaries, allocated by the plan: the largest chunk's
-  // R, D and padded copies, or the SVD policy's scratch for refreshing one of
-  // its layers (or a batch of them) if that is more; then the candidate bases of
-  // the largest chunk, or the scratch output of skipped layers if that is more.
+  // R, D and padded copies, or the SVD policy's scratch for refreshing a batch
+  // of a chunk's layers (within refresh_workspace_limit) if that is more; then
+  // the candidate bases of the largest chunk, or the scratch output of skipped
+  // layers if that is more.
   std::size_t workspace_bytes() const { return workspace_.bytes(); }
   // Device bytes the plan holds: the workspace plus its tables (pointer arrays,
   // per-layer descriptors, work items, hyperparameters, barrier).
@@ -236,9 +242,9 @@ struct BatchedStepAccess {
       }
     }
     // Chunks, and the workspace. Its first part holds the largest chunk's
-    // temporaries, or the SVD policy's scratch for refreshing one layer (a
-    // refresh step computes the candidates before the chunk's temporaries are
-    // written). Its second part holds the candidate bases of the largest chunk,
+    // temporaries, or the SVD policy's scratch for refreshing a batch of a
+    // chunk's layers (a refresh step computes the candidates before the chunk's
+    // temporaries are written) if that is more. Its second part holds the candidate bases of the largest chunk,
     // or one layer-sized scratch output for skipped layers when weight decay
     // may make beta differ from 1 (written by the back-projection, after the
     // candidates were adopted).
@@ -275,10 +281,14 @@ struct BatchedStepAccess {
         }
         done += part.count;
         chunk_bytes = std::max(chunk_bytes, part.count * per_layer);
-        if (!c.dense) candidate_bytes = std::max(candidate_bytes, part.count * basis_bytes(c));
+        if (!c.dense) {
+          candidate_bytes = std::max(candidate_bytes, part.count * basis_bytes(c));
+          const std::size_t whole = opt.refresh_bytes(l, ctx, static_cast<Index>(part.count));
+          refresh_bytes = std::max(refresh_bytes, std::min(whole, std::max(options.refresh_workspace_limit,
+                                                                           opt.refresh_bytes(l, ctx, 1))));
+        }
         plan.chunks_.push_back(part);
       }
-      if (!c.dense) refresh_bytes = std::max(refresh_bytes, opt.refresh_bytes(l, ctx, 1));
       if (!c.dense && decays)
         scratch_bytes = std::max(scratch_bytes, A::align(size_of(c.dtype) * static_cast<std::size_t>(
                                                               c.shape.rows * (c.staged ? c.ld : c.ldw))));
