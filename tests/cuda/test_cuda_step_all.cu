@@ -150,6 +150,14 @@ std::vector<float> basis_values(Opt& opt, LayerId id, const LayerSpec& l) {
   return Device<float>::download(b.side == Side::Right ? b.right : b.left, static_cast<std::size_t>(len));
 }
 
+// Step t's gradients into two models of the same layers.
+void upload_both(Model& a, Model& b, const std::vector<std::vector<std::vector<float>>>& grads, int t) {
+  for (std::size_t i = 0; i < a.specs.size(); ++i) {
+    a.upload_gradient(i, grads[i][static_cast<std::size_t>(t)]);
+    b.upload_gradient(i, grads[i][static_cast<std::size_t>(t)]);
+  }
+}
+
 std::vector<float> moments(Opt& opt, LayerId id, std::size_t n) {
   auto m = Device<float>::download(opt.first_moment(id), n);
   const auto v = Device<float>::download(opt.second_moment(id), n);
@@ -192,10 +200,7 @@ TEST_CASE("the batched step equals the per-layer step and the CPU: left, right, 
   int replays = 0;
   std::vector<std::vector<std::vector<float>>> traj(kMix.size());
   for (int t = 0; t < steps; ++t) {
-    for (std::size_t i = 0; i < kMix.size(); ++i) {
-      a.upload_gradient(i, grads[i][t]);
-      b.upload_gradient(i, grads[i][t]);
-    }
+    upload_both(a, b, grads, t);
     a.step_each(each, ctx_each);
     const cuda::StepAllResult r = all.step_all(plan, ctx_all);
     CHECK(r.batched);
@@ -249,10 +254,7 @@ TEST_CASE("warm-started refreshes batched per chunk equal the per-layer ones, wi
   cuda::StepPlan plan = all.plan_step_all(b.params(), ctx_all);
   std::vector<int> refresh_steps;
   for (int t = 0; t < steps; ++t) {
-    for (std::size_t i = 0; i < kMix.size(); ++i) {
-      a.upload_gradient(i, grads[i][t]);
-      b.upload_gradient(i, grads[i][t]);
-    }
+    upload_both(a, b, grads, t);
     a.step_each(each, ctx_each);
     const cuda::StepAllResult r = all.step_all(plan, ctx_all);
     CHECK(r.batched);
@@ -367,10 +369,7 @@ TEST_CASE("graph replay equals eager execution bit for bit, with learning-rate c
     const double lr = 1e-2 * (1.0 + 0.1 * t);
     og.set_lr(lr);
     oe.set_lr(lr);
-    for (std::size_t i = 0; i < kMix.size(); ++i) {
-      g.upload_gradient(i, grads[i][t]);
-      e.upload_gradient(i, grads[i][t]);
-    }
+    upload_both(g, e, grads, t);
     const auto before = g.weight(big);
     const auto rg = og.step_all(pg, ctx_g);
     const auto re = oe.step_all(pe, ctx_e);
@@ -476,10 +475,7 @@ TEST_CASE("the plan's workspace is its chunks' temporaries and the refresh's, an
   cuda::StepPlan ph = halves.plan_step_all(mh.params(), ctx_warm, one), pw = whole4.plan_step_all(mw.params(), ctx_warm);
   const auto g4 = gradients(w.specs, 4);
   for (int t = 0; t < 4; ++t) {
-    for (std::size_t i = 0; i < 4; ++i) {
-      mh.upload_gradient(i, g4[i][t]);
-      mw.upload_gradient(i, g4[i][t]);
-    }
+    upload_both(mh, mw, g4, t);
     CHECK(halves.step_all(ph, ctx_warm).refreshed == (t % 2 == 0 ? 4 : 0));
     CHECK(whole4.step_all(pw, ctx_warm).refreshed == (t % 2 == 0 ? 4 : 0));
   }
