@@ -24,6 +24,10 @@
 //   BM_CudaRefresh/warm_batched/llama1b/r512
 //                                 warm, with the matrices of each shape refreshed together
 //                                 (cuda::compute_bases: batched orthonormalization)
+//   BM_CudaQuant/<quantize|stochastic|dequantize>/16777216
+//                                 cuda::QuantizedWeight<8>'s kernels over 2^24 float elements (groups
+//                                 of 256); counter `of_copy`: a device copy of the same bytes (read +
+//                                 write) in the same run, over the kernel's time (1 = copy speed)
 //   BM_CudaRefreshAll/<warm|warm_rayleigh_ritz|randomized>/llama1b/r512
 //                                 a whole-model step at which every layer refreshes (step_all, gap 1):
 //                                 per chunk the due layers' bases together, then the step, eagerly.
@@ -507,6 +511,51 @@ void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm, bool batc
   state.counters["matrices"] = static_cast<double>(shapes.size());
 }
 
+// The INT8 weight's kernels (the finiteness check of quantize() and
+// requantize_rows() left out: the step will rely on its skip decision).
+enum class QuantKernel { Quantize, Stochastic, Dequantize };
+void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
+  const std::int64_t n = std::int64_t{1} << 24, cols = 4096, rows = n / cols;
+  cuda::Context ctx;
+  cuda::DeviceBuffer<float> x(static_cast<std::size_t>(n));
+  cuda::impl::gaussian<<<2048, 256, 0, ctx.stream()>>>(x.data(), rows, cols, 5);
+  cuda::check_launch("gaussian");
+  cuda::QuantizedWeight<8> q({rows, cols});
+  q.quantize(DeviceView<const float>(x.data(), rows, cols), ctx);
+  const unsigned blocks = static_cast<unsigned>((q.num_groups() + cuda::impl::kQuantWarps - 1) / cuda::impl::kQuantWarps);
+  const unsigned threads = cuda::impl::kWarp * cuda::impl::kQuantWarps;
+  std::uint32_t step = 0;
+  auto pass = [&] {
+    switch (kernel) {
+      case QuantKernel::Quantize:
+        cuda::impl::quantize_groups<float, false><<<blocks, threads, 0, ctx.stream()>>>(
+            x.data(), cols, cols, 0, n, q.group_size(), q.codes(), q.scales(), q.zeros(), 0, 0, 0);
+        break;
+      case QuantKernel::Stochastic:
+        cuda::impl::quantize_groups<float, true><<<blocks, threads, 0, ctx.stream()>>>(
+            x.data(), cols, cols, 0, n, q.group_size(), q.codes(), q.scales(), q.zeros(), 7, 1, ++step);
+        break;
+      case QuantKernel::Dequantize:
+        q.dequantize(DeviceView<float>(x.data(), rows, cols), ctx);
+        break;
+    }
+  };
+  time_passes(state, ctx, pass);
+  // Bytes moved: 4 per float read or written, 1 per code, 5 per group.
+  const std::size_t bytes = static_cast<std::size_t>(n) * 5 + static_cast<std::size_t>(q.num_groups()) * 5;
+  cuda::DeviceBuffer<unsigned char> a(bytes / 2), b(bytes / 2);
+  Timer timer;
+  double copy = 0.0, own = 0.0;
+  for (int i = 0; i < 20; ++i) {
+    own += timer.seconds(ctx, pass);
+    copy += timer.seconds(ctx, [&] {
+      cuda::check(cudaMemcpyAsync(b.data(), a.data(), a.bytes(), cudaMemcpyDeviceToDevice, ctx.stream()), "cudaMemcpyAsync");
+    });
+  }
+  state.counters["GBps"] = benchmark::Counter(static_cast<double>(bytes) * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.counters["of_copy"] = copy / own;
+}
+
 // A whole-model step at which every layer refreshes: gap 1, so every pass is
 // a refresh step (the first one cold, the later ones warm).
 template <class Policy>
@@ -572,6 +621,10 @@ int main(int argc, char** argv) {
   benchmark::RegisterBenchmark("BM_CudaRefresh/warm_rayleigh_ritz/llama1b/r512", BM_CudaRefresh<svd::WarmStart>,
                                svd::WarmStart{}, true, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
+  for (const auto& [name, kernel] : {std::pair{"quantize", QuantKernel::Quantize}, std::pair{"stochastic", QuantKernel::Stochastic},
+                                     std::pair{"dequantize", QuantKernel::Dequantize}})
+    benchmark::RegisterBenchmark((std::string("BM_CudaQuant/") + name + "/16777216").c_str(), BM_CudaQuant, kernel)
+        ->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.2);
   const std::size_t limit = cuda::StepPlanOptions{}.workspace_limit;
   benchmark::RegisterBenchmark("BM_CudaRefreshAll/warm/llama1b/r512", BM_CudaRefreshAll<svd::WarmStart>, kLlama1B,
                                subspace, limit)

@@ -137,6 +137,19 @@ CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint
   return codes_with(x, group, rounder.bind(layer, step));
 }
 
+CpuCodes cpu_int8_weight(long rows, long cols, long group, const std::vector<float>& W0, long row0,
+                         const std::vector<float>& values, std::uint64_t seed, std::uint32_t layer,
+                         std::uint32_t step) {
+  const Eigen::Map<const galore::MatrixF> w(W0.data(), rows, cols);
+  galore::QuantizedWeight<8> q(w, group);
+  if (!values.empty()) {
+    const Eigen::Map<const galore::MatrixF> v(values.data(), static_cast<galore::Index>(values.size()) / cols, cols);
+    const galore::StochasticRounder<8> rounder(seed);
+    q.quantize_rows(row0, v, rounder.bind(layer, step));
+  }
+  return {q.codes().codes, q.codes().scales, q.codes().zeros};
+}
+
 std::vector<float> cpu_dynamic_map(bool is_signed) {
   const galore::quant::CodeMap& map =
       is_signed ? galore::quant::dynamic_map_signed() : galore::quant::dynamic_map_unsigned();

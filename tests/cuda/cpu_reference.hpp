@@ -74,6 +74,13 @@ struct CpuCodes {
 CpuCodes cpu_minmax_codes(const std::vector<float>& x, long group);
 CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint64_t seed, std::uint32_t layer,
                               std::uint32_t step);
+// The CPU's QuantizedWeight<8>: W0 (rows x cols, row-major) quantized to
+// nearest in groups of `group` (-1: per row), then, if `values` is not empty,
+// rows [row0, row0 + values.size() / cols) re-quantized from `values` with
+// StochasticRounder<8>(seed).bind(layer, step); its codes, scales and zeros.
+CpuCodes cpu_int8_weight(long rows, long cols, long group, const std::vector<float>& W0, long row0,
+                         const std::vector<float>& values, std::uint64_t seed, std::uint32_t layer,
+                         std::uint32_t step);
 // bitsandbytes' signed and unsigned dynamic maps (256 values each).
 std::vector<float> cpu_dynamic_map(bool is_signed);
 

@@ -1,0 +1,316 @@
+// galore (CUDA backend): cuda::QuantizedWeight<8>, Q-GaLore's INT8 weight in
+// device memory (arXiv 2407.08296; q_galore_torch's group-wise quantizer).
+//
+// The layout of the CPU's galore::QuantizedWeight<8> (galore/quantized_weight.hpp):
+// one code per weight, and per group of `group_size` consecutive elements of the
+// row-major flattening one float32 scale and one zero point, nothing else. The
+// element math is the shared code of math/quant_codes.hpp, so for identical
+// inputs the GPU writes the CPU's codes, scales and zeros bit for bit:
+//   - quantize(): round to nearest (the reference's initial quantization);
+//   - requantize_rows(): fresh scales and zeros, codes by stochastic rounding
+//     with the random bits StochasticRounder<8>::bind(layer, step) draws on the
+//     CPU (Philox4x32-10 keyed by the seed, counter by element, step and layer).
+//
+// Kernels: one warp per group finds the group's extremes (a shuffle reduction),
+// writes its scale and zero, and encodes it. With groups of a multiple of 64
+// elements each lane computes one Philox block per four elements, as the CPU's
+// tiles do (the four elements i, i + 16, i + 32, i + 48 of a 64-element tile
+// share a counter).
+//
+// Weights must be finite, as on the CPU: quantize() and requantize_rows() check
+// the values first (one reduction and one synchronization) and throw
+// galore::invalid_argument, changing nothing, for NaN or Inf.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <numeric>
+#include <type_traits>
+#include <vector>
+
+#include "../../core/matrix_view.hpp"
+#include "../../core/shape.hpp"
+#include "../../math/quant_codes.hpp"
+#include "adam.cuh"
+#include "context.cuh"
+#include "device_buffer.cuh"
+#include "error.cuh"
+
+namespace galore::cuda {
+
+namespace impl {
+
+constexpr int kWarp = 32;
+constexpr int kQuantWarps = 8;  // warps (groups) per block
+
+// Element k of rows laid out `cols` wide with leading dimension ld.
+template <class T>
+__device__ inline float element(const T* p, std::int64_t ld, std::int64_t cols, std::int64_t k) {
+  return to_float(p[k / cols * ld + k % cols]);
+}
+
+__device__ inline float warp_min(float x) {
+  for (int o = kWarp / 2; o > 0; o /= 2) x = fminf(x, __shfl_xor_sync(0xFFFFFFFFu, x, o));
+  return x;
+}
+__device__ inline float warp_max(float x) {
+  for (int o = kWarp / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, o));
+  return x;
+}
+
+// Sets *bad when some element of the rows x cols values (leading dimension ld)
+// is NaN or Inf.
+template <class T>
+__global__ void find_non_finite(const T* __restrict__ x, std::int64_t ld, std::int64_t cols, std::int64_t n,
+                                unsigned* bad) {
+  bool any = false;
+  for (std::int64_t k = grid_first(); k < n; k += grid_stride()) any |= !isfinite(element(x, ld, cols, k));
+  if (__syncthreads_or(any) && threadIdx.x == 0) atomicOr(bad, 1u);
+}
+
+// Groups [g0, g0 + groups) of elements [first, first + n) of the weight, read
+// from x (element k of x is element first + k; first starts a group), each by
+// one warp: extremes, scale and zero, codes (nearest, or stochastic with the
+// bits of (seed, layer, step)).
+template <class T, bool Stochastic>
+__global__ void __launch_bounds__(kWarp* kQuantWarps)
+    quantize_groups(const T* __restrict__ x, std::int64_t ld, std::int64_t cols, std::int64_t first, std::int64_t n,
+                    std::int64_t group, std::uint8_t* __restrict__ codes, float* __restrict__ scales,
+                    std::uint8_t* __restrict__ zeros, std::uint64_t seed, std::uint32_t layer, std::uint32_t step) {
+  constexpr float max_code = 255.0f;
+  const int lane = threadIdx.x % kWarp;
+  const std::int64_t groups = (n + group - 1) / group;
+  for (std::int64_t gl = blockIdx.x * static_cast<std::int64_t>(kQuantWarps) + threadIdx.x / kWarp; gl < groups;
+       gl += static_cast<std::int64_t>(gridDim.x) * kQuantWarps) {
+    const std::int64_t k0 = gl * group, k1 = k0 + group < n ? k0 + group : n;
+    float lo = INFINITY, hi = -INFINITY;
+    for (std::int64_t k = k0 + lane; k < k1; k += kWarp) {
+      const float v = element(x, ld, cols, k);
+      lo = fminf(lo, v);
+      hi = fmaxf(hi, v);
+    }
+    lo = warp_min(lo);
+    hi = warp_max(hi);
+    float scale, zero;
+    math::minmax_scale_zero(lo, hi, max_code, scale, zero);
+    const std::int64_t g = (first + k0) / group;
+    if (lane == 0) {
+      scales[g] = scale;
+      zeros[g] = static_cast<std::uint8_t>(zero);
+    }
+    std::uint8_t* out = codes + first;
+    if constexpr (!Stochastic) {
+      for (std::int64_t k = k0 + lane; k < k1; k += kWarp)
+        out[k] = math::minmax_code(element(x, ld, cols, k), scale, zero, max_code);
+    } else if (group % 64 == 0) {
+      // Whole 64-element tiles (the group starts on one): lane l of a
+      // half-warp takes elements l, l + 16, l + 32, l + 48 of its tile, whose
+      // bits are the four words of one Philox block.
+      const std::uint32_t key0 = static_cast<std::uint32_t>(seed), key1 = static_cast<std::uint32_t>(seed >> 32);
+      for (std::int64_t t0 = k0; t0 < k1; t0 += 128) {
+        const std::int64_t tile = t0 + (lane / 16) * 64;
+        const std::uint64_t i0 = static_cast<std::uint64_t>(first + tile) + static_cast<std::uint64_t>(lane % 16);
+        const std::uint64_t counter = (i0 >> 6) * 16 + (i0 & 15);
+        const Philox4x32 bits = philox4x32_10(static_cast<std::uint32_t>(counter),
+                                              static_cast<std::uint32_t>(counter >> 32), step, layer, key0, key1);
+        for (int w = 0; w < 4; ++w) {
+          const std::int64_t k = tile + lane % 16 + 16 * w;
+          if (k < k1)
+            out[k] = math::stochastic_code(element(x, ld, cols, k), scale, zero, max_code, bits.v[w]);
+        }
+      }
+    } else {
+      for (std::int64_t k = k0 + lane; k < k1; k += kWarp)
+        out[k] = math::stochastic_code(element(x, ld, cols, k), scale, zero, max_code,
+                                       math::stochastic_bits(seed, layer, step, static_cast<std::uint64_t>(first + k)));
+    }
+  }
+}
+
+// out (rows x cols, leading dimension ld) = elements [first, first + n) dequantized.
+template <class T>
+__global__ void dequantize_elements(const std::uint8_t* __restrict__ codes, const float* __restrict__ scales,
+                                    const std::uint8_t* __restrict__ zeros, std::int64_t group, std::int64_t first,
+                                    std::int64_t n, T* __restrict__ out, std::int64_t ld, std::int64_t cols) {
+  for (std::int64_t k = grid_first(); k < n; k += grid_stride()) {
+    const std::int64_t i = first + k, g = i / group;
+    out[k / cols * ld + k % cols] = from_float<T>(math::minmax_value(codes[i], scales[g], static_cast<float>(zeros[g])));
+  }
+}
+
+}  // namespace impl
+
+template <int Bits = 8>
+class QuantizedWeight {
+  static_assert(Bits == 8, "galore: on the GPU quantized weights hold 8-bit codes (Q-GaLore's INT8 weights)");
+
+ public:
+  static constexpr int bits = Bits;
+
+  QuantizedWeight() = default;
+  // A rows x cols weight in groups of group_size elements (-1: one group per
+  // row), every code, scale and zero 0 until quantize() writes them. Throws
+  // galore::invalid_argument for a shape that is not positive or a group size
+  // that is neither positive nor -1.
+  explicit QuantizedWeight(Shape shape, Index group_size = 256) : shape_(shape) {
+    detail::require(shape.rows > 0 && shape.cols > 0, "cuda::QuantizedWeight needs a positive shape (got ",
+                    shape.rows, "x", shape.cols, ")");
+    detail::require(group_size > 0 || group_size == -1,
+                    "group size must be positive or -1 for one group per row (got ", group_size, ")");
+    group_ = group_size == -1 ? shape.cols : group_size;
+    codes_ = DeviceBuffer<std::uint8_t>(static_cast<std::size_t>(shape.size()));
+    scales_ = DeviceBuffer<float>(static_cast<std::size_t>(num_groups()));
+    zeros_ = DeviceBuffer<std::uint8_t>(static_cast<std::size_t>(num_groups()));
+    check(cudaMemset(codes_.data(), 0, codes_.bytes()), "cudaMemset");
+    check(cudaMemset(scales_.data(), 0, scales_.bytes()), "cudaMemset");
+    check(cudaMemset(zeros_.data(), 0, zeros_.bytes()), "cudaMemset");
+    // On the legacy default stream, which a non-blocking stream does not wait for.
+    check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
+  }
+
+  Shape shape() const { return shape_; }
+  Index rows() const { return shape_.rows; }
+  Index cols() const { return shape_.cols; }
+  Index group_size() const { return group_; }
+  Index num_groups() const { return group_ > 0 ? (shape_.size() + group_ - 1) / group_ : 0; }
+  // Row panels that start on group boundaries are multiples of this many rows.
+  Index row_alignment() const { return group_ / std::gcd(group_, cols()); }
+
+  std::uint8_t* codes() { return codes_.data(); }
+  const std::uint8_t* codes() const { return codes_.data(); }
+  float* scales() { return scales_.data(); }
+  const float* scales() const { return scales_.data(); }
+  std::uint8_t* zeros() { return zeros_.data(); }
+  const std::uint8_t* zeros() const { return zeros_.data(); }
+
+  // Device bytes held: one byte per weight, a float32 scale and a one-byte zero
+  // point per group (the CPU's QuantizedWeight<8>::bytes_for).
+  std::size_t bytes() const { return codes_.bytes() + scales_.bytes() + zeros_.bytes(); }
+  static std::size_t bytes_for(Shape s, Index group_size = 256) {
+    const Index g = group_size == -1 ? s.cols : group_size;
+    detail::require(g > 0, "group size must be positive or -1 for one group per row (got ", group_size, ")");
+    const auto n = static_cast<std::size_t>(s.size());
+    return n + static_cast<std::size_t>((s.size() + g - 1) / g) * (sizeof(float) + 1);
+  }
+
+  // Quantizes W (float or bf16, the weight's shape, any leading dimension) by
+  // rounding to nearest. Synchronizes ctx's stream (the finiteness check).
+  template <class T>
+  void quantize(DeviceView<const T> W, Context& ctx) {
+    detail::require(W.shape() == shape_, "cuda::QuantizedWeight::quantize: W is ", W.rows, "x", W.cols,
+                    ", the weight ", rows(), "x", cols());
+    encode<T, false>(W, 0, ctx, 0, 0, 0);
+  }
+  template <class T>
+  void quantize(DeviceView<T> W, Context& ctx) {
+    quantize(DeviceView<const T>(W), ctx);
+  }
+
+  // Re-quantizes rows [row0, row0 + values.rows) from float values, with fresh
+  // scales and zeros, by stochastic rounding with the bits of (seed, layer,
+  // step): the codes the CPU's quantize_rows(row0, values,
+  // StochasticRounder<8>(seed).bind(layer, step)) writes. The rows must start
+  // and end on group boundaries (a multiple of row_alignment(), or the end).
+  // Synchronizes ctx's stream (the finiteness check).
+  void requantize_rows(Index row0, DeviceView<const float> values, std::uint64_t seed, std::uint32_t layer,
+                       std::uint32_t step, Context& ctx) {
+    check_rows(row0, values.rows, values.cols);
+    const Index first = row0 * cols(), n = values.rows * cols();
+    detail::require(first % group_ == 0 && (n % group_ == 0 || first + n == shape_.size()),
+                    "requantize_rows: rows ", row0, "..", row0 + values.rows,
+                    " do not start and end on quantization group boundaries");
+    encode<float, true>(values, first, ctx, seed, layer, step);
+  }
+
+  // out = the weight dequantized (float or bf16, the weight's shape, any
+  // leading dimension), or rows [row0, row0 + out.rows) of it.
+  template <class T>
+  void dequantize(DeviceView<T> out, Context& ctx) const {
+    detail::require(out.shape() == shape_, "cuda::QuantizedWeight::dequantize: out is ", out.rows, "x", out.cols,
+                    ", the weight ", rows(), "x", cols());
+    dequantize_rows(0, out, ctx);
+  }
+  template <class T>
+  void dequantize_rows(Index row0, DeviceView<T> out, Context& ctx) const {
+    static_assert(!std::is_const_v<T>, "galore: dequantize writes its output");
+    check_rows(row0, out.rows, out.cols);
+    const std::int64_t n = out.rows * cols();
+    if (n == 0) return;
+    impl::dequantize_elements<T><<<impl::blocks_for(n), impl::kThreads, 0, ctx.stream()>>>(
+        codes_.data(), scales_.data(), zeros_.data(), group_, row0 * cols(), n, out.data, out.ld, cols());
+    check_launch("galore::cuda::dequantize_elements");
+  }
+
+  // The codes, scales and zeros in host memory, and back (checkpoints, tests).
+  // Both synchronize ctx's stream.
+  void download(std::vector<std::uint8_t>& codes, std::vector<float>& scales, std::vector<std::uint8_t>& zeros,
+                Context& ctx) const {
+    codes.resize(codes_.size());
+    scales.resize(scales_.size());
+    zeros.resize(zeros_.size());
+    copy(codes.data(), codes_.data(), codes_.bytes(), cudaMemcpyDeviceToHost, ctx);
+    copy(scales.data(), scales_.data(), scales_.bytes(), cudaMemcpyDeviceToHost, ctx);
+    copy(zeros.data(), zeros_.data(), zeros_.bytes(), cudaMemcpyDeviceToHost, ctx);
+    ctx.synchronize();
+  }
+  void upload(const std::vector<std::uint8_t>& codes, const std::vector<float>& scales,
+              const std::vector<std::uint8_t>& zeros, Context& ctx) {
+    detail::require(codes.size() == codes_.size() && scales.size() == scales_.size() && zeros.size() == zeros_.size(),
+                    "cuda::QuantizedWeight::upload: ", codes.size(), " codes, ", scales.size(), " scales and ",
+                    zeros.size(), " zeros for a weight of ", codes_.size(), ", ", scales_.size(), " and ",
+                    zeros_.size());
+    copy(codes_.data(), codes.data(), codes_.bytes(), cudaMemcpyHostToDevice, ctx);
+    copy(scales_.data(), scales.data(), scales_.bytes(), cudaMemcpyHostToDevice, ctx);
+    copy(zeros_.data(), zeros.data(), zeros_.bytes(), cudaMemcpyHostToDevice, ctx);
+    ctx.synchronize();
+  }
+
+ private:
+  static void copy(void* to, const void* from, std::size_t bytes, cudaMemcpyKind kind, Context& ctx) {
+    if (bytes > 0) check(cudaMemcpyAsync(to, from, bytes, kind, ctx.stream()), "cudaMemcpyAsync");
+  }
+  void check_rows(Index row0, Index nrows, Index ncols) const {
+    detail::require(ncols == cols() && row0 >= 0 && nrows >= 0 && row0 + nrows <= rows(), "rows ", row0, "..",
+                    row0 + nrows, " x ", ncols, " do not fit a ", rows(), "x", cols(), " quantized weight");
+  }
+
+  // Checks that the values are finite (throws before writing anything), then
+  // encodes them as elements [first, first + values.size()).
+  template <class T, bool Stochastic>
+  void encode(DeviceView<const T> values, Index first, Context& ctx, std::uint64_t seed, std::uint32_t layer,
+              std::uint32_t step) {
+    const std::int64_t n = values.size();
+    if (n == 0) return;
+    DeviceBuffer<unsigned> bad(1);
+    check(cudaMemsetAsync(bad.data(), 0, sizeof(unsigned), ctx.stream()), "cudaMemsetAsync");
+    impl::find_non_finite<T><<<impl::blocks_for(n), impl::kThreads, 0, ctx.stream()>>>(values.data, values.ld,
+                                                                                       values.cols, n, bad.data());
+    check_launch("galore::cuda::find_non_finite");
+    unsigned found = 0;
+    check(cudaMemcpyAsync(&found, bad.data(), sizeof found, cudaMemcpyDeviceToHost, ctx.stream()), "cudaMemcpyAsync");
+    ctx.synchronize();
+    detail::require(found == 0, "cuda::QuantizedWeight: the values hold NaN or Inf; min-max codes exist only for "
+                                "finite values");
+    const std::int64_t groups = (n + group_ - 1) / group_;
+    const auto blocks = static_cast<unsigned>(
+        std::min<std::int64_t>((groups + impl::kQuantWarps - 1) / impl::kQuantWarps, 65535));
+    impl::quantize_groups<T, Stochastic><<<blocks, impl::kWarp * impl::kQuantWarps, 0, ctx.stream()>>>(
+        values.data, values.ld, values.cols, first, n, group_, codes_.data(), scales_.data(), zeros_.data(), seed,
+        layer, step);
+    check_launch("galore::cuda::quantize_groups");
+  }
+
+  Shape shape_;
+  Index group_ = 0;
+  DeviceBuffer<std::uint8_t> codes_;
+  DeviceBuffer<float> scales_;
+  DeviceBuffer<std::uint8_t> zeros_;
+};
+
+using Int8Weight = QuantizedWeight<8>;
+
+}  // namespace galore::cuda

@@ -1,0 +1,233 @@
+// cuda::QuantizedWeight<8> (Q-GaLore's INT8 weight on the GPU) against the
+// CPU's QuantizedWeight<8> on identical inputs, bit for bit: round-to-nearest
+// quantization (float and bf16 weights, strided views, groups inside rows,
+// across rows, one per row, a short last group), stochastic re-quantization of
+// row panels (groups of a multiple of 64 elements and others); dequantization;
+// the unbiasedness of the GPU's stochastic rounding; memory equal to the
+// formula; the errors.
+#include <doctest/doctest.h>
+
+#include <galore/cuda.hpp>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "cpu_reference.hpp"
+#include "cuda_support.cuh"
+
+using namespace galore;
+using galore_test::Device;
+
+namespace {
+
+struct Downloaded {
+  std::vector<std::uint8_t> codes, zeros;
+  std::vector<float> scales;
+};
+Downloaded download(const cuda::QuantizedWeight<8>& q, cuda::Context& ctx) {
+  Downloaded d;
+  q.download(d.codes, d.scales, d.zeros, ctx);
+  return d;
+}
+
+void check_equal(const Downloaded& gpu, const galore_test::CpuCodes& cpu) {
+  CHECK(gpu.scales == cpu.scales);
+  CHECK(gpu.zeros == cpu.zeros);
+  std::size_t differ = 0;
+  for (std::size_t i = 0; i < gpu.codes.size() && i < cpu.codes.size(); ++i) differ += gpu.codes[i] != cpu.codes[i];
+  CHECK(gpu.codes.size() == cpu.codes.size());
+  CHECK(differ == 0);
+}
+
+struct Case {
+  long rows, cols, group;
+};
+// Groups inside rows, across rows with a short last group, one group per row,
+// and a group size that is not a multiple of 64 (the per-element Philox path).
+const Case kCases[] = {{64, 512, 256}, {150, 300, 256}, {16, 100, -1}, {90, 50, 100}};
+
+}  // namespace
+
+TEST_CASE("quantize() writes the CPU's nearest codes, scales and zeros, from float and bf16, strided or not") {
+  cuda::Context ctx;
+  for (const Case& c : kCases) {
+    for (const bool bf16 : {false, true}) {
+      for (const long pad : {0L, 3L}) {
+        INFO(c.rows, "x", c.cols, " group ", c.group, bf16 ? " bf16" : " float", " ld pad ", pad);
+        std::vector<float> w = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 7u + unsigned(c.cols));
+        if (bf16) w = galore_test::round_to_bf16(w);
+        const long ld = c.cols + pad;
+        std::vector<float> padded(static_cast<std::size_t>(c.rows * ld), 1e30f);  // padding is never read
+        for (long r = 0; r < c.rows; ++r)
+          for (long k = 0; k < c.cols; ++k) padded[static_cast<std::size_t>(r * ld + k)] = w[static_cast<std::size_t>(r * c.cols + k)];
+        cuda::QuantizedWeight<8> q({c.rows, c.cols}, c.group);
+        if (bf16) {
+          Device<cuda::bf16> W(padded);
+          q.quantize(DeviceView<const cuda::bf16>(W.data(), c.rows, c.cols, ld), ctx);
+        } else {
+          Device<float> W(padded);
+          q.quantize(DeviceView<const float>(W.data(), c.rows, c.cols, ld), ctx);
+        }
+        check_equal(download(q, ctx), galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w, 0, {}, 0, 0, 0));
+      }
+    }
+  }
+}
+
+TEST_CASE("requantize_rows() writes the CPU's stochastic codes, panel by panel") {
+  cuda::Context ctx;
+  const std::uint64_t seed = 0x9e3779b97f4a7c15ULL;
+  const std::uint32_t layer = 5, step = 77;
+  for (const Case& c : kCases) {
+    INFO(c.rows, "x", c.cols, " group ", c.group);
+    const auto w0 = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 11u);
+    auto values = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 12u, 0.05f);
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] += w0[i];
+    Device<float> W(w0), V(values);
+    cuda::QuantizedWeight<8> q({c.rows, c.cols}, c.group);
+    q.quantize(DeviceView<const float>(W.data(), c.rows, c.cols), ctx);
+    // Panels of row_alignment() rows (the last one shorter), each re-quantized
+    // on its own: together they must equal the whole weight re-quantized.
+    const long panel = q.row_alignment();
+    CHECK(panel >= 1);
+    for (long r0 = 0; r0 < c.rows; r0 += panel) {
+      const long k = std::min(panel, c.rows - r0);
+      q.requantize_rows(r0, DeviceView<const float>(V.data() + r0 * c.cols, k, c.cols), seed, layer, step, ctx);
+    }
+    check_equal(download(q, ctx), galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w0, 0, values, seed, layer,
+                                                               step));
+    // One panel in the middle of a fresh weight: only its groups change.
+    if (c.rows >= 3 * panel) {
+      cuda::QuantizedWeight<8> p({c.rows, c.cols}, c.group);
+      p.quantize(DeviceView<const float>(W.data(), c.rows, c.cols), ctx);
+      const std::vector<float> middle(values.begin() + panel * c.cols, values.begin() + 2 * panel * c.cols);
+      p.requantize_rows(panel, DeviceView<const float>(V.data() + panel * c.cols, panel, c.cols), seed, layer, step,
+                        ctx);
+      check_equal(download(p, ctx),
+                  galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w0, panel, middle, seed, layer, step));
+    }
+  }
+}
+
+TEST_CASE("dequantize() is scale * (code - zero), into float or bf16, whole or by rows") {
+  cuda::Context ctx;
+  const long rows = 150, cols = 300;
+  const auto w = galore_test::gaussian(static_cast<std::size_t>(rows * cols), 21u);
+  Device<float> W(w);
+  cuda::QuantizedWeight<8> q({rows, cols});
+  q.quantize(DeviceView<const float>(W.data(), rows, cols), ctx);
+  const Downloaded d = download(q, ctx);
+  std::vector<float> expect(w.size());
+  for (std::size_t i = 0; i < w.size(); ++i)
+    expect[i] = d.scales[i / 256] * (static_cast<float>(d.codes[i]) - static_cast<float>(d.zeros[i / 256]));
+  Device<float> out(std::vector<float>(w.size(), 0.0f));
+  q.dequantize(DeviceView<float>(out.data(), rows, cols), ctx);
+  CHECK(out.download() == expect);
+  Device<cuda::bf16> outb(std::vector<float>(w.size(), 0.0f));
+  q.dequantize(DeviceView<cuda::bf16>(outb.data(), rows, cols), ctx);
+  CHECK(outb.download() == galore_test::round_to_bf16(expect));
+  // Rows 64..127 into a strided buffer.
+  const long ld = cols + 5;
+  Device<float> part(std::vector<float>(static_cast<std::size_t>(64 * ld), -1.0f));
+  q.dequantize_rows(64, DeviceView<float>(part.data(), 64, cols, ld), ctx);
+  const auto got = part.download();
+  std::size_t differ = 0;
+  for (long r = 0; r < 64; ++r) {
+    for (long k = 0; k < cols; ++k)
+      differ += got[static_cast<std::size_t>(r * ld + k)] != expect[static_cast<std::size_t>((64 + r) * cols + k)];
+    for (long k = cols; k < ld; ++k) differ += got[static_cast<std::size_t>(r * ld + k)] != -1.0f;
+  }
+  CHECK(differ == 0);
+}
+
+TEST_CASE("stochastic rounding on the GPU is unbiased: the mean over many steps is the value") {
+  cuda::Context ctx;
+  // One row of 4 groups; every step re-quantizes the same values (same
+  // extremes, so the same scale and zero) with other random bits.
+  const long cols = 1024;
+  auto values = galore_test::gaussian(static_cast<std::size_t>(cols), 31u);
+  Device<float> V(values);
+  cuda::QuantizedWeight<8> q({1, cols});
+  Device<float> out(std::vector<float>(static_cast<std::size_t>(cols), 0.0f));
+  const int steps = 2000;
+  std::vector<double> sum(static_cast<std::size_t>(cols), 0.0);
+  float scale = 0.0f;
+  for (int t = 0; t < steps; ++t) {
+    q.requantize_rows(0, DeviceView<const float>(V.data(), 1, cols), 42, 0, static_cast<std::uint32_t>(t), ctx);
+    q.dequantize(DeviceView<float>(out.data(), 1, cols), ctx);
+    const auto x = out.download();
+    for (std::size_t i = 0; i < x.size(); ++i) sum[i] += x[i];
+    if (t == 0)
+      for (const float s : download(q, ctx).scales) scale = std::max(scale, s);
+  }
+  // Per element one draw's rounding error has a standard deviation of at most
+  // half a step (scale / 2), so the mean of 2000 draws has one below
+  // scale / (2 sqrt(2000)) (the largest of the four groups' scales).
+  // Nearest rounding would leave errors up to scale / 2 that do not average out.
+  double worst = 0.0, total = 0.0;
+  for (std::size_t i = 0; i < sum.size(); ++i) {
+    const double err = sum[i] / steps - values[i];
+    worst = std::max(worst, std::fabs(err));
+    total += err;
+  }
+  const double sd = scale / (2.0 * std::sqrt(static_cast<double>(steps)));
+  CHECK(worst < 5.0 * sd);
+  CHECK(std::fabs(total / cols) < 5.0 * sd / std::sqrt(static_cast<double>(cols)));
+}
+
+TEST_CASE("a QuantizedWeight holds one byte per weight and five per group, and says so") {
+  CHECK(cuda::QuantizedWeight<8>::bytes_for({150, 300}) == 45000 + 176 * 5);
+  CHECK(cuda::QuantizedWeight<8>::bytes_for({16, 100}, -1) == 1600 + 16 * 5);
+  cuda::QuantizedWeight<8> small({150, 300});
+  CHECK(small.num_groups() == 176);
+  CHECK(small.bytes() == cuda::QuantizedWeight<8>::bytes_for({150, 300}));
+  // Large enough that cudaMalloc's 2 MiB pages do not hide it.
+  cuda::check(cudaDeviceSynchronize(), "cudaDeviceSynchronize");
+  std::size_t free_before = 0, free_after = 0, total = 0;
+  cuda::check(cudaMemGetInfo(&free_before, &total), "cudaMemGetInfo");
+  {
+    cuda::QuantizedWeight<8> big({8192, 4096});
+    CHECK(big.bytes() == std::size_t{8192} * 4096 + std::size_t{8192} * 4096 / 256 * 5);
+    cuda::check(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
+    CHECK(free_before - free_after >= big.bytes());
+    CHECK(free_before - free_after <= big.bytes() + (std::size_t{6} << 20));  // three allocations' pages
+  }
+}
+
+TEST_CASE("QuantizedWeight refuses bad shapes, bad groups, panels off group boundaries and non-finite values") {
+  cuda::Context ctx;
+  CHECK_THROWS_AS(cuda::QuantizedWeight<8>({0, 4}), invalid_argument);
+  CHECK_THROWS_AS(cuda::QuantizedWeight<8>({4, 4}, 0), invalid_argument);
+  CHECK_THROWS_AS(cuda::QuantizedWeight<8>({4, 4}, -2), invalid_argument);
+  const long rows = 150, cols = 300;
+  auto w = galore_test::gaussian(static_cast<std::size_t>(rows * cols), 41u);
+  Device<float> W(w);
+  cuda::QuantizedWeight<8> q({rows, cols});
+  q.quantize(DeviceView<const float>(W.data(), rows, cols), ctx);
+  const Downloaded before = download(q, ctx);
+  CHECK_THROWS_AS(q.quantize(DeviceView<const float>(W.data(), rows, cols - 1), ctx), invalid_argument);
+  // row_alignment() is 64 rows for groups of 256 in rows of 300.
+  CHECK(q.row_alignment() == 64);
+  CHECK_THROWS_AS(q.requantize_rows(1, DeviceView<const float>(W.data(), 64, cols), 0, 0, 1, ctx), invalid_argument);
+  CHECK_THROWS_AS(q.requantize_rows(0, DeviceView<const float>(W.data(), 10, cols), 0, 0, 1, ctx), invalid_argument);
+  CHECK_THROWS_AS(q.requantize_rows(128, DeviceView<const float>(W.data(), 64, cols), 0, 0, 1, ctx),
+                  invalid_argument);  // past the last row
+  Device<float> out(std::vector<float>(w.size(), 0.0f));
+  CHECK_THROWS_AS(q.dequantize(DeviceView<float>(out.data(), rows - 1, cols), ctx), invalid_argument);
+  for (const float bad : {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity()}) {
+    auto v = w;
+    v[12345] = bad;
+    Device<float> V(v);
+    CHECK_THROWS_AS(q.quantize(DeviceView<const float>(V.data(), rows, cols), ctx), invalid_argument);
+    CHECK_THROWS_AS(q.requantize_rows(0, DeviceView<const float>(V.data(), 64, cols), 0, 0, 1, ctx),
+                    invalid_argument);
+  }
+  const Downloaded after = download(q, ctx);
+  CHECK(after.codes == before.codes);
+  CHECK(after.scales == before.scales);
+  CHECK(after.zeros == before.zeros);
+  std::vector<std::uint8_t> short_codes(10);
+  CHECK_THROWS_AS(q.upload(short_codes, before.scales, before.zeros, ctx), invalid_argument);
+}
