@@ -150,6 +150,31 @@ CpuCodes cpu_int8_weight(long rows, long cols, long group, const std::vector<flo
   return {q.codes().codes, q.codes().scales, q.codes().zeros};
 }
 
+std::vector<CpuCodes> cpu_int8_run(const RunSpec& s, long group, std::uint64_t seed, long layer_index,
+                                   const std::vector<float>& W0, const std::vector<std::vector<float>>& grads,
+                                   bool bf16_grads) {
+  GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::FixedGap>, LowRankAdam<state::Float32>,
+                  StochasticRounder<8>>
+      opt(ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale},
+          LowRankAdam<state::Float32>(adam_of(s)), schedule::FixedGap{s.gap}, svd::Exact{}, quant::None{},
+          StochasticRounder<8>(seed));
+  for (long i = 0; i < layer_index; ++i) (void)opt.add_dense({1, 1});
+  const LayerId id = opt.add_layer({s.rows, s.cols});
+  QuantizedWeight<8> W(Eigen::Map<const MatrixF>(W0.data(), s.rows, s.cols), group);
+  std::vector<CpuCodes> out;
+  for (const auto& g : grads) {
+    if (bf16_grads) {
+      Matrix<bfloat16> G(s.rows, s.cols);
+      for (Index i = 0; i < G.size(); ++i) G.data()[i] = static_cast<bfloat16>(g[static_cast<std::size_t>(i)]);
+      opt.step(id, W, ConstMatrixRef<bfloat16>(G));
+    } else {
+      opt.step(id, W, ConstMatrixRef<float>(Eigen::Map<const MatrixF>(g.data(), s.rows, s.cols)));
+    }
+    out.push_back({W.codes().codes, W.codes().scales, W.codes().zeros});
+  }
+  return out;
+}
+
 std::vector<float> cpu_dynamic_map(bool is_signed) {
   const galore::quant::CodeMap& map =
       is_signed ? galore::quant::dynamic_map_signed() : galore::quant::dynamic_map_unsigned();

@@ -81,6 +81,14 @@ CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint
 CpuCodes cpu_int8_weight(long rows, long cols, long group, const std::vector<float>& W0, long row0,
                          const std::vector<float>& values, std::uint64_t seed, std::uint32_t layer,
                          std::uint32_t step);
+// The CPU's GaLoreAdamW of `spec` (exact SVD, fixed gap, float32 moments) with
+// StochasticRounder<8>(seed), stepping the INT8 weight QuantizedWeight<8>(W0,
+// group) through grads (rounded to bf16 first with bf16_grads: a bf16 G); the
+// layer is registered after `layer_index` dense 1x1 layers. Per step, the
+// weight's codes, scales and zeros.
+std::vector<CpuCodes> cpu_int8_run(const RunSpec& spec, long group, std::uint64_t seed, long layer_index,
+                                   const std::vector<float>& W0, const std::vector<std::vector<float>>& grads,
+                                   bool bf16_grads);
 // bitsandbytes' signed and unsigned dynamic maps (256 values each).
 std::vector<float> cpu_dynamic_map(bool is_signed);
 

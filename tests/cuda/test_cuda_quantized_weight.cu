@@ -4,7 +4,9 @@
 // across rows, one per row, a short last group), stochastic re-quantization of
 // row panels (groups of a multiple of 64 elements and others); dequantization;
 // the unbiasedness of the GPU's stochastic rounding; memory equal to the
-// formula; the errors.
+// formula; the errors. And the GPU optimizer's step on an INT8 weight against
+// the CPU's Q-GaLore weight update (same rounding bits; codes equal up to the
+// GEMMs' float rounding), a skipped step included.
 #include <doctest/doctest.h>
 
 #include <galore/cuda.hpp>
@@ -19,6 +21,7 @@
 
 using namespace galore;
 using galore_test::Device;
+using Opt = galore_test::GpuOptimizer<svd::Exact, float>;
 
 namespace {
 
@@ -230,4 +233,128 @@ TEST_CASE("QuantizedWeight refuses bad shapes, bad groups, panels off group boun
   CHECK(after.zeros == before.zeros);
   std::vector<std::uint8_t> short_codes(10);
   CHECK_THROWS_AS(q.upload(short_codes, before.scales, before.zeros, ctx), invalid_argument);
+}
+
+namespace {
+
+// Two runs' weights, compared: the GPU's GEMMs sum in another order than
+// Eigen's (and a bf16 layer's GPU keeps P and D in bf16, the CPU in float), so
+// a value near a code boundary may round the other way, and a group whose
+// extreme moved by a code gets a slightly other scale. Differences of the
+// dequantized values in units of the CPU group's scale (one code), and the
+// fraction of codes that agree. Wrong rounding bits or a wrong update would
+// change most codes.
+struct Agreement {
+  double same = 0.0;            // fraction of equal codes
+  double mean = 0.0, worst = 0.0;  // |W_gpu - W_cpu| / scale
+};
+Agreement compare(const Downloaded& gpu, const galore_test::CpuCodes& cpu, long group) {
+  Agreement a;
+  const std::size_t n = gpu.codes.size();
+  std::size_t same = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t g = i / static_cast<std::size_t>(group);
+    same += gpu.codes[i] == cpu.codes[i];
+    const double wg = gpu.scales[g] * (double(gpu.codes[i]) - gpu.zeros[g]);
+    const double wc = cpu.scales[g] * (double(cpu.codes[i]) - cpu.zeros[g]);
+    const double d = std::fabs(wg - wc) / cpu.scales[g];
+    a.mean += d / static_cast<double>(n);
+    a.worst = std::max(a.worst, d);
+  }
+  a.same = static_cast<double>(same) / static_cast<double>(n);
+  return a;
+}
+
+}  // namespace
+
+TEST_CASE("a GaLore step on an INT8 weight is the CPU's Q-GaLore weight update: left, right, staged, two-sided, "
+          "float and bf16 gradients, a skipped step") {
+  struct StepCase {
+    long m, n;
+    ProjectionType type;
+    bool bf16;
+  };
+  const StepCase cases[] = {{48, 512, ProjectionType::Std, false},   // left
+                            {512, 48, ProjectionType::Std, false},   // right
+                            {40, 300, ProjectionType::Left, false},  // left, 300 columns: staged
+                            {64, 64, ProjectionType::Full, false},   // both sides
+                            {512, 48, ProjectionType::Std, true}};   // bf16 gradient
+  const std::uint64_t seed = 0x5eedULL;
+  const int steps = 6;  // gap 3: refreshes at steps 0 and 3; step 4 is skipped (NaN)
+  for (const StepCase& c : cases) {
+    INFO(c.m, "x", c.n, " ", to_string(c.type), c.bf16 ? " bf16" : " float");
+    galore_test::RunSpec spec;
+    spec.rows = c.m;
+    spec.cols = c.n;
+    spec.rank = 6;
+    spec.type = static_cast<int>(c.type);
+    spec.lr = 1e-2;
+    spec.weight_decay = 0.05;
+    spec.eps = 1e-3;
+    spec.gap = 3;
+    auto w0 = galore_test::gaussian(static_cast<std::size_t>(c.m * c.n), 61u, 0.1f);
+    auto grads = galore_test::separated_gradients(c.m, c.n, 10, steps, 62u);
+    if (c.bf16)
+      for (auto& g : grads) g = galore_test::round_to_bf16(g);
+    grads[4][17] = std::numeric_limits<float>::quiet_NaN();
+    const auto cpu = galore_test::cpu_int8_run(spec, 256, seed, 1, w0, grads, c.bf16);
+
+    cuda::Context ctx;
+    Opt opt(ProjectorOptions{6, c.type, spec.scale}, galore_test::adam_of(spec), schedule::FixedGap{3}, svd::Exact{},
+            WeightRounding{seed, RoundingMode::Stochastic});
+    const cuda::DType t = c.bf16 ? cuda::DType::BFloat16 : cuda::DType::Float32;
+    (void)opt.add_dense({1, 1}, t);  // so that the layer's index (a rounding key) is 1, as on the CPU
+    const LayerId id = opt.add_layer({c.m, c.n}, t);
+    ctx.reserve_workspace(opt.workspace_bytes(ctx));
+    Device<float> W0(w0);
+    cuda::QuantizedWeight<8> W({c.m, c.n});
+    W.quantize(DeviceView<const float>(W0.data(), c.m, c.n), ctx);
+    Downloaded before = download(W, ctx);
+    for (int s = 0; s < steps; ++s) {
+      INFO("step ", s);
+      if (c.bf16) {
+        Device<cuda::bf16> G(grads[static_cast<std::size_t>(s)]);
+        opt.step(id, W, DeviceView<const cuda::bf16>(G.data(), c.m, c.n), ctx);
+      } else {
+        Device<float> G(grads[static_cast<std::size_t>(s)]);
+        opt.step(id, W, DeviceView<const float>(G.data(), c.m, c.n), ctx);
+      }
+      const Downloaded now = download(W, ctx);
+      if (s == 4) {  // skipped: nothing of the weight changed, on either backend
+        CHECK(opt.status(id, ctx) == StepStatus::SkippedNonFinite);
+        CHECK(now.codes == before.codes);
+        CHECK(now.scales == before.scales);
+        CHECK(now.zeros == before.zeros);
+        CHECK(cpu[4].codes == cpu[3].codes);
+      } else {
+        CHECK(opt.status(id, ctx) == StepStatus::Applied);
+        CHECK(now.codes != before.codes);
+      }
+      const Agreement a = compare(now, cpu[static_cast<std::size_t>(s)], 256);
+      CHECK(a.same >= (c.bf16 ? 0.9 : 0.995));
+      CHECK(a.mean <= (c.bf16 ? 0.1 : 0.01));
+      CHECK(a.worst <= 3.0);
+      before = now;
+    }
+    CHECK(opt.stats(id, ctx).skipped_steps == 1);
+  }
+}
+
+TEST_CASE("an INT8 weight steps only on projected layers of its shape and element type") {
+  cuda::Context ctx;
+  Opt opt(ProjectorOptions{4, ProjectionType::Std, 0.25f});
+  const LayerId dense = opt.add_dense({16, 32}, cuda::DType::Float32);
+  const LayerId proj = opt.add_layer({16, 32}, cuda::DType::Float32);
+  ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  cuda::QuantizedWeight<8> W({16, 32}), other({32, 16});
+  Device<float> G(std::vector<float>(16 * 32, 0.5f));
+  Device<cuda::bf16> Gb(std::vector<float>(16 * 32, 0.5f));
+  CHECK_THROWS_AS(opt.step(dense, W, DeviceView<const float>(G.data(), 16, 32), ctx), invalid_argument);
+  CHECK_THROWS_AS(opt.step(proj, other, DeviceView<const float>(G.data(), 16, 32), ctx), invalid_argument);
+  CHECK_THROWS_AS(opt.step(proj, W, DeviceView<const cuda::bf16>(Gb.data(), 16, 32), ctx), invalid_argument);
+  auto with_mode = [](RoundingMode mode) {
+    return Opt(ProjectorOptions{}, AdamConfig{}, schedule::FixedGap{}, svd::Exact{}, WeightRounding{0, mode});
+  };
+  CHECK_THROWS_AS(with_mode(static_cast<RoundingMode>(7)), invalid_argument);
+  CHECK_NOTHROW(with_mode(RoundingMode::Nearest));
 }

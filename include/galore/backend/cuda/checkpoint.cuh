@@ -20,8 +20,9 @@
 //
 // What a file holds of a GPU optimizer, and which CPU facade reads it:
 //  - the configuration: cuda::GaLoreOptimizer<P, A> saves what the CPU's
-//    GaLoreOptimizer<P, A> (the same policy names) saves with its default
-//    rounder;
+//    GaLoreOptimizer<P, A> (the same policy names) saves with the rounder
+//    StochasticRounder<8>(rounding().seed, rounding().mode) (the default one
+//    for the default WeightRounding);
 //  - each basis as quant::None stores it, in float32. A bf16 layer's basis widens
 //    exactly; loading into a bf16 layer rounds the float32 basis to nearest even
 //    bf16 (the GPU keeps P in the layer's element type, as galore_torch does);
@@ -99,12 +100,11 @@ struct CheckpointAccess {
   template <class Opt>
   static checkpoint::Items config_items(const Opt& opt) {
     namespace d = checkpoint::described;
-    // The GPU facade has no rounder (it steps float and bf16 weights); it
-    // describes the CPU facade's default, StochasticRounder<8>{} (seed 0,
-    // stochastic), so that files move between the two.
+    // The GPU facade's rounding settings are the CPU facade's
+    // StochasticRounder<8>(seed, mode), so that files move between the two.
     return checkpoint::config_items(opt.svd_, d::QuantNone{},
                                     opt.schedule_, d::DenseState{!std::is_same_v<typename Opt::moment_type, float>},
-                                    opt.adam_, d::Rounder{8, 0, RoundingMode::Stochastic}, opt.projection_);
+                                    opt.adam_, d::Rounder{8, opt.rounding_.seed, opt.rounding_.mode}, opt.projection_);
   }
 
   template <class Opt>

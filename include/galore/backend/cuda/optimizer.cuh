@@ -27,8 +27,10 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <numeric>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -40,6 +42,7 @@
 #include "../../optim/step_result.hpp"
 #include "../../projection_type.hpp"
 #include "../../projector_options.hpp"
+#include "../../rounding/rounding_mode.hpp"
 #include "../../schedule/drift.hpp"
 #include "../../schedule/fixed_gap.hpp"
 #include "../../schedule/lazy.hpp"
@@ -51,6 +54,7 @@
 #include "device_buffer.cuh"
 #include "drift.cuh"
 #include "gemm.cuh"
+#include "quantized_weight.cuh"
 #include "refresh.cuh"
 #include "staging.cuh"
 
@@ -116,13 +120,19 @@ class GaLoreOptimizer {
   using state_policy = StatePolicy;
   using moment_type = MomentT;  // float or bf16 (__nv_bfloat16)
 
+  // rounding: how INT8 weights (cuda::QuantizedWeight<8>) are re-quantized
+  // after their update, StochasticRounder<8>(rounding.seed, rounding.mode) on
+  // the CPU; unused for float and bf16 weights.
   explicit GaLoreOptimizer(ProjectorOptions projection = {}, AdamConfig adam = {}, SchedulePolicy schedule = {},
-                           SVDPolicy svd = {})
-      : projection_(projection), adam_(adam), schedule_(schedule), svd_(svd) {
+                           SVDPolicy svd = {}, WeightRounding rounding = {})
+      : projection_(projection), adam_(adam), schedule_(schedule), svd_(svd), rounding_(rounding) {
     adam_.validate();
     validate_options(projection_);
     (void)schedule_.init();
     detail::validate_policy(svd_);
+    detail::require(rounding_.mode == RoundingMode::Nearest || rounding_.mode == RoundingMode::Stochastic,
+                    "unknown rounding mode ", static_cast<int>(rounding_.mode),
+                    " (expected RoundingMode::Nearest or RoundingMode::Stochastic)");
   }
 
   // A GaLore-projected matrix whose weight and gradient hold `dtype` elements.
@@ -177,6 +187,33 @@ class GaLoreOptimizer {
   DeviceStepResult step(LayerId id, DeviceView<T> W, DeviceView<T> G, Context& ctx) {
     return step(id, W, DeviceView<const T>(G), ctx);
   }
+  // A weight held as 8-bit codes (Q-GaLore's INT8 weights, quantized_weight.cuh)
+  // with its gradient G in the registered element type: the update is made on
+  // the dequantized weight a row panel at a time in float32, which is then
+  // re-quantized with fresh scales and zeros, by stochastic rounding with the
+  // bits of (rounding().seed, the layer's index, its count of applied steps):
+  // the CPU's step(id, QuantizedWeight<8>&, G) with StochasticRounder<8>(seed,
+  // mode). A skipped step leaves the codes, scales and zeros untouched. The
+  // float panel lives in ctx's workspace (workspace_bytes() covers panels for
+  // groups of 256 elements). Projected layers only.
+  template <class T>
+  DeviceStepResult step(LayerId id, QuantizedWeight<8>& W, DeviceView<const T> G, Context& ctx) {
+    Layer& l = layer(id);
+    detail::require(l.projected, "layer ", describe(l),
+                    " is dense; quantized weights are supported on projected layers only");
+    detail::require(l.dtype == dtype_of<T>(), "layer ", describe(l), " was registered with ", to_string(l.dtype),
+                    " elements but step() got a ", to_string(dtype_of<T>()), " gradient");
+    detail::require(W.shape() == l.shape && G.shape() == l.shape, "layer ", describe(l), " was registered as ",
+                    l.shape.rows, "x", l.shape.cols, " but got W ", W.rows(), "x", W.cols(), " and G ", G.rows, "x",
+                    G.cols);
+    detail::require(G.data != nullptr, "step() got a null device pointer");
+    return quantized_step(l, W, G, ctx);
+  }
+  template <class T>
+  DeviceStepResult step(LayerId id, QuantizedWeight<8>& W, DeviceView<T> G, Context& ctx) {
+    return step(id, W, DeviceView<const T>(G), ctx);
+  }
+
   // Contiguous row-major device buffers of the registered shape.
   template <class T>
   DeviceStepResult step(LayerId id, T* W, const T* G, Context& ctx) {
@@ -233,6 +270,7 @@ class GaLoreOptimizer {
     adam_ = c;
   }
   const AdamConfig& adam_config() const { return adam_; }
+  const WeightRounding& rounding() const { return rounding_; }
   const ProjectorOptions& projection_options() const { return projection_; }
   std::size_t num_layers() const { return layers_.size(); }
   bool is_projected(LayerId id) const { return layer(id).projected; }
@@ -459,7 +497,8 @@ class GaLoreOptimizer {
     if (l.side == Side::Both) b += 2 * A::align(sizeof(float) * mr) + A::align(t * mr);
     if (l.side != Side::Right) b += A::align(t * mr);
     if (l.side != Side::Left) b += A::align(t * rn);
-    return b + refresh_bytes(l, ctx, 1);
+    // Then the policy's scratch (a refresh), or an INT8 weight's float panel.
+    return b + std::max(refresh_bytes(l, ctx, 1), quantized_panel_bytes(l));
   }
   // The SVD policy's workspace for refreshing `count` layers of l's shape together.
   std::size_t refresh_bytes(const Layer& l, Context& ctx, Index count) const {
@@ -482,8 +521,11 @@ class GaLoreOptimizer {
     return {};
   }
 
-  template <class T>
-  DeviceStepResult galore_step(Layer& l, DeviceView<T> W, DeviceView<const T> G, Context& ctx) {
+  // The GaLore step of a projected layer up to the update of its weight, which
+  // apply(ws, basis, D, PN, low-rank shape of D, counters) makes (D's columns
+  // padded when the layer is staged).
+  template <class T, class Apply>
+  DeviceStepResult step_projected(Layer& l, DeviceView<const T> G, Context& ctx, Apply&& apply) {
     DeviceStepResult result;
     WorkspaceArena ws = ctx.arena();
     const Index r = l.options.rank;
@@ -494,7 +536,6 @@ class GaLoreOptimizer {
     float* R = ws.take<float>(static_cast<std::size_t>(lr.rows * ld));
     T* D = ws.take<T>(static_cast<std::size_t>(lr.rows * ld));
     T* G_copy = stage_this ? ws.take<T>(static_cast<std::size_t>(l.shape.rows * ld)) : nullptr;
-    T* W_copy = stage_this ? ws.take<T>(static_cast<std::size_t>(l.shape.rows * ld)) : nullptr;
     // Both sides: G Q^T and P in float, so that the small off-diagonal entries of
     // R are not lost to bf16 rounding of the m x r intermediate.
     const bool both = l.side == Side::Both;
@@ -597,15 +638,65 @@ class GaLoreOptimizer {
       ++l.pending;
     }
 
-    if (stage_this) {
-      const DeviceView<T> copy(W_copy, l.shape.rows, ld);
-      stage(ctx, DeviceView<const T>(W), copy);
-      back_project(ctx, stored, D, PN, copy, Shape{lr.rows, ld}, counters);
-      unstage(ctx, DeviceView<const T>(copy), W);
-    } else {
-      back_project(ctx, stored, D, PN, W, lr, counters);
-    }
+    apply(ws, stored, static_cast<const T*>(D), PN, Shape{lr.rows, ld}, static_cast<const StepCounters*>(counters));
     return result;
+  }
+
+  // The update of a float or bf16 weight: W = beta W + alpha back(D), on a
+  // padded copy when the layer is staged.
+  template <class T>
+  DeviceStepResult galore_step(Layer& l, DeviceView<T> W, DeviceView<const T> G, Context& ctx) {
+    return step_projected(l, G, ctx, [&](WorkspaceArena& ws, const DeviceBasis<T>& b, const T* D, T* PN, Shape lr,
+                                      const StepCounters* counters) {
+      if (staged(l)) {
+        const DeviceView<T> copy(ws.take<T>(static_cast<std::size_t>(l.shape.rows * lr.cols)), l.shape.rows, lr.cols);
+        stage(ctx, DeviceView<const T>(W), copy);
+        back_project(ctx, b, D, PN, copy, lr, counters);
+        unstage(ctx, DeviceView<const T>(copy), W);
+      } else {
+        back_project(ctx, b, D, PN, W, lr, counters);
+      }
+    });
+  }
+
+  // The update of an INT8 weight, a row panel at a time: dequantize into a
+  // float panel, W = beta W + alpha back(D) on it, re-quantize (nothing is
+  // written when the step was skipped: the kernel reads the counters).
+  template <class T>
+  DeviceStepResult quantized_step(Layer& l, QuantizedWeight<8>& W, DeviceView<const T> G, Context& ctx) {
+    const auto layer_index = static_cast<std::uint32_t>(&l - layers_.data());
+    return step_projected(l, G, ctx, [&](WorkspaceArena& ws, const DeviceBasis<T>& b, const T* D, T* PN, Shape lr,
+                                      const StepCounters* counters) {
+      const Index rows = l.shape.rows, ld = step_cols(l);
+      const Index panel_rows = quantized_panel_rows(l, W.row_alignment());
+      float* panel = ws.take<float>(static_cast<std::size_t>(std::min(panel_rows, rows) * ld));
+      if (b.side == Side::Both)  // P D (m x r) once; the panels take its rows
+        gemm(ctx, Op::N, Op::N, 1.0f, DeviceView<const T>(b.left, rows, b.rank), DeviceView<const T>(D, lr.rows, lr.cols),
+             0.0f, DeviceView<T>(PN, rows, b.rank));
+      for (Index r0 = 0; r0 < rows; r0 += panel_rows) {
+        const Index k = std::min(panel_rows, rows - r0);
+        W.dequantize_rows(r0, DeviceView<float>(panel, k, l.shape.cols, ld), ctx);
+        back_project_rows(ctx, b, D, PN, lr, r0, DeviceView<float>(panel, k, ld, ld), counters);
+        W.requantize_rows_after(r0, DeviceView<const float>(panel, k, l.shape.cols, ld), rounding_, layer_index,
+                                counters, ctx);
+      }
+    });
+  }
+
+  // Rows of a quantized weight's float panel: as many as fit kQuantizedPanel
+  // floats, in multiples of the weight's row alignment (panels start on
+  // quantization groups), at least one alignment.
+  static constexpr Index kQuantizedPanel = Index{1} << 22;
+  static Index quantized_panel_rows(const Layer& l, Index alignment) {
+    const Index fit = kQuantizedPanel / step_cols(l);
+    return std::max(alignment, fit / alignment * alignment);
+  }
+  // The panel's bytes for the default group size (256), which workspace_bytes() covers.
+  static std::size_t quantized_panel_bytes(const Layer& l) {
+    if (!l.projected) return 0;
+    const Index alignment = 256 / std::gcd(Index{256}, l.shape.cols);
+    return A::align(sizeof(float) *
+                    static_cast<std::size_t>(std::min(quantized_panel_rows(l, alignment), l.shape.rows) * step_cols(l)));
   }
 
   // A refresh step applied (c: the layer's counters read after it): the
@@ -709,10 +800,37 @@ class GaLoreOptimizer {
     }
   }
 
+  // Rows [r0, r0 + out.rows) of W = beta W + alpha back(D) into the float panel
+  // `out`, which holds those rows of W (out.cols: D's columns, padded when the
+  // layer is staged); alpha and beta from the counters. Two-sided layers: PN =
+  // P D was formed already.
+  template <class T>
+  static void back_project_rows(Context& ctx, const DeviceBasis<T>& b, const T* D, const T* PN, Shape lr, Index r0,
+                                DeviceView<float> out, const StepCounters* c) {
+    const Index r = b.rank, k = out.rows;
+    const float* alpha = &c->alpha;
+    const float* beta = &c->beta;
+    switch (b.side) {
+      case Side::Right:  // D is m x r: its rows times P (r x n)
+        gemm_device_scalars(ctx, Op::N, Op::N, alpha, DeviceView<const T>(D + r0 * lr.cols, k, lr.cols),
+                            DeviceView<const T>(b.right, r, b.cols), beta, out);
+        break;
+      case Side::Left:  // P's rows (k x r) times D (r x cols)
+        gemm_device_scalars(ctx, Op::N, Op::N, alpha, DeviceView<const T>(b.left + r0 * r, k, r),
+                            DeviceView<const T>(D, lr.rows, lr.cols), beta, out);
+        break;
+      case Side::Both:  // (P D)'s rows times Q (r x n)
+        gemm_device_scalars(ctx, Op::N, Op::N, alpha, DeviceView<const T>(PN + r0 * r, k, r),
+                            DeviceView<const T>(b.right, r, b.cols), beta, out);
+        break;
+    }
+  }
+
   ProjectorOptions projection_;
   AdamConfig adam_;
   SchedulePolicy schedule_;
   SVDPolicy svd_;
+  WeightRounding rounding_;
   std::vector<Layer> layers_;
 };
 

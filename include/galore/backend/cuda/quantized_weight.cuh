@@ -35,6 +35,7 @@
 #include "../../core/matrix_view.hpp"
 #include "../../core/shape.hpp"
 #include "../../math/quant_codes.hpp"
+#include "../../rounding/rounding_mode.hpp"
 #include "adam.cuh"
 #include "context.cuh"
 #include "device_buffer.cuh"
@@ -75,13 +76,21 @@ __global__ void find_non_finite(const T* __restrict__ x, std::int64_t ld, std::i
 // Groups [g0, g0 + groups) of elements [first, first + n) of the weight, read
 // from x (element k of x is element first + k; first starts a group), each by
 // one warp: extremes, scale and zero, codes (nearest, or stochastic with the
-// bits of (seed, layer, step)).
+// bits of (seed, layer, step)). With `after` (the counters of the step that
+// produced x) nothing is written if that step was skipped, and the step is its
+// count of applied steps.
 template <class T, bool Stochastic>
 __global__ void __launch_bounds__(kWarp* kQuantWarps)
     quantize_groups(const T* __restrict__ x, std::int64_t ld, std::int64_t cols, std::int64_t first, std::int64_t n,
                     std::int64_t group, std::uint8_t* __restrict__ codes, float* __restrict__ scales,
-                    std::uint8_t* __restrict__ zeros, std::uint64_t seed, std::uint32_t layer, std::uint32_t step) {
+                    std::uint8_t* __restrict__ zeros, std::uint64_t seed, std::uint32_t layer, std::uint32_t step,
+                    const StepCounters* after = nullptr) {
   constexpr float max_code = 255.0f;
+  if (after != nullptr) {
+    if (after->last_skipped) return;
+    if constexpr (Stochastic) step = static_cast<std::uint32_t>(after->applied);
+  }
+  if constexpr (!Stochastic) (void)seed, (void)layer, (void)step;
   const int lane = threadIdx.x % kWarp;
   const std::int64_t groups = (n + group - 1) / group;
   for (std::int64_t gl = blockIdx.x * static_cast<std::int64_t>(kQuantWarps) + threadIdx.x / kWarp; gl < groups;
@@ -245,6 +254,23 @@ class QuantizedWeight {
     check_launch("galore::cuda::dequantize_elements");
   }
 
+  // What the GPU optimizer's step on this weight calls: rows [row0, row0 +
+  // values.rows) re-quantized from the updated values (float, any leading
+  // dimension) unless the step that computed them was skipped (its counters say
+  // so, on the device: no synchronization, no finiteness check, which the
+  // step's own skip decision covers), by stochastic rounding with the bits of
+  // (rounding.seed, layer, the counters' applied steps), or to nearest.
+  void requantize_rows_after(Index row0, DeviceView<const float> values, const WeightRounding& rounding,
+                             std::uint32_t layer, const StepCounters* counters, Context& ctx) {
+    check_rows(row0, values.rows, values.cols);
+    const Index first = row0 * cols(), n = values.rows * cols();
+    detail::require(first % group_ == 0 && (n % group_ == 0 || first + n == shape_.size()),
+                    "requantize_rows_after: rows ", row0, "..", row0 + values.rows,
+                    " do not start and end on quantization group boundaries");
+    if (rounding.mode == RoundingMode::Nearest) launch<float, false>(values, first, ctx, rounding.seed, layer, 0, counters);
+    else launch<float, true>(values, first, ctx, rounding.seed, layer, 0, counters);
+  }
+
   // The codes, scales and zeros in host memory, and back (checkpoints, tests).
   // Both synchronize ctx's stream.
   void download(std::vector<std::uint8_t>& codes, std::vector<float>& scales, std::vector<std::uint8_t>& zeros,
@@ -295,12 +321,19 @@ class QuantizedWeight {
     ctx.synchronize();
     detail::require(found == 0, "cuda::QuantizedWeight: the values hold NaN or Inf; min-max codes exist only for "
                                 "finite values");
+    launch<T, Stochastic>(values, first, ctx, seed, layer, step, nullptr);
+  }
+  template <class T, bool Stochastic>
+  void launch(DeviceView<const T> values, Index first, Context& ctx, std::uint64_t seed, std::uint32_t layer,
+              std::uint32_t step, const StepCounters* after) {
+    const std::int64_t n = values.size();
+    if (n == 0) return;
     const std::int64_t groups = (n + group_ - 1) / group_;
     const auto blocks = static_cast<unsigned>(
         std::min<std::int64_t>((groups + impl::kQuantWarps - 1) / impl::kQuantWarps, 65535));
     impl::quantize_groups<T, Stochastic><<<blocks, impl::kWarp * impl::kQuantWarps, 0, ctx.stream()>>>(
         values.data, values.ld, values.cols, first, n, group_, codes_.data(), scales_.data(), zeros_.data(), seed,
-        layer, step);
+        layer, step, after);
     check_launch("galore::cuda::quantize_groups");
   }
 
