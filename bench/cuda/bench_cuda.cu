@@ -24,9 +24,9 @@
 //   BM_CudaRefresh/warm_batched/llama1b/r512
 //                                 warm, with the matrices of each shape refreshed together
 //                                 (cuda::compute_bases: batched orthonormalization)
-//   BM_CudaQuant/<quantize|stochastic|dequantize>/16777216
+//   BM_CudaQuant/<quantize|stochastic|dequantize|adam8bit>/16777216
 //                                 cuda::QuantizedWeight<8>'s kernels over 2^24 float elements (groups
-//                                 of 256); counter `of_copy`: a device copy of the same bytes (read +
+//                                 of 256), and 8-bit blockwise Adam (cuda::adam8bit_step) over as many; counter `of_copy`: a device copy of the same bytes (read +
 //                                 write) in the same run, over the kernel's time (1 = copy speed)
 //   BM_CudaRefreshAll/<warm|warm_rayleigh_ritz|randomized>/llama1b/r512
 //                                 a whole-model step at which every layer refreshes (step_all, gap 1):
@@ -513,7 +513,7 @@ void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm, bool batc
 
 // The INT8 weight's kernels (the finiteness check of quantize() and
 // requantize_rows() left out: the step will rely on its skip decision).
-enum class QuantKernel { Quantize, Stochastic, Dequantize };
+enum class QuantKernel { Quantize, Stochastic, Dequantize, Adam8bit };
 void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
   const std::int64_t n = std::int64_t{1} << 24, cols = 4096, rows = n / cols;
   cuda::Context ctx;
@@ -525,6 +525,9 @@ void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
   const unsigned blocks = static_cast<unsigned>((q.num_groups() + cuda::impl::kQuantWarps - 1) / cuda::impl::kQuantWarps);
   const unsigned threads = cuda::impl::kWarp * cuda::impl::kQuantWarps;
   std::uint32_t step = 0;
+  cuda::Blockwise8bitMoments moments(kernel == QuantKernel::Adam8bit ? n : 1);
+  const cuda::DynamicMaps maps;
+  cuda::DeviceBuffer<float> d(kernel == QuantKernel::Adam8bit ? static_cast<std::size_t>(n) : 1);
   auto pass = [&] {
     switch (kernel) {
       case QuantKernel::Quantize:
@@ -538,11 +541,19 @@ void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
       case QuantKernel::Dequantize:
         q.dequantize(DeviceView<float>(x.data(), rows, cols), ctx);
         break;
+      case QuantKernel::Adam8bit:
+        cuda::adam8bit_step(ctx, moments, maps, x.data(), d.data(),
+                            math::adam8bit_coefficients(1e-3, 0.9, 0.999, 1e-8, ++step, true));
+        break;
     }
   };
   time_passes(state, ctx, pass);
-  // Bytes moved: 4 per float read or written, 1 per code, 5 per group.
-  const std::size_t bytes = static_cast<std::size_t>(n) * 5 + static_cast<std::size_t>(q.num_groups()) * 5;
+  // Bytes moved: 4 per float read or written, 1 per code read or written, 5 per
+  // group; 8-bit Adam reads g and two codes and writes two codes and d, plus
+  // two absmax per block of 256 read and written.
+  const std::size_t bytes = kernel == QuantKernel::Adam8bit
+                                ? static_cast<std::size_t>(n) * 12 + static_cast<std::size_t>(moments.blocks()) * 16
+                                : static_cast<std::size_t>(n) * 5 + static_cast<std::size_t>(q.num_groups()) * 5;
   cuda::DeviceBuffer<unsigned char> a(bytes / 2), b(bytes / 2);
   Timer timer;
   double copy = 0.0, own = 0.0;
@@ -622,7 +633,7 @@ int main(int argc, char** argv) {
                                svd::WarmStart{}, true, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
   for (const auto& [name, kernel] : {std::pair{"quantize", QuantKernel::Quantize}, std::pair{"stochastic", QuantKernel::Stochastic},
-                                     std::pair{"dequantize", QuantKernel::Dequantize}})
+                                     std::pair{"dequantize", QuantKernel::Dequantize}, std::pair{"adam8bit", QuantKernel::Adam8bit}})
     benchmark::RegisterBenchmark((std::string("BM_CudaQuant/") + name + "/16777216").c_str(), BM_CudaQuant, kernel)
         ->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.2);
   const std::size_t limit = cuda::StepPlanOptions{}.workspace_limit;

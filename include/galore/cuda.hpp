@@ -15,6 +15,7 @@
 #include "math/adam.hpp"
 
 #include "backend/cuda/adam.cuh"
+#include "backend/cuda/adam8bit.cuh"
 #include "backend/cuda/basis_kernels.cuh"
 #include "backend/cuda/batched_adam.cuh"
 #include "backend/cuda/batched_refresh.cuh"

@@ -175,6 +175,31 @@ std::vector<CpuCodes> cpu_int8_run(const RunSpec& s, long group, std::uint64_t s
   return out;
 }
 
+std::vector<Cpu8bitStep> cpu_adam_8bit_blockwise(const std::vector<std::vector<float>>& grads, long block_size,
+                                                 double lr, double beta1, double beta2, double eps) {
+  const galore::AdamConfig c{lr, beta1, beta2, eps, 0.0, true};
+  galore::state::Blockwise8bit policy;
+  policy.block_size = block_size;
+  policy.min_8bit_size = 0;  // the 8-bit path for any size
+  const auto n = static_cast<galore::Index>(grads.front().size());
+  auto mo = policy.init({1, n});
+  std::vector<Cpu8bitStep> out;
+  for (std::size_t t = 0; t < grads.size(); ++t) {
+    Cpu8bitStep s;
+    s.d.assign(static_cast<std::size_t>(n), 0.0f);
+    policy.update(mo, grads[t].data(), static_cast<std::int64_t>(t + 1), c,
+                  [&](galore::Index off, const float* chunk, galore::Index len) {
+                    std::copy(chunk, chunk + len, s.d.begin() + off);
+                  });
+    s.m_code = mo.m_code;
+    s.v_code = mo.v_code;
+    s.m_absmax = mo.m_absmax;
+    s.v_absmax = mo.v_absmax;
+    out.push_back(std::move(s));
+  }
+  return out;
+}
+
 std::vector<float> cpu_dynamic_map(bool is_signed) {
   const galore::quant::CodeMap& map =
       is_signed ? galore::quant::dynamic_map_signed() : galore::quant::dynamic_map_unsigned();

@@ -89,6 +89,15 @@ CpuCodes cpu_int8_weight(long rows, long cols, long group, const std::vector<flo
 std::vector<CpuCodes> cpu_int8_run(const RunSpec& spec, long group, std::uint64_t seed, long layer_index,
                                    const std::vector<float>& W0, const std::vector<std::vector<float>>& grads,
                                    bool bf16_grads);
+// Steps t = 1, 2, ... of state::Blockwise8bit's 8-bit path (blocks of
+// block_size, from the zero state) over grads[t - 1]: after each step the
+// codes and absmax of both moments, and the update d.
+struct Cpu8bitStep {
+  std::vector<std::uint8_t> m_code, v_code;
+  std::vector<float> m_absmax, v_absmax, d;
+};
+std::vector<Cpu8bitStep> cpu_adam_8bit_blockwise(const std::vector<std::vector<float>>& grads, long block_size,
+                                                 double lr, double beta1, double beta2, double eps);
 // bitsandbytes' signed and unsigned dynamic maps (256 values each).
 std::vector<float> cpu_dynamic_map(bool is_signed);
 
