@@ -490,15 +490,17 @@ class GaLoreOptimizer {
     if (!l.projected) return 0;
     const std::size_t lr = static_cast<std::size_t>(l.low_rank.rows * (staged(l) ? step_cols(l) : l.low_rank.cols));
     std::size_t b = A::align(sizeof(float) * lr) + A::align(t * lr);
-    if (staged(l)) b += 2 * A::align(t * static_cast<std::size_t>(l.shape.rows * step_cols(l)));
+    // A staged layer's padded G; the weight's update scratch (a staged layer's
+    // padded W, or an INT8 weight's float panel).
+    const std::size_t copy = staged(l) ? A::align(t * static_cast<std::size_t>(l.shape.rows * step_cols(l))) : 0;
+    b += copy + std::max(copy, quantized_panel_bytes(l));
     if constexpr (watches_drift) b += captured_energy_bytes();
     const std::size_t mr = static_cast<std::size_t>(l.shape.rows * l.options.rank);
     const std::size_t rn = static_cast<std::size_t>(l.options.rank * l.shape.cols);
     if (l.side == Side::Both) b += 2 * A::align(sizeof(float) * mr) + A::align(t * mr);
     if (l.side != Side::Right) b += A::align(t * mr);
     if (l.side != Side::Left) b += A::align(t * rn);
-    // Then the policy's scratch (a refresh), or an INT8 weight's float panel.
-    return b + std::max(refresh_bytes(l, ctx, 1), quantized_panel_bytes(l));
+    return b + refresh_bytes(l, ctx, 1);
   }
   // The SVD policy's workspace for refreshing `count` layers of l's shape together.
   std::size_t refresh_bytes(const Layer& l, Context& ctx, Index count) const {
@@ -522,10 +524,13 @@ class GaLoreOptimizer {
   }
 
   // The GaLore step of a projected layer up to the update of its weight, which
-  // apply(ws, basis, D, PN, low-rank shape of D, counters) makes (D's columns
-  // padded when the layer is staged).
+  // apply(update, basis, D, PN, low-rank shape of D, counters) makes (D's
+  // columns padded when the layer is staged), with `update_bytes` of workspace
+  // at `update`. Every piece of workspace is taken before the first launch, so
+  // a workspace too small throws with nothing changed.
   template <class T, class Apply>
-  DeviceStepResult step_projected(Layer& l, DeviceView<const T> G, Context& ctx, Apply&& apply) {
+  DeviceStepResult step_projected(Layer& l, DeviceView<const T> G, Context& ctx, std::size_t update_bytes,
+                                  Apply&& apply) {
     DeviceStepResult result;
     WorkspaceArena ws = ctx.arena();
     const Index r = l.options.rank;
@@ -536,6 +541,7 @@ class GaLoreOptimizer {
     float* R = ws.take<float>(static_cast<std::size_t>(lr.rows * ld));
     T* D = ws.take<T>(static_cast<std::size_t>(lr.rows * ld));
     T* G_copy = stage_this ? ws.take<T>(static_cast<std::size_t>(l.shape.rows * ld)) : nullptr;
+    void* update = update_bytes > 0 ? ws.take<unsigned char>(update_bytes) : nullptr;
     // Both sides: G Q^T and P in float, so that the small off-diagonal entries of
     // R are not lost to bf16 rounding of the m x r intermediate.
     const bool both = l.side == Side::Both;
@@ -638,7 +644,7 @@ class GaLoreOptimizer {
       ++l.pending;
     }
 
-    apply(ws, stored, static_cast<const T*>(D), PN, Shape{lr.rows, ld}, static_cast<const StepCounters*>(counters));
+    apply(update, stored, static_cast<const T*>(D), PN, Shape{lr.rows, ld}, static_cast<const StepCounters*>(counters));
     return result;
   }
 
@@ -646,10 +652,11 @@ class GaLoreOptimizer {
   // padded copy when the layer is staged.
   template <class T>
   DeviceStepResult galore_step(Layer& l, DeviceView<T> W, DeviceView<const T> G, Context& ctx) {
-    return step_projected(l, G, ctx, [&](WorkspaceArena& ws, const DeviceBasis<T>& b, const T* D, T* PN, Shape lr,
-                                      const StepCounters* counters) {
+    const std::size_t copy_bytes = staged(l) ? sizeof(T) * static_cast<std::size_t>(l.shape.rows * step_cols(l)) : 0;
+    return step_projected(l, G, ctx, copy_bytes, [&](void* update, const DeviceBasis<T>& b, const T* D, T* PN, Shape lr,
+                                                     const StepCounters* counters) {
       if (staged(l)) {
-        const DeviceView<T> copy(ws.take<T>(static_cast<std::size_t>(l.shape.rows * lr.cols)), l.shape.rows, lr.cols);
+        const DeviceView<T> copy(static_cast<T*>(update), l.shape.rows, lr.cols);
         stage(ctx, DeviceView<const T>(W), copy);
         back_project(ctx, b, D, PN, copy, lr, counters);
         unstage(ctx, DeviceView<const T>(copy), W);
@@ -665,11 +672,18 @@ class GaLoreOptimizer {
   template <class T>
   DeviceStepResult quantized_step(Layer& l, QuantizedWeight<8>& W, DeviceView<const T> G, Context& ctx) {
     const auto layer_index = static_cast<std::uint32_t>(&l - layers_.data());
-    return step_projected(l, G, ctx, [&](WorkspaceArena& ws, const DeviceBasis<T>& b, const T* D, T* PN, Shape lr,
-                                      const StepCounters* counters) {
-      const Index rows = l.shape.rows, ld = step_cols(l);
-      const Index panel_rows = quantized_panel_rows(l, W.row_alignment());
-      float* panel = ws.take<float>(static_cast<std::size_t>(std::min(panel_rows, rows) * ld));
+    const Index rows = l.shape.rows, ld = step_cols(l);
+    const Index panel_rows = quantized_panel_rows(l, W.row_alignment());
+    const std::size_t panel_floats = static_cast<std::size_t>(std::min(panel_rows, rows) * ld);
+    return step_projected(l, G, ctx, sizeof(float) * panel_floats, [&](void* update, const DeviceBasis<T>& b,
+                                                                       const T* D, T* PN, Shape lr,
+                                                                       const StepCounters* counters) {
+      float* panel = static_cast<float*>(update);
+      // A staged layer's panel is as wide as its padded D: the GEMM writes the
+      // padding too (zeros in, so nothing undefined is read), which the
+      // re-quantization skips.
+      if (ld != l.shape.cols)
+        check(cudaMemsetAsync(panel, 0, sizeof(float) * panel_floats, ctx.stream()), "cudaMemsetAsync");
       if (b.side == Side::Both)  // P D (m x r) once; the panels take its rows
         gemm(ctx, Op::N, Op::N, 1.0f, DeviceView<const T>(b.left, rows, b.rank), DeviceView<const T>(D, lr.rows, lr.cols),
              0.0f, DeviceView<T>(PN, rows, b.rank));
