@@ -47,7 +47,7 @@ TEST_CASE("8-bit blockwise Adam on the GPU is the CPU's state::Blockwise8bit, bi
       g[n - 1] = std::numeric_limits<float>::infinity();
       g[static_cast<std::size_t>(block)] = 1e30f;  // beyond Adam's range (2^60)
       for (std::size_t i = static_cast<std::size_t>(2 * block); i < static_cast<std::size_t>(3 * block); ++i)
-        g[i] = 0.0f;  // an all-zero block at step 1: absmax 0, zero codes
+        g[i] = 0.0f;  // an all-zero block at every step: absmax 0, zero codes
       grads.push_back(std::move(g));
     }
     const auto cpu = galore_test::cpu_adam_8bit_blockwise(grads, block, lr, beta1, beta2, eps);

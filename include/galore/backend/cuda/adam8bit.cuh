@@ -53,6 +53,9 @@ class DynamicMaps {
           k < 255 ? (qv[static_cast<std::size_t>(k)] + qv[static_cast<std::size_t>(k + 1)]) * 0.5f : INFINITY;
     }
     check(cudaMemcpy(buf_.data(), host.data(), buf_.bytes(), cudaMemcpyHostToDevice), "cudaMemcpy");
+    // A pageable copy may return before its DMA lands, and a non-blocking
+    // stream is not ordered after the legacy one.
+    check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
   }
   const float* data() const { return buf_.data(); }
 
@@ -93,6 +96,7 @@ class Blockwise8bitMoments {
   // Device bytes: 2 per element and 8 per block (the CPU's bytes_for on its 8-bit path).
   std::size_t bytes() const { return codes_.bytes() + absmax_.bytes(); }
   static std::size_t bytes_for(std::int64_t n, int block_size = 256) {
+    detail::require(block_size >= 1, "8-bit block size must be positive (got ", block_size, ")");
     return 2 * static_cast<std::size_t>(n) + 2 * sizeof(float) * static_cast<std::size_t>((n + block_size - 1) / block_size);
   }
 
@@ -211,6 +215,7 @@ __global__ void __launch_bounds__(kAdam8bitThreads)
 // backends by an ulp or two). No synchronization.
 inline void adam8bit_step(Context& ctx, Blockwise8bitMoments& mo, const DynamicMaps& maps, const float* g, float* d,
                           const math::Adam8bitCoefficients& coef) {
+  detail::require(mo.size() > 0, "adam8bit_step: the moments are empty (default-constructed)");
   impl::adam8bit_blockwise<<<static_cast<unsigned>(mo.blocks()), impl::kAdam8bitThreads, 0, ctx.stream()>>>(
       g, mo.size(), mo.block_size(), mo.m_codes(), mo.v_codes(), mo.m_absmax(), mo.v_absmax(), maps.data(), coef, d);
   check_launch("galore::cuda::adam8bit_blockwise");

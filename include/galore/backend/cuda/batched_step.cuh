@@ -635,16 +635,25 @@ struct BatchedStepAccess {
   // chunk, eagerly. Returns how many refreshed (their steps applied).
   template <class Opt>
   static int refresh_step(Opt& opt, StepPlan& plan, const std::vector<char>& due, Context& ctx) {
-    for (const StepPlan::Chunk& c : plan.chunks_) {
-      const auto first = due.begin() + static_cast<std::ptrdiff_t>(c.first), last = first + static_cast<std::ptrdiff_t>(c.count);
-      const bool any = std::find(first, last, 1) != last;
-      if (c.dtype == DType::Float32) {
-        if (any) refresh_chunk<float>(opt, plan, c, due, ctx);
-        else run_chunk<float, Opt>(plan, c, ctx);
-      } else {
-        if (any) refresh_chunk<bf16>(opt, plan, c, due, ctx);
-        else run_chunk<bf16, Opt>(plan, c, ctx);
+    try {
+      for (const StepPlan::Chunk& c : plan.chunks_) {
+        const auto first = due.begin() + static_cast<std::ptrdiff_t>(c.first);
+        const auto last = first + static_cast<std::ptrdiff_t>(c.count);
+        const bool any = std::find(first, last, 1) != last;
+        if (c.dtype == DType::Float32) {
+          if (any) refresh_chunk<float>(opt, plan, c, due, ctx);
+          else run_chunk<float, Opt>(plan, c, ctx);
+        } else {
+          if (any) refresh_chunk<bf16>(opt, plan, c, due, ctx);
+          else run_chunk<bf16, Opt>(plan, c, ctx);
+        }
       }
+    } catch (...) {
+      // Some chunks may have stepped: the host counts a step pending for every
+      // layer, so that it reads the counters before it next decides a refresh
+      // (counting too many is safe, too few would miss one).
+      for (const StepPlan::Entry& e : plan.entries_) ++opt.layers_[e.id.index].pending;
+      throw;
     }
     // The due layers' counters say whose step applied (one synchronization);
     // their bases hold the candidates already.

@@ -526,8 +526,11 @@ class GaLoreOptimizer {
   // The GaLore step of a projected layer up to the update of its weight, which
   // apply(update, basis, D, PN, low-rank shape of D, counters) makes (D's
   // columns padded when the layer is staged), with `update_bytes` of workspace
-  // at `update`. Every piece of workspace is taken before the first launch, so
-  // a workspace too small throws with nothing changed.
+  // at `update`. What every step needs (R, D, the padded G, the update's
+  // scratch) and a refresh's candidates are taken before the first launch, so
+  // a workspace too small for them throws with nothing changed; a drift
+  // measurement takes its sums after projecting (the layer's state is still
+  // untouched then).
   template <class T, class Apply>
   DeviceStepResult step_projected(Layer& l, DeviceView<const T> G, Context& ctx, std::size_t update_bytes,
                                   Apply&& apply) {
@@ -705,12 +708,14 @@ class GaLoreOptimizer {
     const Index fit = kQuantizedPanel / step_cols(l);
     return std::max(alignment, fit / alignment * alignment);
   }
-  // The panel's bytes for the default group size (256), which workspace_bytes() covers.
+  // The panel's bytes that workspace_bytes() covers: the most rows any weight
+  // whose row alignment fits kQuantizedPanel floats takes (groups of 256 do for
+  // rows up to 2^14 elements wide); a weight with a larger alignment needs more
+  // and throws "workspace too small" before its step changes anything.
   static std::size_t quantized_panel_bytes(const Layer& l) {
     if (!l.projected) return 0;
-    const Index alignment = 256 / std::gcd(Index{256}, l.shape.cols);
-    return A::align(sizeof(float) *
-                    static_cast<std::size_t>(std::min(quantized_panel_rows(l, alignment), l.shape.rows) * step_cols(l)));
+    const Index fit = std::max<Index>(kQuantizedPanel / step_cols(l), 1);
+    return A::align(sizeof(float) * static_cast<std::size_t>(std::min(fit, l.shape.rows) * step_cols(l)));
   }
 
   // A refresh step applied (c: the layer's counters read after it): the

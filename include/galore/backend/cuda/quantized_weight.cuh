@@ -187,7 +187,7 @@ class QuantizedWeight {
   Index group_size() const { return group_; }
   Index num_groups() const { return group_ > 0 ? (shape_.size() + group_ - 1) / group_ : 0; }
   // Row panels that start on group boundaries are multiples of this many rows.
-  Index row_alignment() const { return group_ / std::gcd(group_, cols()); }
+  Index row_alignment() const { return group_ > 0 ? group_ / std::gcd(group_, cols()) : 1; }
 
   std::uint8_t* codes() { return codes_.data(); }
   const std::uint8_t* codes() const { return codes_.data(); }
