@@ -186,27 +186,41 @@ void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step) {
   if (galore_step) state.counters["gemm_TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
 }
 
+// A non-blocking stream (graphs cannot capture the legacy default stream).
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { cuda::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"); }
+  ~Stream() { cudaStreamDestroy(s); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+};
+
+// Every weight registered with opt (projected, or dense AdamW layers) and its step_all parameter.
+template <class Opt>
+std::vector<cuda::StepParam> register_all(Opt& opt, Weights& w, bool projected) {
+  std::vector<cuda::StepParam> params;
+  for (std::size_t i = 0; i < w.shapes.size(); ++i) {
+    const Shape s = w.shapes[i];
+    const LayerId id = projected ? opt.add_layer(s, cuda::DType::BFloat16) : opt.add_dense(s, cuda::DType::BFloat16);
+    params.push_back(cuda::step_param(id, DeviceView<bf16>(w.W[i].data(), s.rows, s.cols),
+                                      DeviceView<const bf16>(w.G[i].data(), s.rows, s.cols)));
+  }
+  return params;
+}
+
 // The whole-model step (plan_step_all / step_all): per chunk of same-shape
 // layers one batched projection GEMM, one Adam kernel, one batched
 // back-projection; the steady step replayed as a CUDA graph. adamw: every layer
 // dense, all in one multi-tensor AdamW kernel (the fused full-rank baseline).
 void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step, bool use_graph,
                     std::size_t workspace_limit) {
-  cudaStream_t stream = nullptr;
-  cuda::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  const Stream stream;
   {
-    cuda::Context ctx(stream);
+    cuda::Context ctx(stream.s);
     Weights& w = weights_for(m, ctx);
     cuda::GaLoreOptimizer<Projector<svd::Randomized>> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f},
                                                            AdamConfig{}, schedule::FixedGap{1000000000});
-    std::vector<cuda::StepParam> params;
-    for (std::size_t i = 0; i < w.shapes.size(); ++i) {
-      const Shape s = w.shapes[i];
-      const LayerId id = galore_step ? opt.add_layer(s, cuda::DType::BFloat16) : opt.add_dense(s, cuda::DType::BFloat16);
-      params.push_back(cuda::step_param(id, DeviceView<bf16>(w.W[i].data(), s.rows, s.cols),
-                                        DeviceView<const bf16>(w.G[i].data(), s.rows, s.cols)));
-    }
-    ctx.reserve_workspace(opt.workspace_bytes(ctx));
+    const std::vector<cuda::StepParam> params = register_all(opt, w, galore_step);
     cuda::StepPlanOptions options;
     options.use_graph = use_graph;
     options.workspace_limit = workspace_limit;
@@ -228,7 +242,6 @@ void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step, b
     if (galore_step)
       state.counters["gemm_TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
   }
-  cudaStreamDestroy(stream);
 }
 
 void BM_CudaGemmFloor(benchmark::State& state, const Model& m) {
@@ -571,19 +584,13 @@ void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
 // a refresh step (the first one cold, the later ones warm).
 template <class Policy>
 void BM_CudaRefreshAll(benchmark::State& state, const Model& m, Policy policy, std::size_t workspace_limit) {
-  cudaStream_t stream = nullptr;
-  cuda::check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  const Stream stream;
   {
-    cuda::Context ctx(stream);
+    cuda::Context ctx(stream.s);
     Weights& w = weights_for(m, ctx);
     cuda::GaLoreOptimizer<Projector<Policy>> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f}, AdamConfig{},
                                                   schedule::FixedGap{1}, policy);
-    std::vector<cuda::StepParam> params;
-    for (std::size_t i = 0; i < w.shapes.size(); ++i) {
-      const Shape s = w.shapes[i];
-      params.push_back(cuda::step_param(opt.add_layer(s, cuda::DType::BFloat16), DeviceView<bf16>(w.W[i].data(), s.rows, s.cols),
-                                        DeviceView<const bf16>(w.G[i].data(), s.rows, s.cols)));
-    }
+    const std::vector<cuda::StepParam> params = register_all(opt, w, true);
     cuda::StepPlanOptions options;
     options.workspace_limit = workspace_limit;
     cuda::StepPlan plan = opt.plan_step_all(params, ctx, options);
@@ -594,7 +601,6 @@ void BM_CudaRefreshAll(benchmark::State& state, const Model& m, Policy policy, s
     state.counters["chunks"] = static_cast<double>(plan.num_chunks());
     state.counters["workspace_MiB"] = static_cast<double>(plan.workspace_bytes()) / (1 << 20);
   }
-  cudaStreamDestroy(stream);
 }
 
 }  // namespace

@@ -27,5 +27,6 @@
 #include "backend/cuda/error.cuh"
 #include "backend/cuda/gemm.cuh"
 #include "backend/cuda/optimizer.cuh"
+#include "backend/cuda/reduce.cuh"
 #include "backend/cuda/quantized_weight.cuh"
 #include "backend/cuda/refresh.cuh"

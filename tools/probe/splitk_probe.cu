@@ -9,6 +9,7 @@
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
 #include <cstdio>
+#include <algorithm>
 #include <vector>
 #define CK(x) do { auto e = (x); if ((int)e) { printf("err %d at %s:%d\n", (int)e, __FILE__, __LINE__); return 1; } } while (0)
 struct Case { const char* name; int M, N, K; bool ta, tb; bool out_float; float beta; int batch; };
@@ -42,10 +43,14 @@ int main() {
     cublasOperation_t oa = c.ta ? CUBLAS_OP_T : CUBLAS_OP_N, ob = c.tb ? CUBLAS_OP_T : CUBLAS_OP_N;
     cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &oa, sizeof oa);
     cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &ob, sizeof ob);
+    // The three layouts of one product (column-major, as cuBLASLt takes them).
+    auto layouts = [&](cublasLtMatrixLayout_t& a, cublasLtMatrixLayout_t& b, cublasLtMatrixLayout_t& cc) {
+      cublasLtMatrixLayoutCreate(&a, CUDA_R_16BF, c.ta ? K : M, c.ta ? M : K, lda);
+      cublasLtMatrixLayoutCreate(&b, CUDA_R_16BF, c.tb ? N : K, c.tb ? K : N, ldb);
+      cublasLtMatrixLayoutCreate(&cc, ct, M, N, M);
+    };
     cublasLtMatrixLayout_t la, lb, lc;
-    cublasLtMatrixLayoutCreate(&la, CUDA_R_16BF, c.ta ? K : M, c.ta ? M : K, lda);
-    cublasLtMatrixLayoutCreate(&lb, CUDA_R_16BF, c.tb ? N : K, c.tb ? K : N, ldb);
-    cublasLtMatrixLayoutCreate(&lc, ct, M, N, M);
+    layouts(la, lb, lc);
     cublasLtMatmulPreference_t pref; cublasLtMatmulPreferenceCreate(&pref);
     cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &wsb, sizeof wsb);
     cublasLtMatmulHeuristicResult_t res[32]; int n = 0;
@@ -74,21 +79,25 @@ int main() {
     }
     // Strided batched over B layers of this shape.
     cublasLtMatrixLayout_t ba, bb, bc;
-    cublasLtMatrixLayoutCreate(&ba, CUDA_R_16BF, c.ta ? K : M, c.ta ? M : K, lda);
-    cublasLtMatrixLayoutCreate(&bb, CUDA_R_16BF, c.tb ? N : K, c.tb ? K : N, ldb);
-    cublasLtMatrixLayoutCreate(&bc, ct, M, N, M);
+    layouts(ba, bb, bc);
     long long s_a = sa, s_b = sb, s_c = sc;
     for (auto [l, st] : {std::pair{ba, s_a}, std::pair{bb, s_b}, std::pair{bc, s_c}}) {
       cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &B, sizeof B);
       cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_STRIDED_BATCH_OFFSET, &st, sizeof st);
     }
-    cublasLtMatmulHeuristicResult_t bres[8]; int bn = 0;
-    cublasLtMatmulAlgoGetHeuristic(lt, op, ba, bb, bc, bc, pref, 8, bres, &bn);
-    float bbest = 1e9;
-    for (int i = 0; i < bn; ++i) {
-      float t = time([&] { cublasLtMatmul(lt, op, &alpha, A, ba, Bm, bb, &beta, C, bc, C, bc, &bres[i].algo, ws, wsb, 0); }, 5);
-      if (t < bbest) bbest = t;
-    }
+    // The fastest of the heuristic's first 8 algorithms for a batched product, and how many it offered.
+    auto fastest = [&](cublasLtMatrixLayout_t a, cublasLtMatrixLayout_t b, cublasLtMatrixLayout_t cc, const void* pa,
+                       const void* pb, void* pc, int& offered) {
+      cublasLtMatmulHeuristicResult_t r[8];
+      offered = 0;
+      cublasLtMatmulAlgoGetHeuristic(lt, op, a, b, cc, cc, pref, 8, r, &offered);
+      float t_best = 1e9;
+      for (int i = 0; i < offered; ++i)
+        t_best = std::min(t_best, time([&] { cublasLtMatmul(lt, op, &alpha, pa, a, pb, b, &beta, pc, cc, pc, cc, &r[i].algo, ws, wsb, 0); }, 5));
+      return t_best;
+    };
+    int bn = 0;
+    const float bbest = fastest(ba, bb, bc, A, Bm, C, bn);
     // Pointer arrays (cublasGemmBatchedEx).
     std::vector<const void*> pa(B), pb(B); std::vector<void*> pc(B);
     for (int i = 0; i < B; ++i) { pa[i] = A + sa * i; pb[i] = Bm + sb * i; pc[i] = (char*)C + cbytes * sc * i; }
@@ -98,21 +107,14 @@ int main() {
     float tptr = time([&] { cublasGemmBatchedEx(h, oa, ob, M, N, K, &alpha, (const void* const*)dpa, CUDA_R_16BF, lda, (const void* const*)dpb, CUDA_R_16BF, ldb, &beta, (void* const*)dpc, ct, M, B, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT); }, 5);
     // Pointer arrays through cuBLASLt (CUBLASLT_BATCH_MODE_POINTER_ARRAY).
     cublasLtMatrixLayout_t pla, plb, plc;
-    cublasLtMatrixLayoutCreate(&pla, CUDA_R_16BF, c.ta ? K : M, c.ta ? M : K, lda);
-    cublasLtMatrixLayoutCreate(&plb, CUDA_R_16BF, c.tb ? N : K, c.tb ? K : N, ldb);
-    cublasLtMatrixLayoutCreate(&plc, ct, M, N, M);
+    layouts(pla, plb, plc);
     unsigned mode = CUBLASLT_BATCH_MODE_POINTER_ARRAY;
     for (auto l : {pla, plb, plc}) {
       cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_COUNT, &B, sizeof B);
       cublasLtMatrixLayoutSetAttribute(l, CUBLASLT_MATRIX_LAYOUT_BATCH_MODE, &mode, sizeof mode);
     }
-    cublasLtMatmulHeuristicResult_t pres[8]; int pn = 0;
-    cublasLtMatmulAlgoGetHeuristic(lt, op, pla, plb, plc, plc, pref, 8, pres, &pn);
-    float tlt = 1e9;
-    for (int i = 0; i < pn; ++i) {
-      float t = time([&] { cublasLtMatmul(lt, op, &alpha, dpa, pla, dpb, plb, &beta, dpc, plc, dpc, plc, &pres[i].algo, ws, wsb, 0); }, 5);
-      if (t < tlt) tlt = t;
-    }
+    int pn = 0;
+    const float tlt = fastest(pla, plb, plc, dpa, dpb, dpc, pn);
     double flop = 2.0 * M * N * K;
     printf("  lt ptr-array: %d algos, best %6.1f us/matrix (%4.0f TF/s)\n", pn, tlt / B, pn ? flop / (tlt / B) * 1e-6 : 0.0);
     sum_ltptr += tlt;

@@ -129,6 +129,9 @@ class CodeIndex {
     }
   }
 
+  // The midpoints between neighbouring codes, ascending (255), then +inf.
+  const std::vector<float>& midpoints() const { return midpoints_; }
+
   std::uint8_t nearest(float x) const {
     std::uint32_t bits;
     std::memcpy(&bits, &x, sizeof bits);

@@ -129,6 +129,37 @@ __device__ bool any_out_of_range(bool vec4, const T* x, std::int64_t begin, std:
   return bad;
 }
 
+// Adam on elements [begin, end) of contiguous g (float or the layer's type),
+// m and v (this thread's share): the moments in place, each update d handed to
+// out(i, d), or four from i to out4(i, d4).
+template <class G, class M, class Out, class Out4>
+__device__ void adam_elements(const G* __restrict__ g, M* __restrict__ m, M* __restrict__ v, bool vec4,
+                              std::int64_t begin, std::int64_t end, std::int64_t first, std::int64_t stride,
+                              float step, const math::AdamCoefficients& coeffs, Out out, Out4 out4) {
+  for_elements(
+      vec4, begin, end, first, stride,
+      [&](std::int64_t i) {
+        const math::AdamElement e = math::adam_element(to_float(g[i]), to_float(m[i]), to_float(v[i]), step, coeffs);
+        m[i] = from_float<M>(e.m);
+        v[i] = from_float<M>(e.v);
+        out(i, e.d);
+      },
+      [&](std::int64_t i) {
+        float g4[4], m4[4], v4[4], d4[4];
+        load4(g + i, g4);
+        load4(m + i, m4);
+        load4(v + i, v4);
+#pragma unroll
+        for (int k = 0; k < 4; ++k) {
+          const math::AdamElement e = math::adam_element(g4[k], m4[k], v4[k], step, coeffs);
+          m4[k] = e.m, v4[k] = e.v, d4[k] = e.d;
+        }
+        store4(m + i, m4);
+        store4(v + i, v4);
+        out4(i, d4);
+      });
+}
+
 // Low-rank Adam on elements [begin, end) of contiguous R, m, v and D (this
 // thread's share); on a skipped step D = 0 and the moments stay.
 template <class M, class D>
@@ -141,28 +172,9 @@ __device__ void lowrank_elements(const float* __restrict__ r, M* __restrict__ m,
                  [&](std::int64_t j) { store4(d + j, {0.0f, 0.0f, 0.0f, 0.0f}); });
     return;
   }
-  for_elements(
-      vec4, begin, end, first, stride,
-      [&](std::int64_t i) {
-        const math::AdamElement e = math::adam_element(r[i], to_float(m[i]), to_float(v[i]), step, coeffs);
-        m[i] = from_float<M>(e.m);
-        v[i] = from_float<M>(e.v);
-        d[i] = from_float<D>(e.d);
-      },
-      [&](std::int64_t i) {
-        float g4[4], m4[4], v4[4], d4[4];
-        load4(r + i, g4);
-        load4(m + i, m4);
-        load4(v + i, v4);
-#pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const math::AdamElement e = math::adam_element(g4[k], m4[k], v4[k], step, coeffs);
-          m4[k] = e.m, v4[k] = e.v, d4[k] = e.d;
-        }
-        store4(m + i, m4);
-        store4(v + i, v4);
-        store4(d + i, d4);
-      });
+  adam_elements(
+      r, m, v, vec4, begin, end, first, stride, step, coeffs, [&](std::int64_t i, float di) { d[i] = from_float<D>(di); },
+      [&](std::int64_t i, const float (&d4)[4]) { store4(d + i, d4); });
 }
 
 // Low-rank Adam on padded rows: R and D have ld columns, the moments cols; the
@@ -194,27 +206,14 @@ template <class M, class T>
 __device__ void dense_elements(const T* __restrict__ g, T* __restrict__ w, M* __restrict__ m, M* __restrict__ v,
                                bool vec4, std::int64_t begin, std::int64_t end, std::int64_t first,
                                std::int64_t stride, float step, const math::AdamCoefficients& coeffs, float decay) {
-  for_elements(
-      vec4, begin, end, first, stride,
-      [&](std::int64_t i) {
-        const math::AdamElement e = math::adam_element(to_float(g[i]), to_float(m[i]), to_float(v[i]), step, coeffs);
-        m[i] = from_float<M>(e.m);
-        v[i] = from_float<M>(e.v);
-        w[i] = from_float<T>((to_float(w[i]) - e.d) * decay);
-      },
-      [&](std::int64_t i) {
-        float g4[4], m4[4], v4[4], w4[4];
-        load4(g + i, g4);
-        load4(m + i, m4);
-        load4(v + i, v4);
+  adam_elements(
+      g, m, v, vec4, begin, end, first, stride, step, coeffs,
+      [&](std::int64_t i, float di) { w[i] = from_float<T>((to_float(w[i]) - di) * decay); },
+      [&](std::int64_t i, const float (&d4)[4]) {
+        float w4[4];
         load4(w + i, w4);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) {
-          const math::AdamElement e = math::adam_element(g4[k], m4[k], v4[k], step, coeffs);
-          m4[k] = e.m, v4[k] = e.v, w4[k] = (w4[k] - e.d) * decay;
-        }
-        store4(m + i, m4);
-        store4(v + i, v4);
+        for (int k = 0; k < 4; ++k) w4[k] = (w4[k] - d4[k]) * decay;
         store4(w + i, w4);
       });
 }

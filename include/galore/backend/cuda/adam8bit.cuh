@@ -19,6 +19,7 @@
 
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -31,6 +32,7 @@
 #include "context.cuh"
 #include "device_buffer.cuh"
 #include "error.cuh"
+#include "reduce.cuh"
 
 namespace galore::cuda {
 
@@ -43,15 +45,13 @@ class DynamicMaps {
     std::vector<float> host(4 * 256);
     const quant::CodeMap& qm = quant::dynamic_map_signed();
     const quant::CodeMap& qv = quant::dynamic_map_unsigned();
-    for (int k = 0; k < 256; ++k) {
-      host[static_cast<std::size_t>(k)] = qm[static_cast<std::size_t>(k)];
-      host[static_cast<std::size_t>(256 + k)] = qv[static_cast<std::size_t>(k)];
-      // The CPU's CodeIndex midpoints: (map[k] + map[k + 1]) * 0.5f.
-      host[static_cast<std::size_t>(512 + k)] =
-          k < 255 ? (qm[static_cast<std::size_t>(k)] + qm[static_cast<std::size_t>(k + 1)]) * 0.5f : INFINITY;
-      host[static_cast<std::size_t>(768 + k)] =
-          k < 255 ? (qv[static_cast<std::size_t>(k)] + qv[static_cast<std::size_t>(k + 1)]) * 0.5f : INFINITY;
-    }
+    // The CPU's own midpoints (255, then +inf), so that both backends count the same ones.
+    const std::vector<float>& mm = quant::signed_code_index().midpoints();
+    const std::vector<float>& mv = quant::unsigned_code_index().midpoints();
+    std::copy(qm.begin(), qm.end(), host.begin());
+    std::copy(qv.begin(), qv.end(), host.begin() + 256);
+    std::copy(mm.begin(), mm.begin() + 256, host.begin() + 512);
+    std::copy(mv.begin(), mv.begin() + 256, host.begin() + 768);
     check(cudaMemcpy(buf_.data(), host.data(), buf_.bytes(), cudaMemcpyHostToDevice), "cudaMemcpy");
     // A pageable copy may return before its DMA lands, and a non-blocking
     // stream is not ordered after the legacy one.
@@ -76,13 +76,10 @@ class Blockwise8bitMoments {
     detail::require(n >= 1, "Blockwise8bitMoments needs at least one element (got ", n, ")");
     detail::require(block_size >= 1 && block_size <= kMaxBlock, "8-bit block size on the GPU must be in [1, ",
                     kMaxBlock, "] (got ", block_size, ")");
-    codes_ = DeviceBuffer<std::uint8_t>(2 * static_cast<std::size_t>(n));
-    absmax_ = DeviceBuffer<float>(2 * static_cast<std::size_t>(blocks()));
-    // Code 127 of the signed map and code 0 of the unsigned one are 0; with a
-    // zero absmax every code decodes to 0, as bitsandbytes' zero-initialized state.
-    check(cudaMemset(codes_.data(), 0, codes_.bytes()), "cudaMemset");
-    check(cudaMemset(absmax_.data(), 0, absmax_.bytes()), "cudaMemset");
-    check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");  // legacy-stream memsets
+    // With a zero absmax every code decodes to 0, as bitsandbytes'
+    // zero-initialized state.
+    codes_ = DeviceBuffer<std::uint8_t>::zeroed(2 * static_cast<std::size_t>(n));
+    absmax_ = DeviceBuffer<float>::zeroed(2 * static_cast<std::size_t>(blocks()));
   }
 
   std::int64_t size() const { return n_; }
@@ -140,15 +137,14 @@ __device__ inline int midpoints_below(const float* mid, float x) {
   return lo;
 }
 
+// The largest x of the block's threads, for x >= 0 (0 fills the empty lanes).
 __device__ inline float block_max(float x, float* scratch) {
-  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, o));
+  x = warp_max(x);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();  // scratch may still be read from the previous reduction
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
-  x = lane < kAdam8bitThreads / 32 ? scratch[lane] : 0.0f;
-  for (int o = 16; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, o));
-  return x;
+  return warp_max(lane < kAdam8bitThreads / 32 ? scratch[lane] : 0.0f);
 }
 
 // Block b of the tensor per thread block: elements lo + threadIdx.x + 256 u.

@@ -32,6 +32,18 @@ class DeviceBuffer {
     return *this;
   }
 
+  // `count` elements with every byte 0, ready for any stream: the memset runs
+  // on the legacy default stream, which a non-blocking stream does not wait
+  // for, so this waits for it.
+  static DeviceBuffer zeroed(std::size_t count) {
+    DeviceBuffer b(count);
+    if (count > 0) {
+      check(cudaMemset(b.data(), 0, b.bytes()), "cudaMemset");
+      check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
+    }
+    return b;
+  }
+
   T* data() { return data_; }
   const T* data() const { return data_; }
   std::size_t size() const { return count_; }

@@ -387,13 +387,12 @@ class GaLoreOptimizer {
 
   void allocate(Layer& l) {
     const Layout o = layout(l);
-    l.storage = DeviceBuffer<unsigned char>(o.total);
     // Zero moments and counters (the basis is written by the first refresh).
-    check(cudaMemset(l.storage.data(), 0, o.total), "cudaMemset");
+    l.storage = DeviceBuffer<unsigned char>::zeroed(o.total);
     const StepCounters init{};
     check(cudaMemcpy(l.storage.data() + o.counters, &init, sizeof init, cudaMemcpyHostToDevice), "cudaMemcpy");
-    // Both ran on the legacy default stream, which a non-blocking stream does
-    // not wait for (and a pageable copy may return before its DMA lands).
+    // A pageable copy may return before its DMA lands, and a non-blocking
+    // stream does not wait for the legacy one.
     check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
   }
 

@@ -40,6 +40,7 @@
 #include "context.cuh"
 #include "device_buffer.cuh"
 #include "error.cuh"
+#include "reduce.cuh"
 
 namespace galore::cuda {
 
@@ -52,15 +53,6 @@ constexpr int kQuantWarps = 8;  // warps (groups) per block
 template <class T>
 __device__ inline float element(const T* p, std::int64_t ld, std::int64_t cols, std::int64_t k) {
   return to_float(p[k / cols * ld + k % cols]);
-}
-
-__device__ inline float warp_min(float x) {
-  for (int o = kWarp / 2; o > 0; o /= 2) x = fminf(x, __shfl_xor_sync(0xFFFFFFFFu, x, o));
-  return x;
-}
-__device__ inline float warp_max(float x) {
-  for (int o = kWarp / 2; o > 0; o /= 2) x = fmaxf(x, __shfl_xor_sync(0xFFFFFFFFu, x, o));
-  return x;
 }
 
 // Sets *bad when some element of the rows x cols values (leading dimension ld)
@@ -171,14 +163,9 @@ class QuantizedWeight {
     detail::require(group_size > 0 || group_size == -1,
                     "group size must be positive or -1 for one group per row (got ", group_size, ")");
     group_ = group_size == -1 ? shape.cols : group_size;
-    codes_ = DeviceBuffer<std::uint8_t>(static_cast<std::size_t>(shape.size()));
-    scales_ = DeviceBuffer<float>(static_cast<std::size_t>(num_groups()));
-    zeros_ = DeviceBuffer<std::uint8_t>(static_cast<std::size_t>(num_groups()));
-    check(cudaMemset(codes_.data(), 0, codes_.bytes()), "cudaMemset");
-    check(cudaMemset(scales_.data(), 0, scales_.bytes()), "cudaMemset");
-    check(cudaMemset(zeros_.data(), 0, zeros_.bytes()), "cudaMemset");
-    // On the legacy default stream, which a non-blocking stream does not wait for.
-    check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
+    codes_ = DeviceBuffer<std::uint8_t>::zeroed(static_cast<std::size_t>(shape.size()));
+    scales_ = DeviceBuffer<float>::zeroed(static_cast<std::size_t>(num_groups()));
+    zeros_ = DeviceBuffer<std::uint8_t>::zeroed(static_cast<std::size_t>(num_groups()));
   }
 
   Shape shape() const { return shape_; }
