@@ -3,13 +3,16 @@
 // every linear layer of the model, per-layer calls on one stream.
 //
 //   BM_CudaStep/<galore|adamw>/<llama1b/r512|llama7b_8of32/r1024>   bf16 W and G, float32 moments
+//   BM_CudaStep/galore_graph/<model>  the same calls captured in a CUDA graph (launch overhead's share)
+//   BM_CudaStep/galore_measured/<model>, BM_CudaStepAll/galore_measured/<model>
+//                                 with GemmSelection::Measured: each GEMM's algorithm timed at its first call
 //   BM_CudaGemmFloorBatched/<model>  the same GEMMs batched per shape (pointer arrays): the floor of StepAll
 //   BM_CudaStepAll/<galore|adamw>/<model>   the whole-model step (step_all), graph replay; adamw: the
 //                                 fused multi-tensor full-rank AdamW over the same weights
 //   BM_CudaStepAll/galore_eager/<model>     the same launches without the graph (its saving)
 //   BM_CudaStepAll/galore_ws<32|64>mib/<model>  graph replay with a smaller workspace limit: smaller
 //                                 chunks, whose R and D may stay in L2 between the GEMMs and Adam
-// After timing, every StepAll benchmark runs one more step between
+// After timing, every StepAll benchmark (and BM_CudaStep, eager) runs one more step between
 // cudaProfilerStart and cudaProfilerStop, for a profiler that starts with
 // profiling off (ncu --profile-from-start off: tools/probe/profile_step.sh).
 //   BM_CudaGemmFloor/<model>      the same two projection GEMMs per layer, bare cuBLAS (the floor; on
@@ -38,6 +41,7 @@
 #include <galore/cuda.hpp>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdio>
 #include <memory>
 #include <string>
@@ -166,8 +170,24 @@ double gemm_flops(const Model& m) {
   return f;
 }
 
-void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step) {
-  cuda::Context ctx;
+// A non-blocking stream (graphs cannot capture the legacy default stream).
+struct Stream {
+  cudaStream_t s = nullptr;
+  Stream() { cuda::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"); }
+  ~Stream() { cudaStreamDestroy(s); }
+  Stream(const Stream&) = delete;
+  Stream& operator=(const Stream&) = delete;
+};
+
+// Per-layer steps, one call per layer on one stream. use_graph: the same
+// calls captured once in a CUDA graph and replayed (a diagnostic: what launch
+// overhead costs the eager calls). Counter host_ms: the host's time to enqueue
+// one eager pass (when it nears the GPU's time, the host sets the pace).
+void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step, bool use_graph,
+                 cuda::GemmSelection selection) {
+  const Stream stream;
+  cuda::Context ctx(stream.s);
+  ctx.select_gemm_algorithms(selection);
   Weights& w = weights_for(m, ctx);
   cuda::GaLoreOptimizer<Projector<svd::Randomized>> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f},
                                                          AdamConfig{}, schedule::FixedGap{1000000000});
@@ -180,20 +200,33 @@ void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step) {
       opt.step(ids[i], w.W[i].data(), static_cast<const bf16*>(w.G[i].data()), ctx);
   };
   pass();  // the first step refreshes every basis
-  time_passes(state, ctx, pass);
+  ctx.synchronize();
+  const auto t0 = std::chrono::steady_clock::now();
+  pass();
+  const auto t1 = std::chrono::steady_clock::now();
+  ctx.synchronize();
+  state.counters["host_ms"] = std::chrono::duration<double, std::milli>(t1 - t0).count();
+  if (use_graph) {
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    cuda::check(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+    pass();
+    cuda::check(cudaStreamEndCapture(stream.s, &graph), "cudaStreamEndCapture");
+    cuda::check(cudaGraphInstantiate(&exec, graph, 0), "cudaGraphInstantiate");
+    time_passes(state, ctx, [&] { cuda::check(cudaGraphLaunch(exec, stream.s), "cudaGraphLaunch"); });
+    cudaGraphExecDestroy(exec);
+    cudaGraphDestroy(graph);
+  } else {
+    time_passes(state, ctx, pass);
+    cuda::check(cudaProfilerStart(), "cudaProfilerStart");
+    pass();
+    ctx.synchronize();
+    cuda::check(cudaProfilerStop(), "cudaProfilerStop");
+  }
   state.counters["layers"] = static_cast<double>(ids.size());
   state.counters["state_MiB"] = static_cast<double>(opt.state_bytes()) / (1 << 20);
   if (galore_step) state.counters["gemm_TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
 }
-
-// A non-blocking stream (graphs cannot capture the legacy default stream).
-struct Stream {
-  cudaStream_t s = nullptr;
-  Stream() { cuda::check(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate"); }
-  ~Stream() { cudaStreamDestroy(s); }
-  Stream(const Stream&) = delete;
-  Stream& operator=(const Stream&) = delete;
-};
 
 // Every weight registered with opt (projected, or dense AdamW layers) and its step_all parameter.
 template <class Opt>
@@ -213,10 +246,11 @@ std::vector<cuda::StepParam> register_all(Opt& opt, Weights& w, bool projected) 
 // back-projection; the steady step replayed as a CUDA graph. adamw: every layer
 // dense, all in one multi-tensor AdamW kernel (the fused full-rank baseline).
 void BM_CudaStepAll(benchmark::State& state, const Model& m, bool galore_step, bool use_graph,
-                    std::size_t workspace_limit) {
+                    std::size_t workspace_limit, cuda::GemmSelection selection) {
   const Stream stream;
   {
     cuda::Context ctx(stream.s);
+    ctx.select_gemm_algorithms(selection);
     Weights& w = weights_for(m, ctx);
     cuda::GaLoreOptimizer<Projector<svd::Randomized>> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f},
                                                            AdamConfig{}, schedule::FixedGap{1000000000});
@@ -615,14 +649,17 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(("BM_CudaCopy/" + m->name).c_str(), BM_CudaCopy, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaGemmFloor/" + m->name).c_str(), BM_CudaGemmFloor, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaGemmFloorBatched/" + m->name).c_str(), BM_CudaGemmFloorBatched, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStep/galore/" + m->name).c_str(), BM_CudaStep, *m, true)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep, *m, false)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/galore/" + m->name).c_str(), BM_CudaStep, *m, true, false, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/galore_measured/" + m->name).c_str(), BM_CudaStep, *m, true, false, cuda::GemmSelection::Measured)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/galore_graph/" + m->name).c_str(), BM_CudaStep, *m, true, true, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep, *m, false, false, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     const std::size_t limit = cuda::StepPlanOptions{}.workspace_limit, mib = std::size_t{1} << 20;
-    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, limit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_eager/" + m->name).c_str(), BM_CudaStepAll, *m, true, false, limit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_ws32mib/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, 32 * mib)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_ws64mib/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, 64 * mib)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStepAll/adamw/" + m->name).c_str(), BM_CudaStepAll, *m, false, true, limit)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, limit, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_measured/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, limit, cuda::GemmSelection::Measured)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_eager/" + m->name).c_str(), BM_CudaStepAll, *m, true, false, limit, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_ws32mib/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, 32 * mib, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_ws64mib/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, 64 * mib, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStepAll/adamw/" + m->name).c_str(), BM_CudaStepAll, *m, false, true, limit, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
   }
   benchmark::RegisterBenchmark("BM_CudaRefresh/exact/llama1b/r512", BM_CudaRefresh<svd::Exact>, svd::Exact{}, false, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(1);

@@ -397,6 +397,78 @@ TEST_CASE("graph replay equals eager execution bit for bit, with learning-rate c
   CHECK_FALSE(pe.graph_captured());
 }
 
+TEST_CASE("GEMM algorithms measured at their first call step as the heuristic's do, and never during capture") {
+  const int steps = 4;  // gap 3: steps 0 and 3 refresh
+  const auto grads = gradients(kMix, steps);
+  Stream stream;
+  cuda::Context heuristic(stream.s), measured(stream.s), measured_each(stream.s);
+  measured.select_gemm_algorithms(cuda::GemmSelection::Measured);
+  measured_each.select_gemm_algorithms(cuda::GemmSelection::Measured);
+  auto make = [] {
+    return Opt(ProjectorOptions{6, ProjectionType::Std, 0.25f}, galore_test::adam_of(spec_of(kMix[0])),
+               schedule::FixedGap{3});
+  };
+  Opt oh = make(), om = make(), oe = make();
+  Model h(oh, kMix), m(om, kMix), e(oe, kMix);
+  heuristic.reserve_workspace(oh.workspace_bytes(heuristic));
+  measured.reserve_workspace(om.workspace_bytes(measured));
+  measured_each.reserve_workspace(oe.workspace_bytes(measured_each));
+  cuda::StepPlan ph = oh.plan_step_all(h.params(), heuristic), pm = om.plan_step_all(m.params(), measured);
+  // plan_step_all measured the batched GEMMs already (on scratch outputs).
+  for (const auto& [key, plan] : measured.lt_plans()) CHECK(plan->measured);
+  for (int t = 0; t < steps; ++t) {
+    for (std::size_t i = 0; i < kMix.size(); ++i) {
+      h.upload_gradient(i, grads[i][static_cast<std::size_t>(t)]);
+      m.upload_gradient(i, grads[i][static_cast<std::size_t>(t)]);
+      e.upload_gradient(i, grads[i][static_cast<std::size_t>(t)]);
+    }
+    (void)oh.step_all(ph, heuristic);
+    (void)om.step_all(pm, measured);
+    e.step_each(oe, measured_each);
+    heuristic.synchronize();
+    for (std::size_t i = 0; i < kMix.size(); ++i) {
+      INFO("step ", t, " layer ", i);
+      const auto wh = h.weight(i);
+      // Another algorithm sums in another order: float rounding only (timing
+      // runs into the real outputs would have added the update several times).
+      CHECK(galore_test::relative_change_error(m.weight(i), wh, h.W0[i]) < (kMix[i].bf16 ? 2e-2 : 1e-4));
+      CHECK(galore_test::relative_change_error(e.weight(i), wh, h.W0[i]) < (kMix[i].bf16 ? 2e-2 : 1e-4));
+    }
+  }
+  for (const auto& [key, plan] : measured_each.lt_plans()) CHECK(plan->measured);
+  for (const auto& [key, plan] : heuristic.lt_plans()) CHECK_FALSE(plan->measured);
+
+  // A first call made while the stream is captured keeps the heuristic's
+  // choice; the next eager call measures, and C = A B + C once.
+  cuda::Context cap(stream.s);
+  cap.select_gemm_algorithms(cuda::GemmSelection::Measured);
+  const long n = 64;
+  const auto a = galore_test::gaussian(n * n, 1u), b = galore_test::gaussian(n * n, 2u), c0 = galore_test::gaussian(n * n, 3u);
+  Device<float> A(a), B(b), C(c0);
+  auto product = [&] {
+    cuda::gemm(cap, cuda::Op::N, cuda::Op::N, 1.0f, DeviceView<const float>(A.data(), n, n),
+               DeviceView<const float>(B.data(), n, n), 1.0f, DeviceView<float>(C.data(), n, n));
+  };
+  cudaGraph_t graph = nullptr;
+  cuda::check(cudaStreamBeginCapture(stream.s, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+  product();
+  cuda::check(cudaStreamEndCapture(stream.s, &graph), "cudaStreamEndCapture");
+  cuda::check(cudaGraphDestroy(graph), "cudaGraphDestroy");
+  REQUIRE(cap.lt_plans().size() == 1);
+  CHECK_FALSE(cap.lt_plans().begin()->second->measured);
+  product();
+  cap.synchronize();
+  CHECK(cap.lt_plans().begin()->second->measured);
+  std::vector<float> expect(c0);
+  for (long i = 0; i < n; ++i)
+    for (long j = 0; j < n; ++j) {
+      double sum = c0[static_cast<std::size_t>(i * n + j)];
+      for (long k = 0; k < n; ++k) sum += double(a[static_cast<std::size_t>(i * n + k)]) * b[static_cast<std::size_t>(k * n + j)];
+      expect[static_cast<std::size_t>(i * n + j)] = static_cast<float>(sum);
+    }
+  CHECK(galore_test::max_abs_diff(C.download(), expect) < 1e-3);
+}
+
 TEST_CASE("on the legacy default stream the batched step runs eagerly") {
   cuda::Context ctx;  // stream 0
   Opt opt(ProjectorOptions{6, ProjectionType::Std, 0.25f}, AdamConfig{}, schedule::FixedGap{100});

@@ -6,7 +6,7 @@ from collections import defaultdict
 
 def kind(name):
     n = name.lower()
-    if "batched_adam" in n:
+    if "adam" in n:
         return "adam"
     if "stage_rows" in n:
         return "padded copies"

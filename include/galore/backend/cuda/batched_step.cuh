@@ -519,14 +519,16 @@ struct BatchedStepAccess {
   template <bool Prepare, class In, class Out>
   static void gemm(Context& ctx, Op opa, Op opb, Index rows, Index cols, Index inner, const float* alpha,
                    const In* const* A, Index lda, const In* const* B, Index ldb, const float* beta, Out* const* C,
-                   Index ldc, int count, std::uint32_t alignment) {
+                   Index ldc, int count, std::uint32_t alignment, bool accumulate) {
     if constexpr (Prepare)
-      (void)impl::lt_plan<In, Out>(ctx, opa, opb, true, lda, ldb, ldc, rows, cols, inner, count, alignment);
+      (void)prepare_gemm_batched<In, Out>(ctx, opa, opb, rows, cols, inner, A, lda, B, ldb, ldc, count, alignment,
+                                          accumulate);
     else gemm_batched<In, Out>(ctx, opa, opb, rows, cols, inner, alpha, A, lda, B, ldb, beta, C, ldc, count, alignment);
   }
 
   // The projection (or, with back = true, the back-projection) of a chunk;
-  // Prepare: only make the GEMMs' plans (host work), run nothing.
+  // Prepare: only make the GEMMs' plans (host work, unless the context
+  // measures algorithms: prepare_gemm_batched), run nothing.
   template <class T, bool Prepare = false>
   static void run_chunk_gemms(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx, bool back) {
     const float* scalars = reinterpret_cast<const float*>(plan.table(plan.scalars_offset_));
@@ -539,27 +541,27 @@ struct BatchedStepAccess {
       float* const* R = reinterpret_cast<float* const*>(plan.table(c.proj_c));
       if (c.side == Side::Right)  // R (m x r) = G P^T
         gemm<Prepare, T, float>(ctx, Op::N, Op::T, m, r, cols, scalars, carr(c.proj_a), ldg, carr(c.proj_b), cols,
-                               scalars + 1, R, r, n, c.alignment);
+                               scalars + 1, R, r, n, c.alignment, false);
       else  // R (r x cols) = P^T G
         gemm<Prepare, T, float>(ctx, Op::T, Op::N, r, cols, m, scalars, carr(c.proj_a), r, carr(c.proj_b), ldg,
-                               scalars + 1, R, c.ld, n, c.alignment);
+                               scalars + 1, R, c.ld, n, c.alignment, false);
       return;
     }
     // Right W = beta W + alpha D P, left W = beta W + alpha P D: A is m x r and
     // B r x cols either way (a left layer's D has cols columns, padded or not).
     const float* alpha = scalars + c.scalars;
     gemm<Prepare, T, T>(ctx, Op::N, Op::N, m, cols, r, alpha, carr(c.back_a), r, carr(c.back_b), cols, alpha + 1,
-                        arr(c.back_c), ldw, n, c.alignment);
+                        arr(c.back_c), ldw, n, c.alignment, true);
   }
 
   template <class T>
-  static void stage_chunk(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx, bool weights) {
+  static void stage_chunk(StepPlan& plan, const StepPlan::Chunk& c, cudaStream_t stream, bool weights) {
     for (std::size_t i = 0; i < c.count; ++i) {
       const StepPlan::Entry& e = plan.entries_[c.first + i];
       const Index ld = weights ? e.ldw : e.ldg;
       const T* src = static_cast<const T*>(weights ? e.W : e.G);
       T* dst = static_cast<T*>(weights ? e.W_copy : e.G_copy);
-      stage(ctx, DeviceView<const T>(src, c.shape.rows, c.shape.cols, ld), DeviceView<T>(dst, c.shape.rows, c.ld));
+      stage(stream, DeviceView<const T>(src, c.shape.rows, c.shape.cols, ld), DeviceView<T>(dst, c.shape.rows, c.ld));
     }
   }
   template <class T>
@@ -571,7 +573,9 @@ struct BatchedStepAccess {
     }
   }
 
-  // A chunk's step up to Adam: the padded copies of G, the projection, Adam.
+  // A chunk's step up to Adam: the padded copies of G, the projection, Adam;
+  // the padded copies of W meanwhile on the side stream (joined by run_back, or
+  // by the caller's SideStreamJoin if anything throws in between).
   template <class T, class Opt>
   static void run_front(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx) {
     using M = typename Opt::moment_type;
@@ -580,21 +584,26 @@ struct BatchedStepAccess {
     const auto* params = reinterpret_cast<const AdamLaunch*>(plan.table(plan.params_offset_));
     auto* barrier = reinterpret_cast<BatchBarrier*>(plan.table(plan.barrier_offset_));
     if (!c.dense) {
-      if (c.staged) stage_chunk<T>(plan, c, ctx, false);
+      if (c.staged) {
+        ctx.fork();
+        stage_chunk<T>(plan, c, ctx.side_stream(), true);
+        stage_chunk<T>(plan, c, ctx.stream(), false);
+      }
       run_chunk_gemms<T>(plan, c, ctx, false);
     }
     batched_adam_step<M>(ctx, layers, static_cast<int>(c.count), items, c.num_items, params, barrier, c.elements);
   }
-  // The rest: the padded copies of W, the back-projection, W from its copy.
+  // The rest: the back-projection (after the padded copies of W), W from its copy.
   template <class T>
   static void run_back(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx) {
     if (c.dense) return;
-    if (c.staged) stage_chunk<T>(plan, c, ctx, true);
+    ctx.join();
     run_chunk_gemms<T>(plan, c, ctx, true);
     if (c.staged) unstage_chunk<T>(plan, c, ctx);
   }
   template <class T, class Opt>
   static void run_chunk(StepPlan& plan, const StepPlan::Chunk& c, Context& ctx) {
+    const SideStreamJoin join(ctx);
     run_front<T, Opt>(plan, c, ctx);
     run_back<T>(plan, c, ctx);
   }
@@ -737,6 +746,7 @@ struct BatchedStepAccess {
     for (std::size_t k = 0; k < at.size(); ++k) pointers[at[k]] = right ? candidate[k].right : candidate[k].left;
     check(cudaMemcpyAsync(plan.table(slot), pointers.data(), bytes, cudaMemcpyHostToDevice, ctx.stream()),
           "cudaMemcpyAsync");
+    const SideStreamJoin join(ctx);
     run_front<T, Opt>(plan, c, ctx);
     check(cudaMemcpyAsync(plan.table(slot), plan.image_.data() + slot, bytes, cudaMemcpyHostToDevice, ctx.stream()),
           "cudaMemcpyAsync");

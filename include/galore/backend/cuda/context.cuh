@@ -9,7 +9,8 @@
 //
 // No member synchronizes the device except the destructor (cudaFree of an owned
 // workspace waits for work that uses it). The constructor allocates cuBLASLt's
-// 32 MiB workspace.
+// 32 MiB workspace, and makes a second stream for work that overlaps the
+// context's own inside one call (fork/join below).
 #pragma once
 
 #include <cublasLt.h>
@@ -56,14 +57,29 @@ class WorkspaceArena {
   std::size_t used_ = 0;
 };
 
+// How a GEMM's cuBLASLt algorithm is chosen, once per problem:
+//   Heuristic  cuBLASLt's heuristic's first choice (host work only; the same
+//              choice every run);
+//   Measured   the fastest of the heuristic's first kGemmCandidates, timed on
+//              the first call's own operands into scratch output (that call
+//              synchronizes the stream and allocates the scratch for its
+//              duration; another run may time another algorithm the fastest,
+//              so results may differ in the last bits between runs). A call
+//              made during stream capture takes the heuristic's choice.
+enum class GemmSelection { Heuristic, Measured };
+inline constexpr int kGemmCandidates = 8;
+
 // A cuBLASLt matmul prepared for one problem (operations, sizes, leading
-// dimensions, types, pointer mode): descriptors and the heuristic's algorithm.
-// Contexts cache them, so the heuristic runs once per problem, not per call.
+// dimensions, types, pointer mode): descriptors, the heuristic's algorithms
+// (first = its choice) and the one in use. Contexts cache them, so the
+// heuristic runs once per problem, not per call.
 struct LtPlan {
   cublasLtMatmulDesc_t op = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, c = nullptr;
   cublasLtMatmulAlgo_t algo{};
+  std::vector<cublasLtMatmulAlgo_t> candidates;
   bool has_algo = false;
+  bool measured = false;  // algo was timed against the other candidates
   LtPlan() = default;
   LtPlan(const LtPlan&) = delete;
   LtPlan& operator=(const LtPlan&) = delete;
@@ -91,6 +107,9 @@ class Context {
       check(cudaGetDevice(&device), "cudaGetDevice");
       check(cudaDeviceGetAttribute(&sm_count_, cudaDevAttrMultiProcessorCount, device),
             "cudaDeviceGetAttribute(multiProcessorCount)");
+      check(cudaStreamCreateWithFlags(&side_, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+      check(cudaEventCreateWithFlags(&forked_at_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
+      check(cudaEventCreateWithFlags(&joined_at_, cudaEventDisableTiming), "cudaEventCreateWithFlags");
     } catch (...) {
       destroy();
       throw;
@@ -101,6 +120,25 @@ class Context {
   Context& operator=(const Context&) = delete;
 
   cudaStream_t stream() const { return stream_; }
+
+  // A call's second stream: fork() makes it wait for everything queued on
+  // stream() so far, join() makes stream() wait for everything queued on it
+  // since (a no-op when not forked). Between the two, work on side_stream()
+  // overlaps the work queued on stream(); a call that forks joins before it
+  // returns or throws (SideStreamJoin), so callers see one stream. Both are
+  // stream operations only, and a CUDA graph captures them as dependencies.
+  cudaStream_t side_stream() const { return side_; }
+  void fork() {
+    check(cudaEventRecord(forked_at_, stream_), "cudaEventRecord");
+    check(cudaStreamWaitEvent(side_, forked_at_, 0), "cudaStreamWaitEvent");
+    forked_ = true;
+  }
+  void join() {
+    if (!forked_) return;
+    forked_ = false;
+    check(cudaEventRecord(joined_at_, side_), "cudaEventRecord");
+    check(cudaStreamWaitEvent(stream_, joined_at_, 0), "cudaStreamWaitEvent");
+  }
   // A number no other context of this process has had: what a captured CUDA
   // graph records to know the context (and its cuBLASLt workspace) it belongs to.
   std::uint64_t id() const { return id_; }
@@ -114,6 +152,9 @@ class Context {
   static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;
   void* lt_workspace() { return lt_workspace_.data(); }
   std::map<LtPlanKey, std::unique_ptr<LtPlan>>& lt_plans() { return lt_plans_; }
+  // How GEMM algorithms are chosen from now on (plans made before keep theirs).
+  void select_gemm_algorithms(GemmSelection s) { gemm_selection_ = s; }
+  GemmSelection gemm_selection() const { return gemm_selection_; }
 
   // Makes sure the workspace holds at least `bytes`, allocating it (owned by the
   // context) if it does not. Reallocation changes its address.
@@ -157,6 +198,11 @@ class Context {
 
  private:
   void destroy() noexcept {
+    if (joined_at_) cudaEventDestroy(joined_at_);
+    if (forked_at_) cudaEventDestroy(forked_at_);
+    if (side_) cudaStreamDestroy(side_);
+    joined_at_ = forked_at_ = nullptr;
+    side_ = nullptr;
     lt_plans_.clear();
     if (lt_) cublasLtDestroy(lt_);
     lt_ = nullptr;
@@ -174,6 +220,9 @@ class Context {
   }
 
   cudaStream_t stream_ = nullptr;
+  cudaStream_t side_ = nullptr;
+  cudaEvent_t forked_at_ = nullptr, joined_at_ = nullptr;
+  bool forked_ = false;
   std::uint64_t id_ = next_id();
   cublasHandle_t blas_ = nullptr;
   cusolverDnHandle_t solver_ = nullptr;
@@ -181,12 +230,31 @@ class Context {
   cublasLtHandle_t lt_ = nullptr;
   DeviceBuffer<unsigned char> lt_workspace_;
   std::map<LtPlanKey, std::unique_ptr<LtPlan>> lt_plans_;
+  GemmSelection gemm_selection_ = GemmSelection::Heuristic;
   DeviceBuffer<unsigned char> owned_;
   void* external_ = nullptr;
   std::size_t external_bytes_ = 0;
   std::vector<unsigned char> host_scratch_;
   int sm_count_ = 0;
   std::map<std::pair<const void*, int>, int> resident_;
+};
+
+// Joins the context's side stream when it goes out of scope (an exception
+// included), so that no work of a call outlives it on the side stream.
+class SideStreamJoin {
+ public:
+  explicit SideStreamJoin(Context& ctx) : ctx_(ctx) {}
+  ~SideStreamJoin() {
+    try {
+      ctx_.join();
+    } catch (...) {  // a failing event record is a dead context; the first error was thrown already
+    }
+  }
+  SideStreamJoin(const SideStreamJoin&) = delete;
+  SideStreamJoin& operator=(const SideStreamJoin&) = delete;
+
+ private:
+  Context& ctx_;
 };
 
 }  // namespace galore::cuda

@@ -9,8 +9,10 @@
 // float and bf16 products go through cuBLASLt with the heuristic's first
 // algorithm, planned once per problem and cached in the context (for the skinny
 // products of a GaLore step it picks faster kernels than cublasGemmEx's
-// default: 10 against 15 us for 2048 x 2048 x 512 on an H200); double ones
-// through cublasGemmEx.
+// default: 10 against 15 us for 2048 x 2048 x 512 on an H200), or with the
+// fastest of its first few timed on the first call (Context::
+// select_gemm_algorithms(GemmSelection::Measured)); double ones through
+// cublasGemmEx.
 // alpha and beta are host values, or device pointers (read when the GEMM runs,
 // so a kernel earlier on the stream may set them: that is how a skipped step
 // turns the back-projection into W = 1 * W + 0 without a host synchronization).
@@ -21,7 +23,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "../../core/matrix_view.hpp"
 #include "context.cuh"
@@ -63,7 +67,7 @@ inline std::uint32_t alignment_of(const void* p) {
 // whose matrices are read from device arrays of pointers
 // (CUBLASLT_BATCH_MODE_POINTER_ARRAY), all with one shape.
 template <class In, class Out>
-const LtPlan& lt_plan(Context& ctx, Op opa, Op opb, bool device_scalars, Index lda, Index ldb, Index ldc, Index M,
+LtPlan& lt_plan(Context& ctx, Op opa, Op opb, bool device_scalars, Index lda, Index ldb, Index ldc, Index M,
                       Index N, Index K, int batch, std::uint32_t alignment) {
   // Column-major problem: C^T (N x M) = X (N x K) * Y (K x M), X from B, Y from A.
   const LtPlanKey key{static_cast<std::int64_t>(opa), static_cast<std::int64_t>(opb), M, N, K, lda, ldb, ldc,
@@ -98,7 +102,7 @@ const LtPlan& lt_plan(Context& ctx, Op opa, Op opb, bool device_scalars, Index l
   cublasLtMatmulPreference_t pref = nullptr;
   check(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
   const std::size_t ws = Context::kLtWorkspaceBytes;
-  cublasLtMatmulHeuristicResult_t result{};
+  cublasLtMatmulHeuristicResult_t results[kGemmCandidates]{};
   int found = 0;
   cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
                                                            sizeof ws);
@@ -107,20 +111,99 @@ const LtPlan& lt_plan(Context& ctx, Op opa, Op opb, bool device_scalars, Index l
         CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
     if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulPreferenceSetAttribute(pref, a, &alignment, sizeof alignment);
   if (st == CUBLAS_STATUS_SUCCESS)
-    cublasLtMatmulAlgoGetHeuristic(ctx.blas_lt(), plan->op, plan->a, plan->b, plan->c, plan->c, pref, 1, &result,
-                                   &found);
+    cublasLtMatmulAlgoGetHeuristic(ctx.blas_lt(), plan->op, plan->a, plan->b, plan->c, plan->c, pref, kGemmCandidates,
+                                   results, &found);
   cublasLtMatmulPreferenceDestroy(pref);
   check(st, "cublasLtMatmulPreferenceSetAttribute");
   plan->has_algo = found > 0;
-  if (plan->has_algo) plan->algo = result.algo;
+  if (plan->has_algo) plan->algo = results[0].algo;
+  for (int i = 0; i < found; ++i)
+    if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates.push_back(results[i].algo);
   return *plans.emplace(key, std::move(plan)).first->second;
+}
+
+inline bool capturing(cudaStream_t stream) {
+  cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+  check(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  return status != cudaStreamCaptureStatusNone;
+}
+
+// GemmSelection::Measured: times plan p's candidates on the operands x and y
+// (cuBLASLt's order: x from B, y from A; with batch > 0 device arrays of
+// pointers) into zeroed scratch output of c_elements elements per product, with
+// alpha 1 and the given beta (0 or not decides whether the kernels read C), and
+// keeps the fastest; the heuristic's choice stays unless
+// another is more than 3% faster (timing noise must not change the algorithm
+// for nothing). Synchronizes; a no-op while the stream is being captured. Up
+// to kScratchBytes of distinct outputs: a larger batch writes some twice.
+template <class Out>
+void measure_plan(Context& ctx, LtPlan& p, bool device_scalars, const void* x, const void* y, std::size_t c_elements,
+                  int batch, float beta) {
+  if (p.measured || !p.has_algo || ctx.gemm_selection() != GemmSelection::Measured || capturing(ctx.stream())) return;
+  p.measured = true;
+  if (p.candidates.size() < 2) return;
+  constexpr std::size_t kScratchBytes = std::size_t{256} << 20;
+  const std::size_t c_bytes = WorkspaceArena::align(sizeof(Out) * c_elements);
+  const std::size_t distinct = batch > 0 ? std::clamp<std::size_t>(kScratchBytes / c_bytes, 1, batch) : 1;
+  DeviceBuffer<unsigned char> scratch(c_bytes * distinct);
+  check(cudaMemsetAsync(scratch.data(), 0, scratch.bytes(), ctx.stream()), "cudaMemsetAsync");
+  DeviceBuffer<void*> outputs(batch > 0 ? static_cast<std::size_t>(batch) : 0);
+  std::vector<void*> host_outputs(outputs.size());
+  for (std::size_t i = 0; i < host_outputs.size(); ++i) host_outputs[i] = scratch.data() + (i % distinct) * c_bytes;
+  if (batch > 0)
+    check(cudaMemcpyAsync(outputs.data(), host_outputs.data(), outputs.bytes(), cudaMemcpyHostToDevice, ctx.stream()),
+          "cudaMemcpyAsync");
+  void* const c = batch > 0 ? static_cast<void*>(outputs.data()) : static_cast<void*>(scratch.data());
+  const float host_scalars[2] = {1.0f, beta};
+  DeviceBuffer<float> device_scalar_values(2);
+  check(cudaMemcpyAsync(device_scalar_values.data(), host_scalars, sizeof host_scalars, cudaMemcpyHostToDevice,
+                        ctx.stream()),
+        "cudaMemcpyAsync");
+  const float* scalars = device_scalars ? device_scalar_values.data() : host_scalars;
+  cudaEvent_t start = nullptr, stop = nullptr;
+  check(cudaEventCreate(&start), "cudaEventCreate");
+  if (cudaEventCreate(&stop) != cudaSuccess) {
+    cudaEventDestroy(start);
+    check(cudaErrorMemoryAllocation, "cudaEventCreate");
+  }
+  auto run = [&](const cublasLtMatmulAlgo_t& algo) {
+    return cublasLtMatmul(ctx.blas_lt(), p.op, scalars, x, p.a, y, p.b, scalars + 1, c, p.c, c, p.c, &algo,
+                          ctx.lt_workspace(), Context::kLtWorkspaceBytes, ctx.stream());
+  };
+  float best = std::numeric_limits<float>::infinity(), heuristic = best;
+  const cublasLtMatmulAlgo_t* chosen = &p.candidates.front();
+  cudaError_t failure = cudaSuccess;
+  for (const cublasLtMatmulAlgo_t& algo : p.candidates) {
+    if (run(algo) != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; a candidate that cannot run is passed over
+    constexpr int kRepeats = 3;
+    float ms = 0.0f;
+    failure = cudaEventRecord(start, ctx.stream());
+    for (int i = 0; i < kRepeats && failure == cudaSuccess; ++i)
+      if (run(algo) != CUBLAS_STATUS_SUCCESS) failure = cudaErrorLaunchFailure;
+    if (failure == cudaSuccess) failure = cudaEventRecord(stop, ctx.stream());
+    if (failure == cudaSuccess) failure = cudaEventSynchronize(stop);
+    if (failure == cudaSuccess) failure = cudaEventElapsedTime(&ms, start, stop);
+    if (failure != cudaSuccess) break;
+    if (&algo == &p.candidates.front()) heuristic = ms;
+    if (ms < best) {
+      best = ms;
+      chosen = &algo;
+    }
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  check(failure, "timing cuBLASLt's candidate algorithms");
+  if (best < 0.97f * heuristic) p.algo = *chosen;
 }
 
 template <class In, class Out>
 void lt_matmul(Context& ctx, Op opa, Op opb, bool device_scalars, const void* alpha, const In* A, Index lda,
                const In* B, Index ldb, const void* beta, Out* C, Index ldc, Index M, Index N, Index K) {
   const std::uint32_t alignment = std::min({alignment_of(A), alignment_of(B), alignment_of(C)});
-  const LtPlan& p = lt_plan<In, Out>(ctx, opa, opb, device_scalars, lda, ldb, ldc, M, N, K, 0, alignment);
+  LtPlan& p = lt_plan<In, Out>(ctx, opa, opb, device_scalars, lda, ldb, ldc, M, N, K, 0, alignment);
+  // Device scalars are the back-projection's, whose beta is not 0.
+  const float measure_beta = device_scalars ? 1.0f : *static_cast<const float*>(beta);
+  measure_plan<Out>(ctx, p, device_scalars, B, A, static_cast<std::size_t>((M - 1) * ldc + N), 0, measure_beta);
   if (!p.has_algo) {  // no cuBLASLt kernel for this problem: cublasGemmEx decides
     check(cublasSetPointerMode(ctx.blas(), device_scalars ? CUBLAS_POINTER_MODE_DEVICE : CUBLAS_POINTER_MODE_HOST),
           "cublasSetPointerMode");
@@ -180,6 +263,20 @@ void gemm_device_scalars(Context& ctx, Op opa, Op opb, const float* alpha, Devic
   impl::gemm_impl(ctx, opa, opb, true, alpha, A, B, beta, C);
 }
 
+// The plan of gemm_batched's problem (below), its algorithm measured on A and B
+// when the context measures (GemmSelection::Measured; synchronizes then; with
+// beta 0 or 1 as `accumulate` says the calls will have it): host work only
+// otherwise, so that a later call can be captured in a CUDA graph.
+template <class In, class Out>
+const LtPlan& prepare_gemm_batched(Context& ctx, Op opa, Op opb, Index rows, Index cols, Index inner,
+                                   const In* const* A, Index lda, const In* const* B, Index ldb, Index ldc, int count,
+                                   std::uint32_t alignment, bool accumulate = true) {
+  LtPlan& p = impl::lt_plan<In, Out>(ctx, opa, opb, true, lda, ldb, ldc, rows, cols, inner, count, alignment);
+  impl::measure_plan<Out>(ctx, p, true, B, A, static_cast<std::size_t>((rows - 1) * ldc + cols), count,
+                          accumulate ? 1.0f : 0.0f);
+  return p;
+}
+
 // `count` products of one shape, C_i = alpha op(A_i) op(B_i) + beta C_i, the
 // matrices read from device arrays of pointers (A, B, C: `count` entries each,
 // in device memory, read when the GEMM runs: a kernel earlier on the stream may
@@ -194,7 +291,7 @@ void gemm_batched(Context& ctx, Op opa, Op opb, Index rows, Index cols, Index in
                   Index ldc, int count, std::uint32_t alignment) {
   static_assert(is_device_scalar_v<In> && is_device_scalar_v<Out>, "galore: batched GEMMs take float or bf16");
   if (count <= 0 || rows == 0 || cols == 0) return;
-  const LtPlan& p = impl::lt_plan<In, Out>(ctx, opa, opb, true, lda, ldb, ldc, rows, cols, inner, count, alignment);
+  const LtPlan& p = prepare_gemm_batched<In, Out>(ctx, opa, opb, rows, cols, inner, A, lda, B, ldb, ldc, count, alignment);
   if (!p.has_algo) {  // no cuBLASLt kernel for it: cublasGemmBatchedEx decides
     check(cublasSetPointerMode(ctx.blas(), CUBLAS_POINTER_MODE_DEVICE), "cublasSetPointerMode");
     const cublasStatus_t st = cublasGemmBatchedEx(

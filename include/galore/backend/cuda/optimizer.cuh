@@ -525,14 +525,15 @@ class GaLoreOptimizer {
   // The GaLore step of a projected layer up to the update of its weight, which
   // apply(update, basis, D, PN, low-rank shape of D, counters) makes (D's
   // columns padded when the layer is staged), with `update_bytes` of workspace
-  // at `update`. What every step needs (R, D, the padded G, the update's
-  // scratch) and a refresh's candidates are taken before the first launch, so
-  // a workspace too small for them throws with nothing changed; a drift
-  // measurement takes its sums after projecting (the layer's state is still
-  // untouched then).
-  template <class T, class Apply>
+  // at `update`; before(update) runs first, before any other launch (it may
+  // fork work onto the context's side stream, joined when this returns). What
+  // every step needs (R, D, the padded G, the update's scratch) and a refresh's
+  // candidates are taken before the first launch, so a workspace too small for
+  // them throws with nothing changed; a drift measurement takes its sums after
+  // projecting (the layer's state is still untouched then).
+  template <class T, class Before, class Apply>
   DeviceStepResult step_projected(Layer& l, DeviceView<const T> G, Context& ctx, std::size_t update_bytes,
-                                  Apply&& apply) {
+                                  Before&& before, Apply&& apply) {
     DeviceStepResult result;
     WorkspaceArena ws = ctx.arena();
     const Index r = l.options.rank;
@@ -552,6 +553,8 @@ class GaLoreOptimizer {
     T* PN = both ? ws.take<T>(static_cast<std::size_t>(l.shape.rows * r)) : nullptr;
     DeviceBasis<T> stored = basis_of<T>(l, l.storage.data());
     DeviceBasis<T> use = stored;
+    const SideStreamJoin join(ctx);
+    before(update);
 
     bool refresh = false;
     if (refresh_may_be_due(l)) {
@@ -651,17 +654,24 @@ class GaLoreOptimizer {
   }
 
   // The update of a float or bf16 weight: W = beta W + alpha back(D), on a
-  // padded copy when the layer is staged.
+  // padded copy when the layer is staged. The copy is made on the side stream
+  // while the projection and Adam run (W is not written before the
+  // back-projection, which waits for it).
   template <class T>
   DeviceStepResult galore_step(Layer& l, DeviceView<T> W, DeviceView<const T> G, Context& ctx) {
     const std::size_t copy_bytes = staged(l) ? sizeof(T) * static_cast<std::size_t>(l.shape.rows * step_cols(l)) : 0;
-    return step_projected(l, G, ctx, copy_bytes, [&](void* update, const DeviceBasis<T>& b, const T* D, T* PN, Shape lr,
-                                                     const StepCounters* counters) {
+    auto copy_of = [&](void* update) { return DeviceView<T>(static_cast<T*>(update), l.shape.rows, step_cols(l)); };
+    auto before = [&](void* update) {
+      if (!staged(l)) return;
+      ctx.fork();
+      stage(ctx.side_stream(), DeviceView<const T>(W), copy_of(update));
+    };
+    return step_projected(l, G, ctx, copy_bytes, before, [&](void* update, const DeviceBasis<T>& b, const T* D, T* PN,
+                                                             Shape lr, const StepCounters* counters) {
       if (staged(l)) {
-        const DeviceView<T> copy(static_cast<T*>(update), l.shape.rows, lr.cols);
-        stage(ctx, DeviceView<const T>(W), copy);
-        back_project(ctx, b, D, PN, copy, lr, counters);
-        unstage(ctx, DeviceView<const T>(copy), W);
+        ctx.join();
+        back_project(ctx, b, D, PN, copy_of(update), lr, counters);
+        unstage(ctx, DeviceView<const T>(copy_of(update)), W);
       } else {
         back_project(ctx, b, D, PN, W, lr, counters);
       }
@@ -677,7 +687,7 @@ class GaLoreOptimizer {
     const Index rows = l.shape.rows, ld = step_cols(l);
     const Index panel_rows = quantized_panel_rows(l, W.row_alignment());
     const std::size_t panel_floats = static_cast<std::size_t>(std::min(panel_rows, rows) * ld);
-    return step_projected(l, G, ctx, sizeof(float) * panel_floats, [&](void* update, const DeviceBasis<T>& b,
+    return step_projected(l, G, ctx, sizeof(float) * panel_floats, [](void*) {}, [&](void* update, const DeviceBasis<T>& b,
                                                                        const T* D, T* PN, Shape lr,
                                                                        const StepCounters* counters) {
       float* panel = static_cast<float*>(update);

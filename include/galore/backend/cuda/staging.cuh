@@ -95,15 +95,20 @@ inline dim3 row_grid(std::int64_t rows, std::int64_t per_row) {
 
 // dst (src's rows x padded_cols(src.cols), leading dimension dst.ld) = src padded with zeros.
 template <class T>
-void stage(Context& ctx, MatrixView<const T, system::cuda> src, MatrixView<T, system::cuda> dst) {
+void stage(cudaStream_t stream, MatrixView<const T, system::cuda> src, MatrixView<T, system::cuda> dst) {
   galore::detail::require(dst.rows == src.rows && dst.cols == padded_cols(src.cols) &&
                               reinterpret_cast<std::uintptr_t>(dst.data) % 16 == 0 && (dst.ld * sizeof(T)) % 16 == 0,
                           "stage: the destination must be ", src.rows, "x", padded_cols(src.cols),
                           " with 16-byte aligned rows");
   const std::int64_t chunks = dst.cols * static_cast<std::int64_t>(sizeof(T)) / 16;
-  impl::stage_rows<<<impl::row_grid(src.rows, chunks), impl::kThreads, 0, ctx.stream()>>>(
+  impl::stage_rows<<<impl::row_grid(src.rows, chunks), impl::kThreads, 0, stream>>>(
       src.data, src.ld, src.rows, src.cols, dst.data, dst.ld, chunks);
   check_launch("galore::cuda::stage_rows");
+}
+
+template <class T>
+void stage(Context& ctx, MatrixView<const T, system::cuda> src, MatrixView<T, system::cuda> dst) {
+  stage(ctx.stream(), src, dst);
 }
 
 // dst = the first dst.cols columns of src (equal row counts).
