@@ -131,6 +131,10 @@ TEST_CASE("dequantize() is scale * (code - zero), into float or bf16, whole or b
   Device<cuda::bf16> outb(std::vector<float>(w.size(), 0.0f));
   q.dequantize(DeviceView<cuda::bf16>(outb.data(), rows, cols), ctx);
   CHECK(outb.download() == galore_test::round_to_bf16(expect));
+  // Rows 1..3 contiguous (four elements per thread, from element 300 on).
+  Device<float> two(std::vector<float>(static_cast<std::size_t>(2 * cols), 0.0f));
+  q.dequantize_rows(1, DeviceView<float>(two.data(), 2, cols), ctx);
+  CHECK(two.download() == std::vector<float>(expect.begin() + cols, expect.begin() + 3 * cols));
   // Rows 64..127 into a strided buffer.
   const long ld = cols + 5;
   Device<float> part(std::vector<float>(static_cast<std::size_t>(64 * ld), -1.0f));
@@ -203,8 +207,15 @@ TEST_CASE("a QuantizedWeight holds one byte per weight and five per group, and s
     cuda::QuantizedWeight<8> big({8192, 4096});
     CHECK(big.bytes() == std::size_t{8192} * 4096 + std::size_t{8192} * 4096 / 256 * 5);
     cuda::check(cudaMemGetInfo(&free_after, &total), "cudaMemGetInfo");
-    CHECK(free_before - free_after >= big.bytes());
-    CHECK(free_before - free_after <= big.bytes() + (std::size_t{6} << 20));  // three allocations' pages
+    // cudaMalloc hands out 2 MiB pages, and may place an allocation smaller
+    // than a page (the group scales and zeros, 640 KiB here) in a page an
+    // earlier allocation left part-used (seen on an H100: the codes' 32 MiB
+    // alone): each of the three allocations is within a page of its size.
+    const std::size_t measured = free_before - free_after, page = std::size_t{2} << 20;
+    INFO("measured ", measured, " bytes() ", big.bytes());
+    CHECK(measured + 2 * page >= big.bytes());
+    CHECK(measured >= std::size_t{8192} * 4096);  // the codes' own pages
+    CHECK(measured <= big.bytes() + 3 * page);
   }
 }
 
