@@ -147,7 +147,9 @@ __device__ inline float block_max(float x, float* scratch) {
   return warp_max(lane < kAdam8bitThreads / 32 ? scratch[lane] : 0.0f);
 }
 
-// Block b of the tensor per thread block: elements lo + threadIdx.x + 256 u.
+// Blocks b = blockIdx.x, blockIdx.x + gridDim.x, ... of the tensor, one at a
+// time per thread block (the maps are loaded into shared memory once per
+// thread block, not per quantization block): elements lo + threadIdx.x + 256 u.
 __global__ void __launch_bounds__(kAdam8bitThreads)
     adam8bit_blockwise(const float* __restrict__ g, std::int64_t n, int block, std::uint8_t* __restrict__ m_code,
                        std::uint8_t* __restrict__ v_code, float* __restrict__ m_absmax, float* __restrict__ v_absmax,
@@ -160,45 +162,48 @@ __global__ void __launch_bounds__(kAdam8bitThreads)
     mid_v[k] = maps[768 + k];
   }
   __syncthreads();
-  const std::int64_t b = blockIdx.x, lo = b * block;
-  const int len = static_cast<int>(n - lo < block ? n - lo : block);
-  const float am = m_absmax[b], av = v_absmax[b];
-  float mn[kAdam8bitPerThread], vn[kAdam8bitPerThread];
-  float new_am = 0.0f, new_av = 0.0f;
+  const std::int64_t nblocks = (n + block - 1) / block;
+  for (std::int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
+    const std::int64_t lo = b * block;
+    const int len = static_cast<int>(n - lo < block ? n - lo : block);
+    const float am = m_absmax[b], av = v_absmax[b];
+    float mn[kAdam8bitPerThread], vn[kAdam8bitPerThread];
+    float new_am = 0.0f, new_av = 0.0f;
 #pragma unroll
-  for (int u = 0; u < kAdam8bitPerThread; ++u) {
-    const int j = static_cast<int>(threadIdx.x) + u * kAdam8bitThreads;
-    if (j >= len) break;
-    const std::int64_t i = lo + j;
-    const float m = qm[m_code[i]] * am, v = qv[v_code[i]] * av, gi = g[i];
-    const bool ok = math::in_adam_range(gi);
-    const math::AdamElement e = math::adam8bit_element(ok ? gi : 0.0f, m, v, coef);
-    mn[u] = ok ? e.m : m;
-    vn[u] = ok ? e.v : v;
-    d[i] = ok ? math::clamp_update(e.d) : 0.0f;
-    new_am = fmaxf(new_am, fabsf(mn[u]));
-    new_av = fmaxf(new_av, vn[u]);
-  }
-  new_am = block_max(new_am, scratch);
-  new_av = block_max(new_av, scratch);
-  if (threadIdx.x == 0) {
-    m_absmax[b] = new_am;
-    v_absmax[b] = new_av;
-  }
-#pragma unroll
-  for (int u = 0; u < kAdam8bitPerThread; ++u) {
-    const int j = static_cast<int>(threadIdx.x) + u * kAdam8bitThreads;
-    if (j >= len) break;
-    const std::int64_t i = lo + j;
-    // An all-zero block (absmax 0) stores the zero codes instead of 0/0.
-    int cm = 127;
-    if (new_am > 0.0f) {
-      const float m = mn[u];
-      cm = midpoints_below(mid_m, m / new_am);
-      if (signbit(qm[cm]) != signbit(m)) cm += m > 0.0f ? 1 : -1;
+    for (int u = 0; u < kAdam8bitPerThread; ++u) {
+      const int j = static_cast<int>(threadIdx.x) + u * kAdam8bitThreads;
+      if (j >= len) break;
+      const std::int64_t i = lo + j;
+      const float m = qm[m_code[i]] * am, v = qv[v_code[i]] * av, gi = g[i];
+      const bool ok = math::in_adam_range(gi);
+      const math::AdamElement e = math::adam8bit_element(ok ? gi : 0.0f, m, v, coef);
+      mn[u] = ok ? e.m : m;
+      vn[u] = ok ? e.v : v;
+      d[i] = ok ? math::clamp_update(e.d) : 0.0f;
+      new_am = fmaxf(new_am, fabsf(mn[u]));
+      new_av = fmaxf(new_av, vn[u]);
     }
-    m_code[i] = static_cast<std::uint8_t>(cm);
-    v_code[i] = static_cast<std::uint8_t>(new_av > 0.0f ? midpoints_below(mid_v, vn[u] / new_av) : 0);
+    new_am = block_max(new_am, scratch);
+    new_av = block_max(new_av, scratch);
+    if (threadIdx.x == 0) {
+      m_absmax[b] = new_am;
+      v_absmax[b] = new_av;
+    }
+#pragma unroll
+    for (int u = 0; u < kAdam8bitPerThread; ++u) {
+      const int j = static_cast<int>(threadIdx.x) + u * kAdam8bitThreads;
+      if (j >= len) break;
+      const std::int64_t i = lo + j;
+      // An all-zero block (absmax 0) stores the zero codes instead of 0/0.
+      int cm = 127;
+      if (new_am > 0.0f) {
+        const float m = mn[u];
+        cm = midpoints_below(mid_m, m / new_am);
+        if (signbit(qm[cm]) != signbit(m)) cm += m > 0.0f ? 1 : -1;
+      }
+      m_code[i] = static_cast<std::uint8_t>(cm);
+      v_code[i] = static_cast<std::uint8_t>(new_av > 0.0f ? midpoints_below(mid_v, vn[u] / new_av) : 0);
+    }
   }
 }
 
@@ -212,7 +217,10 @@ __global__ void __launch_bounds__(kAdam8bitThreads)
 inline void adam8bit_step(Context& ctx, Blockwise8bitMoments& mo, const DynamicMaps& maps, const float* g, float* d,
                           const math::Adam8bitCoefficients& coef) {
   detail::require(mo.size() > 0, "adam8bit_step: the moments are empty (default-constructed)");
-  impl::adam8bit_blockwise<<<static_cast<unsigned>(mo.blocks()), impl::kAdam8bitThreads, 0, ctx.stream()>>>(
+  // Enough thread blocks to fill the device (8 per multiprocessor), each
+  // looping over quantization blocks.
+  const auto grid = static_cast<unsigned>(std::min<std::int64_t>(mo.blocks(), 8 * ctx.multiprocessors()));
+  impl::adam8bit_blockwise<<<grid, impl::kAdam8bitThreads, 0, ctx.stream()>>>(
       g, mo.size(), mo.block_size(), mo.m_codes(), mo.v_codes(), mo.m_absmax(), mo.v_absmax(), maps.data(), coef, d);
   check_launch("galore::cuda::adam8bit_blockwise");
 }

@@ -176,6 +176,9 @@ class Context {
     return external_ ? WorkspaceArena(external_, external_bytes_) : WorkspaceArena(owned_.data(), owned_.bytes());
   }
 
+  // The device's multiprocessors.
+  int multiprocessors() const { return sm_count_; }
+
   // How many blocks of `threads` threads of `kernel` the device holds at once
   // (a cooperative launch may not exceed it), cached per kernel.
   int resident_blocks(const void* kernel, int threads) {
