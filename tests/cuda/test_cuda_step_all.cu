@@ -7,6 +7,7 @@
 
 #include <galore/cuda.hpp>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <memory>
@@ -437,6 +438,17 @@ TEST_CASE("GEMM algorithms measured at their first call step as the heuristic's 
   }
   for (const auto& [key, plan] : measured_each.lt_plans()) CHECK(plan->measured);
   for (const auto& [key, plan] : heuristic.lt_plans()) CHECK_FALSE(plan->measured);
+  // A selection applies to problems first met after it: the batched plans made
+  // under the heuristic stay as they are, the per-layer ones met now are measured.
+  std::vector<cuda::LtPlanKey> before;
+  for (const auto& [key, plan] : heuristic.lt_plans()) before.push_back(key);
+  heuristic.select_gemm_algorithms(cuda::GemmSelection::Measured);
+  (void)oh.step_all(ph, heuristic);
+  h.step_each(oh, heuristic);
+  heuristic.synchronize();
+  REQUIRE(heuristic.lt_plans().size() > before.size());
+  for (const auto& [key, plan] : heuristic.lt_plans())
+    CHECK(plan->measured == (std::find(before.begin(), before.end(), key) == before.end()));
 
   // A first call made while the stream is captured keeps the heuristic's
   // choice; the next eager call measures, and C = A B + C once.

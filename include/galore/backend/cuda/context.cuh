@@ -79,7 +79,8 @@ struct LtPlan {
   cublasLtMatmulAlgo_t algo{};
   std::vector<cublasLtMatmulAlgo_t> candidates;
   bool has_algo = false;
-  bool measured = false;  // algo was timed against the other candidates
+  bool to_measure = false;  // made under GemmSelection::Measured, not yet timed
+  bool measured = false;    // algo was timed against the other candidates
   LtPlan() = default;
   LtPlan(const LtPlan&) = delete;
   LtPlan& operator=(const LtPlan&) = delete;
@@ -152,7 +153,8 @@ class Context {
   static constexpr std::size_t kLtWorkspaceBytes = std::size_t{32} << 20;
   void* lt_workspace() { return lt_workspace_.data(); }
   std::map<LtPlanKey, std::unique_ptr<LtPlan>>& lt_plans() { return lt_plans_; }
-  // How GEMM algorithms are chosen from now on (plans made before keep theirs).
+  // How GEMM algorithms are chosen for the problems met from now on (plans
+  // made before keep their choice, or their pending measurement).
   void select_gemm_algorithms(GemmSelection s) { gemm_selection_ = s; }
   GemmSelection gemm_selection() const { return gemm_selection_; }
 

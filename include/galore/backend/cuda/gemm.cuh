@@ -116,6 +116,7 @@ LtPlan& lt_plan(Context& ctx, Op opa, Op opb, bool device_scalars, Index lda, In
   cublasLtMatmulPreferenceDestroy(pref);
   check(st, "cublasLtMatmulPreferenceSetAttribute");
   plan->has_algo = found > 0;
+  plan->to_measure = ctx.gemm_selection() == GemmSelection::Measured;
   if (plan->has_algo) plan->algo = results[0].algo;
   for (int i = 0; i < found; ++i)
     if (results[i].state == CUBLAS_STATUS_SUCCESS) plan->candidates.push_back(results[i].algo);
@@ -124,23 +125,19 @@ LtPlan& lt_plan(Context& ctx, Op opa, Op opb, bool device_scalars, Index lda, In
 
 inline bool capturing(cudaStream_t stream) {
   cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
-  check(cudaStreamIsCapturing(stream, &status), "cudaStreamIsCapturing");
+  const cudaError_t e = cudaStreamIsCapturing(stream, &status);
+  if (e == cudaErrorStreamCaptureImplicit) {  // the legacy stream while a blocking stream captures
+    (void)cudaGetLastError();
+    return true;
+  }
+  check(e, "cudaStreamIsCapturing");
   return status != cudaStreamCaptureStatusNone;
 }
 
-// GemmSelection::Measured: times plan p's candidates on the operands x and y
-// (cuBLASLt's order: x from B, y from A; with batch > 0 device arrays of
-// pointers) into zeroed scratch output of c_elements elements per product, with
-// alpha 1 and the given beta (0 or not decides whether the kernels read C), and
-// keeps the fastest; the heuristic's choice stays unless
-// another is more than 3% faster (timing noise must not change the algorithm
-// for nothing). Synchronizes; a no-op while the stream is being captured. Up
-// to kScratchBytes of distinct outputs: a larger batch writes some twice.
+// The timing of measure_plan (below); throws on a CUDA error.
 template <class Out>
-void measure_plan(Context& ctx, LtPlan& p, bool device_scalars, const void* x, const void* y, std::size_t c_elements,
-                  int batch, float beta) {
-  if (p.measured || !p.has_algo || ctx.gemm_selection() != GemmSelection::Measured || capturing(ctx.stream())) return;
-  p.measured = true;
+void time_candidates(Context& ctx, LtPlan& p, bool device_scalars, const void* x, const void* y,
+                     std::size_t c_elements, int batch, float beta) {
   if (p.candidates.size() < 2) return;
   constexpr std::size_t kScratchBytes = std::size_t{256} << 20;
   const std::size_t c_bytes = WorkspaceArena::align(sizeof(Out) * c_elements);
@@ -194,6 +191,30 @@ void measure_plan(Context& ctx, LtPlan& p, bool device_scalars, const void* x, c
   cudaEventDestroy(stop);
   check(failure, "timing cuBLASLt's candidate algorithms");
   if (best < 0.97f * heuristic) p.algo = *chosen;
+}
+
+// GemmSelection::Measured: times plan p's candidates on the operands x and y
+// (cuBLASLt's order: x from B, y from A; with batch > 0 device arrays of
+// pointers) into zeroed scratch output of c_elements elements per product, with
+// alpha 1 and the given beta (0 or not decides whether the kernels read C), and
+// keeps the fastest; the heuristic's choice stays unless
+// another is more than 3% faster (timing noise must not change the algorithm
+// for nothing). Synchronizes; a no-op while the stream is being captured. Up
+// to kScratchBytes of distinct outputs: a larger batch writes some twice.
+// Never throws: a measurement that fails (no memory for the scratch, say)
+// keeps the heuristic's choice, so that the GEMM it precedes runs (in a step,
+// after Adam has updated the moments) as without it.
+template <class Out>
+void measure_plan(Context& ctx, LtPlan& p, bool device_scalars, const void* x, const void* y, std::size_t c_elements,
+                  int batch, float beta) noexcept {
+  try {
+    if (!p.to_measure || p.measured || !p.has_algo || capturing(ctx.stream())) return;
+    p.measured = true;
+    time_candidates<Out>(ctx, p, device_scalars, x, y, c_elements, batch, beta);
+  } catch (...) {
+    p.algo = p.candidates.empty() ? p.algo : p.candidates.front();
+    (void)cudaGetLastError();  // a failed allocation is not sticky; a kernel fault would be, and shows at the next call
+  }
 }
 
 template <class In, class Out>
@@ -272,8 +293,9 @@ const LtPlan& prepare_gemm_batched(Context& ctx, Op opa, Op opb, Index rows, Ind
                                    const In* const* A, Index lda, const In* const* B, Index ldb, Index ldc, int count,
                                    std::uint32_t alignment, bool accumulate = true) {
   LtPlan& p = impl::lt_plan<In, Out>(ctx, opa, opb, true, lda, ldb, ldc, rows, cols, inner, count, alignment);
-  impl::measure_plan<Out>(ctx, p, true, B, A, static_cast<std::size_t>((rows - 1) * ldc + cols), count,
-                          accumulate ? 1.0f : 0.0f);
+  if (count > 0 && rows > 0 && cols > 0)
+    impl::measure_plan<Out>(ctx, p, true, B, A, static_cast<std::size_t>((rows - 1) * ldc + cols), count,
+                            accumulate ? 1.0f : 0.0f);
   return p;
 }
 
