@@ -418,11 +418,8 @@ TEST_CASE("GEMM algorithms measured at their first call step as the heuristic's 
   // plan_step_all measured the batched GEMMs already (on scratch outputs).
   for (const auto& [key, plan] : measured.lt_plans()) CHECK(plan->measured);
   for (int t = 0; t < steps; ++t) {
-    for (std::size_t i = 0; i < kMix.size(); ++i) {
-      h.upload_gradient(i, grads[i][static_cast<std::size_t>(t)]);
-      m.upload_gradient(i, grads[i][static_cast<std::size_t>(t)]);
-      e.upload_gradient(i, grads[i][static_cast<std::size_t>(t)]);
-    }
+    upload_both(h, m, grads, t);
+    for (std::size_t i = 0; i < kMix.size(); ++i) e.upload_gradient(i, grads[i][static_cast<std::size_t>(t)]);
     (void)oh.step_all(ph, heuristic);
     (void)om.step_all(pm, measured);
     e.step_each(oe, measured_each);

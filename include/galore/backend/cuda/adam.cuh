@@ -225,6 +225,19 @@ inline bool vector_aligned(const void* w, const void* g) { return std::min(align
 __device__ inline std::int64_t grid_first() { return blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; }
 __device__ inline std::int64_t grid_stride() { return static_cast<std::int64_t>(gridDim.x) * blockDim.x; }
 
+// a / b for a, b >= 0, by a 32-bit division where both fit one (a 64-bit
+// division costs several times more instructions).
+__device__ inline std::int64_t quotient(std::int64_t a, std::int64_t b) {
+  if (a <= 0xffffffffLL && b <= 0xffffffffLL) return static_cast<std::uint32_t>(a) / static_cast<std::uint32_t>(b);
+  return a / b;
+}
+// Where element k of rows `cols` wide with leading dimension ld lies.
+__device__ inline std::int64_t strided_index(std::int64_t k, std::int64_t ld, std::int64_t cols) {
+  if (ld == cols) return k;
+  const std::int64_t row = quotient(k, cols);
+  return row * ld + (k - row * cols);
+}
+
 // A layer's step number t (applied + skipped before it) picks its slots in
 // bad[] and arrived[]; before any block of step t touches them, the slots of
 // step t + 1 are cleared, whichever kernel (per layer or batched) runs it.

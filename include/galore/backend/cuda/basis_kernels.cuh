@@ -79,7 +79,7 @@ __global__ void convert_rows(const In* __restrict__ in, std::int64_t ld, std::in
   const std::int64_t n = rows * cols;
   for (std::int64_t i = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += static_cast<std::int64_t>(gridDim.x) * blockDim.x)
-    out[i] = static_cast<Out>(to_float(in[i / cols * ld + i % cols]));
+    out[i] = static_cast<Out>(to_float(in[strided_index(i, ld, cols)]));
 }
 
 // Vector i of the result = eigenvector k-1-i (cuSOLVER sorts eigenvalues in

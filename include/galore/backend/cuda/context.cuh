@@ -80,7 +80,7 @@ struct LtPlan {
   std::vector<cublasLtMatmulAlgo_t> candidates;
   bool has_algo = false;
   bool to_measure = false;  // made under GemmSelection::Measured, not yet timed
-  bool measured = false;    // algo was timed against the other candidates
+  bool measured = false;    // its candidates were timed (a failed timing leaves the heuristic's choice)
   LtPlan() = default;
   LtPlan(const LtPlan&) = delete;
   LtPlan& operator=(const LtPlan&) = delete;

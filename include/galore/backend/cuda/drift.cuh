@@ -28,7 +28,7 @@ __global__ void sum_squares(const T* __restrict__ g, std::int64_t rows, std::int
   double gs = 0.0, rs = 0.0;
   bool bad = false;
   for (std::int64_t i = first; i < rows * cols; i += stride) {
-    const double x = to_float(g[i / cols * ld + i % cols]);
+    const double x = to_float(g[strided_index(i, ld, cols)]);
     gs += x * x;
   }
   for (std::int64_t i = first; i < n; i += stride) {

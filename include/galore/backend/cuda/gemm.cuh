@@ -157,39 +157,35 @@ void time_candidates(Context& ctx, LtPlan& p, bool device_scalars, const void* x
                         ctx.stream()),
         "cudaMemcpyAsync");
   const float* scalars = device_scalars ? device_scalar_values.data() : host_scalars;
-  cudaEvent_t start = nullptr, stop = nullptr;
-  check(cudaEventCreate(&start), "cudaEventCreate");
-  if (cudaEventCreate(&stop) != cudaSuccess) {
-    cudaEventDestroy(start);
-    check(cudaErrorMemoryAllocation, "cudaEventCreate");
-  }
+  struct Events {  // destroyed on every way out
+    cudaEvent_t start = nullptr, stop = nullptr;
+    ~Events() {
+      if (start) cudaEventDestroy(start);
+      if (stop) cudaEventDestroy(stop);
+    }
+  } ev;
+  check(cudaEventCreate(&ev.start), "cudaEventCreate");
+  check(cudaEventCreate(&ev.stop), "cudaEventCreate");
   auto run = [&](const cublasLtMatmulAlgo_t& algo) {
     return cublasLtMatmul(ctx.blas_lt(), p.op, scalars, x, p.a, y, p.b, scalars + 1, c, p.c, c, p.c, &algo,
                           ctx.lt_workspace(), Context::kLtWorkspaceBytes, ctx.stream());
   };
   float best = std::numeric_limits<float>::infinity(), heuristic = best;
   const cublasLtMatmulAlgo_t* chosen = &p.candidates.front();
-  cudaError_t failure = cudaSuccess;
   for (const cublasLtMatmulAlgo_t& algo : p.candidates) {
     if (run(algo) != CUBLAS_STATUS_SUCCESS) continue;  // warm-up; a candidate that cannot run is passed over
-    constexpr int kRepeats = 3;
+    check(cudaEventRecord(ev.start, ctx.stream()), "cudaEventRecord");
+    for (int i = 0; i < 3; ++i) check(run(algo), "cublasLtMatmul (timing a candidate)");
+    check(cudaEventRecord(ev.stop, ctx.stream()), "cudaEventRecord");
+    check(cudaEventSynchronize(ev.stop), "cudaEventSynchronize");
     float ms = 0.0f;
-    failure = cudaEventRecord(start, ctx.stream());
-    for (int i = 0; i < kRepeats && failure == cudaSuccess; ++i)
-      if (run(algo) != CUBLAS_STATUS_SUCCESS) failure = cudaErrorLaunchFailure;
-    if (failure == cudaSuccess) failure = cudaEventRecord(stop, ctx.stream());
-    if (failure == cudaSuccess) failure = cudaEventSynchronize(stop);
-    if (failure == cudaSuccess) failure = cudaEventElapsedTime(&ms, start, stop);
-    if (failure != cudaSuccess) break;
+    check(cudaEventElapsedTime(&ms, ev.start, ev.stop), "cudaEventElapsedTime");
     if (&algo == &p.candidates.front()) heuristic = ms;
     if (ms < best) {
       best = ms;
       chosen = &algo;
     }
   }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  check(failure, "timing cuBLASLt's candidate algorithms");
   if (best < 0.97f * heuristic) p.algo = *chosen;
 }
 

@@ -49,26 +49,10 @@ namespace impl {
 constexpr int kWarp = 32;
 constexpr int kQuantWarps = 8;  // warps (groups) per block
 
-// Where element k of rows laid out `cols` wide with leading dimension ld is:
-// k itself when the rows are contiguous; otherwise by a 32-bit division when k
-// fits one (a 64-bit division costs several times more), by a 64-bit one else.
-__device__ inline std::int64_t strided_index(std::int64_t k, std::int64_t ld, std::int64_t cols) {
-  if (ld == cols) return k;
-  if (k <= 0xffffffffLL && cols <= 0xffffffffLL) {
-    const auto q = static_cast<std::uint32_t>(k) / static_cast<std::uint32_t>(cols);
-    return static_cast<std::int64_t>(q) * ld + (k - static_cast<std::int64_t>(q) * cols);
-  }
-  return k / cols * ld + k % cols;
-}
+// Element k of rows laid out `cols` wide with leading dimension ld.
 template <class T>
 __device__ inline float element(const T* p, std::int64_t ld, std::int64_t cols, std::int64_t k) {
   return to_float(p[strided_index(k, ld, cols)]);
-}
-// The group of element i (groups of `group` elements; 32-bit division when it fits).
-__device__ inline std::int64_t group_of(std::int64_t i, std::int64_t group) {
-  if (i <= 0xffffffffLL && group <= 0xffffffffLL)
-    return static_cast<std::uint32_t>(i) / static_cast<std::uint32_t>(group);
-  return i / group;
 }
 
 // Sets *bad when some element of the rows x cols values (leading dimension ld)
@@ -115,7 +99,7 @@ __global__ void __launch_bounds__(kWarp* kQuantWarps)
     hi = warp_max(hi);
     float scale, zero;
     math::minmax_scale_zero(lo, hi, max_code, scale, zero);
-    const std::int64_t g = group_of(first + k0, group);
+    const std::int64_t g = quotient(first + k0, group);
     if (lane == 0) {
       scales[g] = scale;
       zeros[g] = static_cast<std::uint8_t>(zero);
@@ -156,7 +140,7 @@ __global__ void dequantize_elements(const std::uint8_t* __restrict__ codes, cons
                                     const std::uint8_t* __restrict__ zeros, std::int64_t group, std::int64_t first,
                                     std::int64_t n, T* __restrict__ out, std::int64_t ld, std::int64_t cols) {
   for (std::int64_t k = grid_first(); k < n; k += grid_stride()) {
-    const std::int64_t i = first + k, g = group_of(i, group);
+    const std::int64_t i = first + k, g = quotient(i, group);
     out[strided_index(k, ld, cols)] =
         from_float<T>(math::minmax_value(codes[i], scales[g], static_cast<float>(zeros[g])));
   }
@@ -169,18 +153,12 @@ template <class T>
 __global__ void dequantize_elements4(const std::uint8_t* __restrict__ codes, const float* __restrict__ scales,
                                      const std::uint8_t* __restrict__ zeros, std::int64_t group, std::int64_t first,
                                      std::int64_t n, T* __restrict__ out) {
-  using Vec = std::conditional_t<std::is_same_v<T, float>, float4, uint2>;  // 4 floats, or 4 bf16
   for (std::int64_t q = grid_first(); q < n / 4; q += grid_stride()) {
-    const std::int64_t i = first + 4 * q, g = group_of(i, group);
+    const std::int64_t i = first + 4 * q, g = quotient(i, group);
     const uchar4 c = reinterpret_cast<const uchar4*>(codes + first)[q];
     const float scale = scales[g], zero = static_cast<float>(zeros[g]);
-    Vec v;
-    T* e = reinterpret_cast<T*>(&v);
-    e[0] = from_float<T>(math::minmax_value(c.x, scale, zero));
-    e[1] = from_float<T>(math::minmax_value(c.y, scale, zero));
-    e[2] = from_float<T>(math::minmax_value(c.z, scale, zero));
-    e[3] = from_float<T>(math::minmax_value(c.w, scale, zero));
-    reinterpret_cast<Vec*>(out)[q] = v;
+    store4(out + 4 * q, {math::minmax_value(c.x, scale, zero), math::minmax_value(c.y, scale, zero),
+                         math::minmax_value(c.z, scale, zero), math::minmax_value(c.w, scale, zero)});
   }
 }
 

@@ -73,7 +73,7 @@ __global__ void unstage_rows_contiguous(const T* __restrict__ src, std::int64_t 
   }
   for (std::int64_t i = chunks * v + blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x; i < n;
        i += stride)
-    dst[i] = src[i / cols * src_ld + i % cols];
+    dst[i] = src[strided_index(i, src_ld, cols)];
 }
 
 // dst = the first cols columns of src, any leading dimensions, element by element.
