@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "../optim/adam_config.hpp"
+#include "../optim/blockwise8bit_state.hpp"
 #include "../projector_options.hpp"
 #include "../rounding/rounding_mode.hpp"
 #include "../schedule/drift.hpp"
@@ -106,6 +107,11 @@ struct Rounder {  // StochasticRounder<bits>
 inline void describe(const described::QuantNone&, Items& out, const std::string& p) { out.push_back({p, "none"}); }
 inline void describe(const described::DenseState& s, Items& out, const std::string& p) {
   out.push_back({p, s.bfloat16 ? "bfloat16" : "float32"});
+}
+inline void describe(const state::Blockwise8bit& s, Items& out, const std::string& p) {
+  out.push_back({p, "blockwise8bit"});
+  out.push_back({p + ".block_size", text(s.block_size)});
+  out.push_back({p + ".min_8bit_size", text(s.min_8bit_size)});
 }
 inline void describe(const described::Rounder& r, Items& out, const std::string& p) {
   out.push_back({p, "rounder" + text(r.bits)});

@@ -53,11 +53,6 @@ template <class T>
 void describe(const state::Dense<T>&, Items& out, const std::string& p) {
   describe(described::DenseState{!std::is_same_v<T, float>}, out, p);
 }
-inline void describe(const state::Blockwise8bit& s, Items& out, const std::string& p) {
-  out.push_back({p, "blockwise8bit"});
-  out.push_back({p + ".block_size", text(s.block_size)});
-  out.push_back({p + ".min_8bit_size", text(s.min_8bit_size)});
-}
 template <int B>
 void describe(const StochasticRounder<B>& r, Items& out, const std::string& p) {
   describe(described::Rounder{B, r.seed(), r.mode()}, out, p);
@@ -172,48 +167,6 @@ void load(Reader& r, const state::Dense<T>& policy, typename state::Dense<T>::Mo
   read_dense_moments(r, tmp.m.data(), tmp.v.data(), n);
   out = std::move(tmp);
 }
-inline void save(Writer& w, const state::Blockwise8bit&, const state::Blockwise8bit::Moments& m) {
-  save(w, m.shape());
-  w.i64(m.block_size);
-  w.boolean(m.quantized);
-  if (m.quantized) {
-    w.array(m.m_code.data(), m.m_code.size());
-    w.array(m.v_code.data(), m.v_code.size());
-    w.array(m.m_absmax.data(), m.m_absmax.size());
-    w.array(m.v_absmax.data(), m.v_absmax.size());
-  } else {
-    w.array(m.m32.data(), m.m32.size());
-    w.array(m.v32.data(), m.v32.size());
-  }
-}
-inline void load(Reader& r, const state::Blockwise8bit& policy, state::Blockwise8bit::Moments& out, Shape want) {
-  const Shape s = load_shape(r);
-  expect_shape(r, s, want, "8-bit moments");
-  if (r.i64() != policy.block_size) r.fail("8-bit moments have another block size");
-  const bool quantized = s.size() >= policy.min_8bit_size;
-  if (r.boolean() != quantized) r.fail("8-bit moments disagree on the 8-bit / float32 path");
-  const auto n = static_cast<std::uint64_t>(s.size());
-  const auto blocks = static_cast<std::uint64_t>((s.size() + policy.block_size - 1) / policy.block_size);
-  r.expect_left(quantized ? 4 * 8 + 2 * n + 2 * blocks * sizeof(float) : 2 * (8 + n * sizeof(float)), "8-bit moments");
-  auto tmp = policy.init(s);
-  if (tmp.quantized) {
-    // Codes index the 256-entry dynamic maps (every code is valid); a block's
-    // values are its code's map value times the block's absmax.
-    r.exactly(tmp.m_code.data(), tmp.m_code.size(), "first-moment codes");
-    r.exactly(tmp.v_code.data(), tmp.v_code.size(), "second-moment codes");
-    r.exactly(tmp.m_absmax.data(), tmp.m_absmax.size(), "first-moment absmax");
-    r.exactly(tmp.v_absmax.data(), tmp.v_absmax.size(), "second-moment absmax");
-    expect_finite_nonnegative(r, tmp.m_absmax.data(), tmp.m_absmax.size(), "first-moment absmax");
-    expect_finite_nonnegative(r, tmp.v_absmax.data(), tmp.v_absmax.size(), "second-moment absmax");
-  } else {
-    r.exactly(tmp.m32.data(), tmp.m32.size(), "first moment");
-    r.exactly(tmp.v32.data(), tmp.v32.size(), "second moment");
-    expect_finite(r, tmp.m32.data(), tmp.m32.size(), "first moment");
-    expect_finite_nonnegative(r, tmp.v32.data(), tmp.v32.size(), "second moment");
-  }
-  out = std::move(tmp);
-}
-
 // ---- weights held by the trainer ----
 template <int B>
 void save(Writer& w, const QuantizedWeight<B>& q) {

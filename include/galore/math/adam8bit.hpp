@@ -9,9 +9,11 @@
 // with bias correction; without it c1 = c2 = 1. Unlike galore_torch's AdamW
 // (adam.hpp), the correction scales eps and is computed in float32. Products
 // that feed sums go through mul/add (fp.hpp), so both backends round alike.
-// powf is not correctly rounded everywhere (CUDA's has 2 ulp of error), so a
-// backend that must match the CPU bit for bit computes the coefficients on the
-// host and passes them to its kernels.
+// bitsandbytes takes b^t from powf, which is not correctly rounded everywhere
+// (CUDA's has 2 ulp of error, glibc's 0.8); here b^t is a product of squares in
+// float64 rounded once to float32 (power_of below): within an ulp of powf, and
+// the same bits on every backend, so a GPU kernel computes the coefficients from
+// its own step count.
 // No Eigen, no CUDA headers: host code and device code share this text.
 #pragma once
 
@@ -32,6 +34,20 @@ struct Adam8bitCoefficients {
   float eps;     // eps * c2 (> 0 for every valid AdamConfig: eps >= 1e-30, c2 >= 2^-12)
 };
 
+// b^t (t >= 0) by binary powering in float64: multiplications only (nothing a
+// compiler may contract), each correctly rounded on every backend, so the result
+// is the same bits everywhere. Relative error before the final rounding at most
+// about t * 2^-52, far below float32's 2^-24 at the step counts where 1 - b^t
+// differs from 1.
+GALORE_HOST_DEVICE float power_of(float b, std::int64_t t) {
+  double result = 1.0, square = static_cast<double>(b);
+  for (; t > 0; t >>= 1) {
+    if (t & 1) result *= square;
+    square *= square;
+  }
+  return static_cast<float>(result);
+}
+
 GALORE_HOST_DEVICE Adam8bitCoefficients adam8bit_coefficients(double lr, double beta1, double beta2, double eps,
                                                                std::int64_t t, bool correct_bias) {
   Adam8bitCoefficients c;
@@ -39,8 +55,8 @@ GALORE_HOST_DEVICE Adam8bitCoefficients adam8bit_coefficients(double lr, double 
   c.b2 = static_cast<float>(beta2);
   c.a1 = 1.0f - c.b1;
   c.a2 = 1.0f - c.b2;
-  const float corr1 = correct_bias ? 1.0f - powf(c.b1, static_cast<float>(t)) : 1.0f;
-  const float corr2 = correct_bias ? sqrtf(1.0f - powf(c.b2, static_cast<float>(t))) : 1.0f;
+  const float corr1 = correct_bias ? 1.0f - power_of(c.b1, t) : 1.0f;
+  const float corr2 = correct_bias ? sqrtf(1.0f - power_of(c.b2, t)) : 1.0f;
   c.step = static_cast<float>(lr) * corr2 / corr1;
   if (!(c.step <= FLT_MAX)) c.step = FLT_MAX;
   c.eps = corr2 * static_cast<float>(eps);

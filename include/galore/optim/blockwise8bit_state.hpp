@@ -17,6 +17,8 @@
 // element of d is clamped to +-AdamConfig::max_update. (LowRankAdam::update and
 // the steps skip a gradient holding any such element as a whole.)
 // With correct_bias off, both corrections are 1.
+// No Eigen: the CUDA backend reads the policy's settings and stores its
+// moments in the same form (checkpoints).
 #pragma once
 
 #include <algorithm>
@@ -26,18 +28,19 @@
 #include <cstdint>
 #include <vector>
 
-#include "../detail/elementwise.hpp"
+#include "../config.hpp"
+#include "../core/shape.hpp"
+#include "../math/adam.hpp"
 #include "../math/adam8bit.hpp"
 #include "../quant/dynamic_map.hpp"
-#include "../types.hpp"
 #include "adam_config.hpp"
-#include "dense_state.hpp"
 
 namespace galore::state {
 
 struct Blockwise8bit {
   Index block_size = 256;     // bitsandbytes >= 0.44 (2048 before)
   Index min_8bit_size = 4096;
+  static constexpr Index kChunk = 1024;  // elements per pass of the float32 path
 
   struct Moments {
     Shape shape_;
@@ -101,7 +104,7 @@ struct Blockwise8bit {
         for (Index k = 0; k < len; ++k) {
           const Index i = off + k;
           const float x = g[i];
-          if (!galore::detail::in_adam_range(x)) {
+          if (!math::in_adam_range(x)) {
             d[k] = 0.0f;
             continue;
           }
@@ -148,7 +151,7 @@ GALORE_OMP(omp for schedule(static))
       float new_am = 0.0f, new_av = 0.0f;
       for (Index j = 0; j < len; ++j) {
         const float m = qm[mc[j]] * am, v = qv[vc[j]] * av, gj = x[j];
-        const bool ok = galore::detail::in_adam_range(gj);
+        const bool ok = math::in_adam_range(gj);
         const math::AdamElement e = math::adam8bit_element(ok ? gj : 0.0f, m, v, coef);
         const float mn = ok ? e.m : m;
         const float vn = ok ? e.v : v;
