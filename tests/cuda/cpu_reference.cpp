@@ -10,12 +10,19 @@ using namespace galore;
 
 namespace {
 
+template <class State>
+State state_of(const RunSpec& s) {
+  if constexpr (std::is_same_v<State, state::Blockwise8bit>) return state::Blockwise8bit{s.block_size, s.min_8bit_size};
+  else return State{};
+}
+
 template <class State, class T, class Schedule>
 std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& W0,
                                     const std::vector<std::vector<float>>& grads, Schedule schedule, RunInfo* info) {
   const AdamConfig c = adam_of(s);
   GaLoreOptimizer<Projector<svd::Exact, quant::None, Schedule>, LowRankAdam<State>> opt(
-      ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, LowRankAdam<State>(c), schedule);
+      ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, LowRankAdam<State>(c, state_of<State>(s)),
+      schedule);
   const Shape shape{s.rows, s.cols};
   const LayerId id = s.dense ? opt.add_dense(shape) : opt.add_layer(shape);
   Matrix<T> W(s.rows, s.cols);
@@ -60,6 +67,9 @@ std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& 
 
 std::vector<std::vector<float>> cpu_run(const RunSpec& spec, std::vector<float> W,
                                         const std::vector<std::vector<float>>& grads, bool bf16, RunInfo* info) {
+  if (spec.blockwise8bit)
+    return bf16 ? run<state::Blockwise8bit, bfloat16>(spec, W, grads, info)
+                : run<state::Blockwise8bit, float>(spec, W, grads, info);
   if (spec.bf16_moments)
     return bf16 ? run<state::BFloat16, bfloat16>(spec, W, grads, info)
                 : run<state::BFloat16, float>(spec, W, grads, info);
@@ -262,10 +272,12 @@ CpuCheckpointRun checkpoint_run(const CkptSpec& s, Schedule schedule, const std:
   run.lr = opt.adam_config().lr;
   for (std::size_t i = 0; i < L; ++i) {
     CpuLayerState st;
-    const auto& mo = opt.moments(ids[i]);
-    for (Index k = 0; k < mo.m.size(); ++k) {
-      st.m.push_back(static_cast<float>(mo.m(k)));
-      st.v.push_back(static_cast<float>(mo.v(k)));
+    if constexpr (!std::is_same_v<State, state::Blockwise8bit>) {
+      const auto& mo = opt.moments(ids[i]);
+      for (Index k = 0; k < mo.m.size(); ++k) {
+        st.m.push_back(static_cast<float>(mo.m(k)));
+        st.v.push_back(static_cast<float>(mo.v(k)));
+      }
     }
     const LayerStats stats = opt.stats(ids[i]);
     st.steps = stats.steps;
@@ -301,6 +313,8 @@ CpuCheckpointRun cpu_checkpoint_run(const CkptSpec& spec, const std::string& che
                                     const std::vector<std::vector<float>>& W0,
                                     const std::vector<std::vector<std::vector<float>>>& grads, double lr_after,
                                     bool with_weights) {
+  if (spec.blockwise8bit)
+    return checkpoint_run<state::Blockwise8bit>(spec, checkpoint, W0, grads, lr_after, with_weights);
   return spec.bf16_moments
              ? checkpoint_run<state::BFloat16>(spec, checkpoint, W0, grads, lr_after, with_weights)
              : checkpoint_run<state::Float32>(spec, checkpoint, W0, grads, lr_after, with_weights);

@@ -18,6 +18,9 @@ struct RunSpec {
   bool correct_bias = true;
   long gap = 200;
   bool bf16_moments = false;
+  // state::Blockwise8bit{block_size, min_8bit_size} (GaLoreAdamW8bit) instead of dense moments.
+  bool blockwise8bit = false;
+  long block_size = 256, min_8bit_size = 4096;
   bool dense = false;           // plain AdamW instead of GaLore
   std::vector<double> lrs;      // learning rate per step (set_lr before it), if not empty
   int lazy_queue = 0;           // > 0: schedule::Lazy{gap, lazy_threshold, lazy_gamma, lazy_queue}
@@ -37,7 +40,8 @@ struct RunInfo {
   double drift_baseline = 0.0, drift_last_captured = 0.0;
 };
 
-// W after every step of the CPU GaLoreAdamW (exact SVD, fixed gap) over `grads`
+// W after every step of the CPU GaLoreAdamW (exact SVD, fixed gap; 8-bit or
+// bf16 moments as the spec says) over `grads`
 // (row-major). bf16: weights and gradients held as bfloat16 (inputs rounded).
 std::vector<std::vector<float>> cpu_run(const RunSpec& spec, std::vector<float> W,
                                         const std::vector<std::vector<float>>& grads, bool bf16 = false,
@@ -125,6 +129,7 @@ struct CkptSpec {
   int lazy_queue = 0;  // > 0: schedule::Lazy{gap, lazy_threshold, lazy_gamma, lazy_queue}
   double lazy_threshold = 0.5, lazy_gamma = 2.0;
   bool bf16_moments = false;
+  bool blockwise8bit = false;  // state::Blockwise8bit{} (its moments are not reported in CpuLayerState)
 };
 
 // A layer's optimizer state, in float.

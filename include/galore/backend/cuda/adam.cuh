@@ -263,16 +263,24 @@ __device__ inline void record_step(StepCounters* c, bool skip, float step, float
 }
 
 // Phase one of a step kernel: every block checks its share of g[0, n), the
-// grid meets, and every thread learns the verdict and this step's Adam step
-// size. Block 0 then updates the counters: every block read them before the
-// barrier, and no block reads them after it.
+// grid meets, and every thread learns the verdict, the step's Adam t and its
+// step size (step_size(t), by default galore_torch's). Block 0 then updates the
+// counters: every block read them before the barrier, and no block reads them
+// after it.
 struct Verdict {
   bool skip;
   float step;
+  long long t;  // Adam's t of this step if it applies: applied steps before it + 1
 };
-template <class G>
+struct AdamStepSize {
+  const AdamLaunch& p;
+  __device__ float operator()(long long t) const {
+    return math::adam_step_size_float(p.lr, p.beta1, p.beta2, t, p.correct_bias);
+  }
+};
+template <class G, class StepSize = AdamStepSize>
 __device__ Verdict decide_step(const G* __restrict__ g, std::int64_t n, bool vec4, const AdamLaunch& p,
-                               StepCounters* c) {
+                               StepCounters* c, StepSize step_size) {
   const long long applied = c->applied;
   const long long t = applied + c->skipped;
   unsigned* slot = &c->bad[t & 1];
@@ -292,12 +300,17 @@ __device__ Verdict decide_step(const G* __restrict__ g, std::int64_t n, bool vec
     while (*static_cast<volatile unsigned*>(&c->arrived[t & 1]) < gridDim.x) __nanosleep(64);
     __threadfence();
     const bool skip = *static_cast<volatile unsigned*>(slot) != 0u;
-    const float step = skip ? 0.0f : math::adam_step_size_float(p.lr, p.beta1, p.beta2, applied + 1, p.correct_bias);
-    verdict = {skip, step};
+    const float step = skip ? 0.0f : step_size(applied + 1);
+    verdict = {skip, step, applied + 1};
     if (blockIdx.x == 0) record_step(c, skip, step, p.decay, p.scale);
   }
   __syncthreads();
   return verdict;
+}
+template <class G>
+__device__ Verdict decide_step(const G* __restrict__ g, std::int64_t n, bool vec4, const AdamLaunch& p,
+                               StepCounters* c) {
+  return decide_step(g, n, vec4, p, c, AdamStepSize{p});
 }
 
 // Low-rank step on R (rows x cols, leading dimension ld >= cols; the padded

@@ -12,9 +12,15 @@
 // neighbouring codes that lie below the value (the CPU's quant::CodeIndex; here
 // a binary search over the midpoints in shared memory), so ties agree; an m whose
 // code would flip its sign moves one code towards it, as bitsandbytes does.
+// The count comes from a bucket table in shared memory, as on the CPU: one
+// byte per bucket of floats (sign, exponent, 8 mantissa bits) gives the
+// midpoints below the bucket, one comparison finishes; the table covers the
+// exponents of [2^-23, 2), where every midpoint lies, and the rare value
+// outside it takes a binary search.
 //
-// One thread block of 256 threads per quantization block; blocks of up to
-// 4096 elements (bitsandbytes uses 256, its versions before 0.44 2048).
+// Blocks of up to 512 elements (bitsandbytes uses 256) are stepped one per
+// warp, so the block's absmax is a shuffle reduction with no barrier; larger
+// blocks (up to 4096; bitsandbytes before 0.44 used 2048) one per thread block.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -23,6 +29,8 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <stdexcept>
 #include <vector>
 
 #include "../../math/adam.hpp"
@@ -36,31 +44,68 @@
 
 namespace galore::cuda {
 
-// The signed and unsigned dynamic maps and their midpoints, in device memory:
-// [signed map | unsigned map | signed midpoints | unsigned midpoints], 256
-// floats each (255 midpoints, then +inf).
+// The signed and unsigned dynamic maps, their midpoints and bucket tables, in
+// device memory: [signed map | unsigned map | signed midpoints | unsigned
+// midpoints] as 256 floats each (255 midpoints, then +inf), then the signed and
+// the unsigned bucket table (kTableBytes each).
 class DynamicMaps {
  public:
-  DynamicMaps() : buf_(4 * 256) {
-    std::vector<float> host(4 * 256);
-    const quant::CodeMap& qm = quant::dynamic_map_signed();
-    const quant::CodeMap& qv = quant::dynamic_map_unsigned();
+  // The bucket tables cover exponent fields [kTableExpLo, 127], both signs, 8
+  // mantissa bits: values of magnitude in [2^-23, 2).
+  static constexpr int kTableExpLo = 104;
+  static constexpr int kTableExps = 128 - kTableExpLo;
+  static constexpr int kTableBytes = 2 * kTableExps * 256;
+  static constexpr int kBytes = 4 * 256 * static_cast<int>(sizeof(float)) + 2 * kTableBytes;
+
+  DynamicMaps() : buf_(kBytes) {
+    std::vector<unsigned char> host(kBytes);
+    const quant::CodeMap* map[2] = {&quant::dynamic_map_signed(), &quant::dynamic_map_unsigned()};
     // The CPU's own midpoints (255, then +inf), so that both backends count the same ones.
-    const std::vector<float>& mm = quant::signed_code_index().midpoints();
-    const std::vector<float>& mv = quant::unsigned_code_index().midpoints();
-    std::copy(qm.begin(), qm.end(), host.begin());
-    std::copy(qv.begin(), qv.end(), host.begin() + 256);
-    std::copy(mm.begin(), mm.begin() + 256, host.begin() + 512);
-    std::copy(mv.begin(), mv.begin() + 256, host.begin() + 768);
+    const std::vector<float>* mid[2] = {&quant::signed_code_index().midpoints(),
+                                        &quant::unsigned_code_index().midpoints()};
+    for (int k = 0; k < 2; ++k) {
+      std::memcpy(host.data() + k * 256 * sizeof(float), map[k]->data(), 256 * sizeof(float));
+      std::memcpy(host.data() + (512 + k * 256) * sizeof(float), mid[k]->data(), 256 * sizeof(float));
+      below_tiny_[k] = fill_table(*mid[k], host.data() + 1024 * sizeof(float) + k * kTableBytes);
+    }
     check(cudaMemcpy(buf_.data(), host.data(), buf_.bytes(), cudaMemcpyHostToDevice), "cudaMemcpy");
     // A pageable copy may return before its DMA lands, and a non-blocking
     // stream is not ordered after the legacy one.
     check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
   }
-  const float* data() const { return buf_.data(); }
+  const unsigned char* data() const { return buf_.data(); }
+  // The midpoints below every value of magnitude under 2^-23 (those below 0),
+  // for the signed (0) and unsigned (1) map.
+  int below_tiny(int k) const { return below_tiny_[k]; }
 
  private:
-  DeviceBuffer<float> buf_;
+  // Writes the table of the 255 ascending midpoints mid (then +inf) and
+  // returns the count below the values under the table's range. Throws
+  // std::logic_error if a bucket holds two midpoints or a midpoint lies under
+  // the range (one comparison would not finish the search).
+  static int fill_table(const std::vector<float>& mid, unsigned char* table) {
+    const auto end = mid.begin() + 255;
+    const float tiny = std::ldexp(1.0f, kTableExpLo - 127);
+    if (std::lower_bound(mid.begin(), end, -tiny) != std::upper_bound(mid.begin(), end, tiny))
+      throw std::logic_error("galore: a midpoint of the 8-bit code map lies below the bucket table's range");
+    for (std::uint32_t sign = 0; sign < 2; ++sign)
+      for (int e = 0; e < kTableExps; ++e)
+        for (std::uint32_t m8 = 0; m8 < 256; ++m8) {
+          const std::uint32_t bits = sign << 31 | static_cast<std::uint32_t>(kTableExpLo + e) << 23 | m8 << 15;
+          float a, b;
+          const std::uint32_t last = bits | 0x7fffu;
+          std::memcpy(&a, &bits, sizeof a);
+          std::memcpy(&b, &last, sizeof b);
+          const auto first = std::lower_bound(mid.begin(), end, std::min(a, b));
+          if (std::upper_bound(mid.begin(), end, std::max(a, b)) - first > 1)
+            throw std::logic_error("galore: a bucket of the 8-bit code table holds two midpoints");
+          table[(sign * kTableExps + e) * 256 + m8] = static_cast<unsigned char>(first - mid.begin());
+        }
+    return static_cast<int>(std::lower_bound(mid.begin(), end, 0.0f) - mid.begin());
+  }
+
+  DeviceBuffer<unsigned char> buf_;
+  int below_tiny_[2] = {0, 0};
 };
 
 // One tensor's 8-bit moments.
@@ -124,7 +169,25 @@ class Blockwise8bitMoments {
 namespace impl {
 
 constexpr int kAdam8bitThreads = 256;
+constexpr int kAdam8bitWarps = kAdam8bitThreads / 32;
 constexpr int kAdam8bitPerThread = Blockwise8bitMoments::kMaxBlock / kAdam8bitThreads;
+// Blocks up to this size are stepped one per warp.
+constexpr int kAdam8bitWarpBlock = 512;
+
+// The maps, midpoints and bucket tables of DynamicMaps, in shared memory.
+struct Adam8bitTables {
+  float qm[256], qv[256], mid_m[256], mid_v[256];
+  unsigned char table_m[DynamicMaps::kTableBytes], table_v[DynamicMaps::kTableBytes];
+};
+static_assert(sizeof(Adam8bitTables) == DynamicMaps::kBytes, "the shared tables mirror DynamicMaps' layout");
+
+// Copies DynamicMaps' buffer into shared memory (16 bytes per thread and load).
+__device__ inline void load_tables(Adam8bitTables& t, const unsigned char* __restrict__ maps) {
+  auto* to = reinterpret_cast<uint4*>(&t);
+  const auto* from = reinterpret_cast<const uint4*>(maps);
+  for (int k = threadIdx.x; k < DynamicMaps::kBytes / 16; k += blockDim.x) to[k] = from[k];
+  __syncthreads();
+}
 
 // The number of midpoints below x among the 255 sorted ones in mid.
 __device__ inline int midpoints_below(const float* mid, float x) {
@@ -137,6 +200,57 @@ __device__ inline int midpoints_below(const float* mid, float x) {
   return lo;
 }
 
+// The same count through the bucket table: the midpoints below x's bucket,
+// plus one if the bucket's midpoint (if any) lies below x.
+__device__ inline int code_of(const unsigned char* table, const float* mid, int below_tiny, float x) {
+  const unsigned bits = __float_as_uint(x);
+  const int e = static_cast<int>((bits >> 23) & 0xffu);
+  if (e < DynamicMaps::kTableExpLo) return below_tiny;
+  if (e > 127) return midpoints_below(mid, x);
+  const int b = table[((bits >> 31) * DynamicMaps::kTableExps + (e - DynamicMaps::kTableExpLo)) * 256 +
+                      ((bits >> 15) & 0xffu)];
+  return b + (mid[b] < x);
+}
+
+// Dequantizes an element's moments, steps them with gradient gi, and returns
+// its update d (clamped; 0 with the state kept when gi is out of Adam's range).
+__device__ inline float step_element(const Adam8bitTables& t, std::uint8_t cm, std::uint8_t cv, float am, float av,
+                                     float gi, const math::Adam8bitCoefficients& coef, float& m, float& v) {
+  m = t.qm[cm] * am;
+  v = t.qv[cv] * av;
+  const bool ok = math::in_adam_range(gi);
+  const math::AdamElement e = math::adam8bit_element(ok ? gi : 0.0f, m, v, coef);
+  if (!ok) return 0.0f;
+  m = e.m;
+  v = e.v;
+  return math::clamp_update(e.d);
+}
+
+// The codes of new moments m, v in a block of absmax new_am, new_av. An
+// all-zero block (absmax 0) stores the zero codes instead of 0/0; an m whose
+// code would flip its sign moves one code towards it.
+__device__ inline void encode_element(const Adam8bitTables& t, int below_tiny_m, int below_tiny_v, float m, float v,
+                                      float new_am, float new_av, std::uint8_t& cm, std::uint8_t& cv) {
+  int c = 127;
+  if (new_am > 0.0f) {
+    c = code_of(t.table_m, t.mid_m, below_tiny_m, m / new_am);
+    if (signbit(t.qm[c]) != signbit(m)) c += m > 0.0f ? 1 : -1;
+  }
+  cm = static_cast<std::uint8_t>(c);
+  cv = static_cast<std::uint8_t>(new_av > 0.0f ? code_of(t.table_v, t.mid_v, below_tiny_v, v / new_av) : 0);
+}
+
+// A tensor's 8-bit moments as a kernel takes them.
+struct Adam8bitState {
+  std::int64_t n;
+  int block;
+  std::uint8_t* m_code;
+  std::uint8_t* v_code;
+  float* m_absmax;
+  float* v_absmax;
+  int below_tiny_m, below_tiny_v;  // DynamicMaps::below_tiny
+};
+
 // The largest x of the block's threads, for x >= 0 (0 fills the empty lanes).
 __device__ inline float block_max(float x, float* scratch) {
   x = warp_max(x);
@@ -144,85 +258,230 @@ __device__ inline float block_max(float x, float* scratch) {
   __syncthreads();  // scratch may still be read from the previous reduction
   if (lane == 0) scratch[warp] = x;
   __syncthreads();
-  return warp_max(lane < kAdam8bitThreads / 32 ? scratch[lane] : 0.0f);
+  return warp_max(lane < kAdam8bitWarps ? scratch[lane] : 0.0f);
 }
 
-// Blocks b = blockIdx.x, blockIdx.x + gridDim.x, ... of the tensor, one at a
-// time per thread block (the maps are loaded into shared memory once per
-// thread block, not per quantization block): elements lo + threadIdx.x + 256 u.
+// Steps every quantization block of s, each thread block taking its share:
+// the element i's gradient is load(i), its update goes to store(i, d). Blocks
+// of at most 32 * PerLane elements are stepped one per warp (lane l takes
+// elements l, l + 32, ... of its block, every load issued before any use, the
+// absmax a shuffle reduction); PerLane 0 steps larger blocks one per thread
+// block (elements threadIdx.x + 256 u, the absmax through shared memory).
+template <int PerLane, class Load, class Store>
+__device__ void step_quantization_blocks(const Adam8bitTables& t, const Adam8bitState& s,
+                                         const math::Adam8bitCoefficients& coef, Load load, Store store) {
+  constexpr bool per_warp = PerLane > 0;
+  constexpr int per_thread = per_warp ? PerLane : kAdam8bitPerThread;
+  constexpr int stride = per_warp ? 32 : kAdam8bitThreads;
+  __shared__ float scratch[per_warp ? 1 : kAdam8bitWarps];
+  const int lane = per_warp ? threadIdx.x % 32 : threadIdx.x;
+  const std::int64_t units = per_warp ? static_cast<std::int64_t>(gridDim.x) * kAdam8bitWarps : gridDim.x;
+  const std::int64_t nblocks = (s.n + s.block - 1) / s.block;
+  for (std::int64_t b = per_warp ? blockIdx.x * static_cast<std::int64_t>(kAdam8bitWarps) + threadIdx.x / 32
+                                 : blockIdx.x;
+       b < nblocks; b += units) {
+    const std::int64_t lo = b * s.block;
+    const int len = static_cast<int>(s.n - lo < s.block ? s.n - lo : s.block);
+    const float am = s.m_absmax[b], av = s.v_absmax[b];
+    float g[per_thread];
+    std::uint8_t cm[per_thread], cv[per_thread];
+#pragma unroll
+    for (int u = 0; u < per_thread; ++u) {
+      const int j = lane + stride * u;
+      g[u] = j < len ? load(lo + j) : 0.0f;
+      cm[u] = j < len ? s.m_code[lo + j] : std::uint8_t{127};
+      cv[u] = j < len ? s.v_code[lo + j] : std::uint8_t{0};
+    }
+    float m[per_thread], v[per_thread], new_am = 0.0f, new_av = 0.0f;
+#pragma unroll
+    for (int u = 0; u < per_thread; ++u) {
+      m[u] = v[u] = 0.0f;
+      if (lane + stride * u >= len) continue;
+      store(lo + lane + stride * u, step_element(t, cm[u], cv[u], am, av, g[u], coef, m[u], v[u]));
+      new_am = fmaxf(new_am, fabsf(m[u]));
+      new_av = fmaxf(new_av, v[u]);
+    }
+    if constexpr (per_warp) {
+      new_am = warp_max(new_am);
+      new_av = warp_max(new_av);
+    } else {
+      new_am = block_max(new_am, scratch);
+      new_av = block_max(new_av, scratch);
+    }
+    if (lane == 0) {  // every thread of the unit read am and av above
+      s.m_absmax[b] = new_am;
+      s.v_absmax[b] = new_av;
+    }
+#pragma unroll
+    for (int u = 0; u < per_thread; ++u) {
+      const int j = lane + stride * u;
+      if (j >= len) continue;
+      encode_element(t, s.below_tiny_m, s.below_tiny_v, m[u], v[u], new_am, new_av, s.m_code[lo + j], s.v_code[lo + j]);
+    }
+  }
+}
+
+// Which step_quantization_blocks a block size takes.
+template <class Launch>
+void dispatch_block_size(int block, Launch&& launch) {
+  if (block <= 256) launch(std::integral_constant<int, 8>{});
+  else if (block <= kAdam8bitWarpBlock) launch(std::integral_constant<int, 16>{});
+  else launch(std::integral_constant<int, 0>{});
+}
+// Thread blocks a step of s takes: one per quantization block, or per 8 of
+// them stepped per warp.
+inline std::int64_t thread_blocks_for(const Adam8bitState& s) {
+  const std::int64_t nblocks = (s.n + s.block - 1) / s.block;
+  return s.block <= kAdam8bitWarpBlock ? (nblocks + kAdam8bitWarps - 1) / kAdam8bitWarps : nblocks;
+}
+
+// One step of the moments on the float gradient g, the update into d.
+template <int PerLane>
 __global__ void __launch_bounds__(kAdam8bitThreads)
-    adam8bit_blockwise(const float* __restrict__ g, std::int64_t n, int block, std::uint8_t* __restrict__ m_code,
-                       std::uint8_t* __restrict__ v_code, float* __restrict__ m_absmax, float* __restrict__ v_absmax,
-                       const float* __restrict__ maps, math::Adam8bitCoefficients coef, float* __restrict__ d) {
-  __shared__ float qm[256], qv[256], mid_m[256], mid_v[256], scratch[kAdam8bitThreads / 32];
-  for (int k = threadIdx.x; k < 256; k += blockDim.x) {
-    qm[k] = maps[k];
-    qv[k] = maps[256 + k];
-    mid_m[k] = maps[512 + k];
-    mid_v[k] = maps[768 + k];
+    adam8bit_blocks(Adam8bitState s, const unsigned char* __restrict__ maps, math::Adam8bitCoefficients coef,
+                    const float* __restrict__ g, float* __restrict__ d) {
+  __shared__ __align__(16) Adam8bitTables t;
+  load_tables(t, maps);
+  step_quantization_blocks<PerLane>(
+      t, s, coef, [g](std::int64_t i) { return g[i]; }, [d](std::int64_t i, float x) { d[i] = x; });
+}
+
+// A layer's step as the optimizer makes it (the CPU's LowRankAdam over
+// state::Blockwise8bit inside galore_step and adamw_step): the skip decision
+// over the whole gradient first (decide_step), then on an applied step the
+// 8-bit update with the coefficients of the step's t.
+struct Adam8bitHyper {
+  double lr, beta1, beta2, eps;
+  bool correct_bias;
+  __device__ math::Adam8bitCoefficients at(long long t) const {
+    return math::adam8bit_coefficients(lr, beta1, beta2, eps, t, correct_bias);
   }
-  __syncthreads();
-  const std::int64_t nblocks = (n + block - 1) / block;
-  for (std::int64_t b = blockIdx.x; b < nblocks; b += gridDim.x) {
-    const std::int64_t lo = b * block;
-    const int len = static_cast<int>(n - lo < block ? n - lo : block);
-    const float am = m_absmax[b], av = v_absmax[b];
-    float mn[kAdam8bitPerThread], vn[kAdam8bitPerThread];
-    float new_am = 0.0f, new_av = 0.0f;
-#pragma unroll
-    for (int u = 0; u < kAdam8bitPerThread; ++u) {
-      const int j = static_cast<int>(threadIdx.x) + u * kAdam8bitThreads;
-      if (j >= len) break;
-      const std::int64_t i = lo + j;
-      const float m = qm[m_code[i]] * am, v = qv[v_code[i]] * av, gi = g[i];
-      const bool ok = math::in_adam_range(gi);
-      const math::AdamElement e = math::adam8bit_element(ok ? gi : 0.0f, m, v, coef);
-      mn[u] = ok ? e.m : m;
-      vn[u] = ok ? e.v : v;
-      d[i] = ok ? math::clamp_update(e.d) : 0.0f;
-      new_am = fmaxf(new_am, fabsf(mn[u]));
-      new_av = fmaxf(new_av, vn[u]);
-    }
-    new_am = block_max(new_am, scratch);
-    new_av = block_max(new_av, scratch);
-    if (threadIdx.x == 0) {
-      m_absmax[b] = new_am;
-      v_absmax[b] = new_av;
-    }
-#pragma unroll
-    for (int u = 0; u < kAdam8bitPerThread; ++u) {
-      const int j = static_cast<int>(threadIdx.x) + u * kAdam8bitThreads;
-      if (j >= len) break;
-      const std::int64_t i = lo + j;
-      // An all-zero block (absmax 0) stores the zero codes instead of 0/0.
-      int cm = 127;
-      if (new_am > 0.0f) {
-        const float m = mn[u];
-        cm = midpoints_below(mid_m, m / new_am);
-        if (signbit(qm[cm]) != signbit(m)) cm += m > 0.0f ? 1 : -1;
-      }
-      m_code[i] = static_cast<std::uint8_t>(cm);
-      v_code[i] = static_cast<std::uint8_t>(new_av > 0.0f ? midpoints_below(mid_v, vn[u] / new_av) : 0);
+  __device__ float operator()(long long t) const { return at(t).step; }
+};
+
+// The low-rank step's input R (float) and output D (the basis' type), rows x
+// cols with leading dimension ld: D's padded columns are set to 0, and all of
+// D on a skipped step.
+template <class DT>
+struct LowRankIO {
+  const float* r;
+  DT* d;
+  std::int64_t rows, cols, ld;
+  __device__ const float* checked() const { return r; }
+  __device__ std::int64_t checked_size() const { return rows * ld; }
+  __device__ bool vec4() const { return true; }
+  __device__ float load(std::int64_t i) const { return r[strided_index(i, ld, cols)]; }
+  __device__ void store(std::int64_t i, float x) const { d[strided_index(i, ld, cols)] = from_float<DT>(x); }
+  __device__ void zero_all() const {
+    for (std::int64_t i = grid_first(); i < rows * ld; i += grid_stride()) d[i] = from_float<DT>(0.0f);
+  }
+  __device__ void finish() const {
+    const std::int64_t pad = ld - cols;
+    if (pad == 0) return;
+    for (std::int64_t i = grid_first(); i < rows * pad; i += grid_stride()) {
+      const std::int64_t row = quotient(i, pad);
+      d[row * ld + cols + (i - row * pad)] = from_float<DT>(0.0f);
     }
   }
+};
+
+// A dense layer's gradient G and weight W (n contiguous elements):
+// W = (W - d) * decay, as the CPU's adamw_step; nothing written when skipped.
+template <class T>
+struct DenseIO {
+  T* w;
+  const T* g;
+  std::int64_t n;
+  bool aligned;
+  float decay;
+  __device__ const T* checked() const { return g; }
+  __device__ std::int64_t checked_size() const { return n; }
+  __device__ bool vec4() const { return aligned; }
+  __device__ float load(std::int64_t i) const { return to_float(g[i]); }
+  __device__ void store(std::int64_t i, float x) const { w[i] = from_float<T>((to_float(w[i]) - x) * decay); }
+  __device__ void zero_all() const {}
+  __device__ void finish() const {}
+};
+
+template <int PerLane, class IO>
+__global__ void __launch_bounds__(kAdam8bitThreads)
+    adam8bit_layer_step(Adam8bitState s, const unsigned char* __restrict__ maps, Adam8bitHyper h, IO io, AdamLaunch p,
+                        StepCounters* c) {
+  __shared__ __align__(16) Adam8bitTables t;
+  load_tables(t, maps);
+  const Verdict verdict = decide_step(io.checked(), io.checked_size(), io.vec4(), p, c, h);
+  if (verdict.skip) {
+    io.zero_all();
+    return;
+  }
+  step_quantization_blocks<PerLane>(
+      t, s, h.at(verdict.t), [&io](std::int64_t i) { return io.load(i); },
+      [&io](std::int64_t i, float x) { io.store(i, x); });
+  io.finish();
+}
+
+// The same for a tensor under the 8-bit threshold, whose moments stay float32
+// (bitsandbytes' formula, element by element).
+template <class IO>
+__global__ void __launch_bounds__(kThreads)
+    adam8bit_float_layer_step(float* __restrict__ m, float* __restrict__ v, std::int64_t n, Adam8bitHyper h, IO io,
+                              AdamLaunch p, StepCounters* c) {
+  const Verdict verdict = decide_step(io.checked(), io.checked_size(), io.vec4(), p, c, h);
+  if (verdict.skip) {
+    io.zero_all();
+    return;
+  }
+  const math::Adam8bitCoefficients coef = h.at(verdict.t);
+  for (std::int64_t i = grid_first(); i < n; i += grid_stride()) {
+    const math::AdamElement e = math::adam8bit_element(io.load(i), m[i], v[i], coef);
+    m[i] = e.m;
+    v[i] = e.v;
+    io.store(i, math::clamp_update(e.d));
+  }
+  io.finish();
 }
 
 }  // namespace impl
 
 // One step of the moments with the float gradient g (size() elements, device
 // memory), writing the update d (clamped; 0 where g is out of Adam's range):
-// the CPU's state::Blockwise8bit::update on its 8-bit path. The coefficients
-// come from the host (math::adam8bit_coefficients: powf differs between the
-// backends by an ulp or two). No synchronization.
+// the CPU's state::Blockwise8bit::update on its 8-bit path, with the
+// coefficients of math::adam8bit_coefficients (the same bits on both
+// backends). No synchronization.
 inline void adam8bit_step(Context& ctx, Blockwise8bitMoments& mo, const DynamicMaps& maps, const float* g, float* d,
                           const math::Adam8bitCoefficients& coef) {
   detail::require(mo.size() > 0, "adam8bit_step: the moments are empty (default-constructed)");
-  // Enough thread blocks to fill the device (8 per multiprocessor), each
-  // looping over quantization blocks.
-  const auto grid = static_cast<unsigned>(std::min<std::int64_t>(mo.blocks(), 8 * ctx.multiprocessors()));
-  impl::adam8bit_blockwise<<<grid, impl::kAdam8bitThreads, 0, ctx.stream()>>>(
-      g, mo.size(), mo.block_size(), mo.m_codes(), mo.v_codes(), mo.m_absmax(), mo.v_absmax(), maps.data(), coef, d);
-  check_launch("galore::cuda::adam8bit_blockwise");
+  const impl::Adam8bitState s{mo.size(),     mo.block_size(), mo.m_codes(),       mo.v_codes(),
+                              mo.m_absmax(), mo.v_absmax(),   maps.below_tiny(0), maps.below_tiny(1)};
+  impl::dispatch_block_size(s.block, [&](auto per_lane) {
+    auto* kernel = impl::adam8bit_blocks<decltype(per_lane)::value>;
+    // One wave of resident thread blocks, each looping over its share.
+    const int resident = ctx.resident_blocks(reinterpret_cast<const void*>(kernel), impl::kAdam8bitThreads);
+    const auto grid = static_cast<unsigned>(std::min<std::int64_t>(impl::thread_blocks_for(s), resident));
+    kernel<<<grid, impl::kAdam8bitThreads, 0, ctx.stream()>>>(s, maps.data(), coef, g, d);
+    check_launch("galore::cuda::adam8bit_step");
+  });
+}
+
+// A layer's step with 8-bit moments s, as the optimizer makes it: the skip
+// decision over io's gradient, then (if applied) the update of the moments and
+// io's output (impl::LowRankIO: D; impl::DenseIO: W). One cooperative launch,
+// no synchronization.
+template <class IO>
+void adam8bit_layer_step(Context& ctx, const impl::Adam8bitState& s, const DynamicMaps& maps,
+                         const impl::Adam8bitHyper& h, const IO& io, const AdamLaunch& p, StepCounters* counters) {
+  impl::dispatch_block_size(s.block, [&](auto per_lane) {
+    impl::launch_cooperative(ctx, impl::adam8bit_layer_step<decltype(per_lane)::value, IO>,
+                             impl::thread_blocks_for(s) * impl::kThreads, "galore::cuda::adam8bit_layer_step", s,
+                             maps.data(), h, io, p, counters);
+  });
+}
+// The same for a tensor under the 8-bit threshold (float32 moments m, v of n elements).
+template <class IO>
+void adam8bit_float_layer_step(Context& ctx, float* m, float* v, std::int64_t n, const impl::Adam8bitHyper& h,
+                               const IO& io, const AdamLaunch& p, StepCounters* counters) {
+  impl::launch_cooperative(ctx, impl::adam8bit_float_layer_step<IO>, n, "galore::cuda::adam8bit_float_layer_step", m,
+                           v, n, h, io, p, counters);
 }
 
 }  // namespace galore::cuda

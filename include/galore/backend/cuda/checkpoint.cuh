@@ -26,7 +26,9 @@
 //  - each basis as quant::None stores it, in float32. A bf16 layer's basis widens
 //    exactly; loading into a bf16 layer rounds the float32 basis to nearest even
 //    bf16 (the GPU keeps P in the layer's element type, as galore_torch does);
-//  - the moments as the state policy (state::Dense<float or bfloat16>) stores them;
+//  - the moments as the state policy stores them (state::Dense<float or
+//    bfloat16>, or state::Blockwise8bit: codes and absmax, or the float32
+//    moments of a tensor under min_8bit_size);
 //  - the trainer's weights if a DeviceWeightSet is passed, as the CPU's
 //    WeightSet saves them (float32 or bf16 matrices): a file with weights loads
 //    only with a set of the same layers and kinds, on either backend.
@@ -102,9 +104,14 @@ struct CheckpointAccess {
     namespace d = checkpoint::described;
     // The GPU facade's rounding settings are the CPU facade's
     // StochasticRounder<8>(seed, mode), so that files move between the two.
-    return checkpoint::config_items(opt.svd_, d::QuantNone{},
-                                    opt.schedule_, d::DenseState{!std::is_same_v<typename Opt::moment_type, float>},
-                                    opt.adam_, d::Rounder{8, opt.rounding_.seed, opt.rounding_.mode}, opt.projection_);
+    const d::Rounder rounder{8, opt.rounding_.seed, opt.rounding_.mode};
+    if constexpr (Opt::blockwise8bit)
+      return checkpoint::config_items(opt.svd_, d::QuantNone{}, opt.schedule_, opt.state_, opt.adam_, rounder,
+                                      opt.projection_);
+    else
+      return checkpoint::config_items(opt.svd_, d::QuantNone{}, opt.schedule_,
+                                      d::DenseState{!std::is_same_v<typename Opt::moment_type, float>}, opt.adam_,
+                                      rounder, opt.projection_);
   }
 
   template <class Opt>
@@ -190,9 +197,27 @@ struct CheckpointAccess {
     std::vector<std::uint16_t> bf16;
   };
 
+  // A layer's 8-bit moments in host memory (the CPU's form), and their device pieces.
+  using Moments8bit = state::Blockwise8bit::Moments;
+  // copy(offset in the layer's storage, host pointer, element count) for each
+  // piece (M: Moments8bit, const to upload).
+  template <class Opt, class M, class Copy>
+  static void for_each_8bit_piece(const typename Opt::Layer& l, M& host, Copy copy) {
+    const auto& o = Opt::layout(l);
+    if (o.codes) {
+      copy(o.m, host.m_code.data(), host.m_code.size());
+      copy(o.v, host.v_code.data(), host.v_code.size());
+      copy(o.m_absmax, host.m_absmax.data(), host.m_absmax.size());
+      copy(o.v_absmax, host.v_absmax.data(), host.v_absmax.size());
+    } else {
+      copy(o.m, host.m32.data(), host.m32.size());
+      copy(o.v, host.v32.data(), host.v32.size());
+    }
+  }
+
   template <class Opt>
   class Saver {
-    using MH = Host<typename Opt::moment_type>;
+    using MH = Host<std::conditional_t<Opt::blockwise8bit, float, typename Opt::moment_type>>;
 
    public:
     Saver(const Opt& opt, const DeviceWeightSet* weights, Context& ctx) : opt_(opt), weights_(weights), ctx_(ctx) {}
@@ -226,10 +251,17 @@ struct CheckpointAccess {
       const auto n = static_cast<std::size_t>(l.low_rank.size());
       StepCounters c;
       download(&c, base + o.counters, 1, ctx_);
-      m_.resize(n);
-      v_.resize(n);
-      download(m_.data(), base + o.m, n, ctx_);
-      download(v_.data(), base + o.v, n, ctx_);
+      if constexpr (Opt::blockwise8bit) {
+        m8_ = opt_.state_.init(l.low_rank);
+        for_each_8bit_piece<Opt>(l, m8_, [&](std::size_t at, auto* host, std::size_t count) {
+          download(host, base + at, count, ctx_);
+        });
+      } else {
+        m_.resize(n);
+        v_.resize(n);
+        download(m_.data(), base + o.m, n, ctx_);
+        download(v_.data(), base + o.v, n, ctx_);
+      }
       const bool basis = l.projected && l.has_basis;
       if (basis && l.side != Side::Right) stage_factor(l, Side::Left, base + o.left, left_);
       if (basis && l.side != Side::Left) stage_factor(l, Side::Right, base + o.right, right_);
@@ -251,7 +283,8 @@ struct CheckpointAccess {
                               (factor == Side::Left ? left_ : right_).f32.data());
     }
     void save_moments(std::size_t i, checkpoint::Writer& w) const {
-      checkpoint::save_dense_moments(w, opt_.layers_[i].low_rank, m_.data(), v_.data());
+      if constexpr (Opt::blockwise8bit) checkpoint::save(w, opt_.state_, m8_);
+      else checkpoint::save_dense_moments(w, opt_.layers_[i].low_rank, m_.data(), v_.data());
     }
 
    private:
@@ -273,13 +306,14 @@ struct CheckpointAccess {
     const DeviceWeightSet* weights_;
     Context& ctx_;
     std::vector<MH> m_, v_;
+    Moments8bit m8_;
     HostFactor left_, right_;
   };
 
   // Reads every layer into host memory; commit() then copies it to the device.
   template <class Opt>
   class Loader {
-    using MH = Host<typename Opt::moment_type>;
+    using MH = Host<std::conditional_t<Opt::blockwise8bit, float, typename Opt::moment_type>>;
     using State = typename Opt::schedule_policy::State;
 
     struct Staged {
@@ -289,6 +323,7 @@ struct CheckpointAccess {
       State schedule{};
       HostFactor left, right;
       std::vector<MH> m, v;
+      Moments8bit m8;
     };
 
    public:
@@ -335,6 +370,10 @@ struct CheckpointAccess {
     }
     void load_moments(std::size_t i, checkpoint::Reader& r, Shape want) {
       Staged& s = staged_[i];
+      if constexpr (Opt::blockwise8bit) {
+        checkpoint::load(r, opt_.state_, s.m8, want);
+        return;
+      }
       const std::uint64_t n = checkpoint::expect_dense_moments<MH>(r, want);
       s.m.resize(static_cast<std::size_t>(n));
       s.v.resize(static_cast<std::size_t>(n));
@@ -370,8 +409,14 @@ struct CheckpointAccess {
         const Staged& s = staged_[i];
         const auto o = Opt::layout(l);
         unsigned char* base = l.storage.data();
-        upload(base + o.m, s.m.data(), s.m.size(), ctx);
-        upload(base + o.v, s.v.data(), s.v.size(), ctx);
+        if constexpr (Opt::blockwise8bit) {
+          for_each_8bit_piece<Opt>(l, s.m8, [&](std::size_t at, auto* host, std::size_t count) {
+            upload(base + at, host, count, ctx);
+          });
+        } else {
+          upload(base + o.m, s.m.data(), s.m.size(), ctx);
+          upload(base + o.v, s.v.data(), s.v.size(), ctx);
+        }
         if (s.has_basis && l.side != Side::Right) upload_factor(base + o.left, s.left, ctx);
         if (s.has_basis && l.side != Side::Left) upload_factor(base + o.right, s.right, ctx);
         upload(base + o.counters, &s.counters, 1, ctx);

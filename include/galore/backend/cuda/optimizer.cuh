@@ -20,7 +20,7 @@
 // its counters say so; the host learns of it at the next synchronizing call.
 //
 // Memory: everything a layer holds (basis factors in the layer's element type,
-// both moments in moment_type, the step counters) is one device allocation made at
+// both moments, the step counters) is one device allocation made at
 // registration, so addresses never change. Temporaries live in the context's
 // workspace, sized by workspace_bytes().
 #pragma once
@@ -38,6 +38,7 @@
 
 #include "../../core/matrix_view.hpp"
 #include "../../optim/adam_config.hpp"
+#include "../../optim/blockwise8bit_state.hpp"
 #include "../../policies.hpp"
 #include "../../optim/step_result.hpp"
 #include "../../projection_type.hpp"
@@ -48,6 +49,7 @@
 #include "../../schedule/lazy.hpp"
 #include "../../schedule/traits.hpp"
 #include "adam.cuh"
+#include "adam8bit.cuh"
 #include "batched_step.cuh"
 #include "dtype.cuh"
 #include "context.cuh"
@@ -70,20 +72,44 @@ struct DeviceStepResult {
 };
 
 // The element type in which the GPU keeps the moments of a state policy
-// (policies.hpp). Only the dense states run on the GPU so far.
+// (policies.hpp): float or bf16 for the dense states, 8-bit codes (with a
+// float32 absmax per block, adam8bit.cuh) for bitsandbytes' blockwise state.
 template <class StatePolicy>
 struct DeviceMoments {
   static_assert(detail::dependent_false<StatePolicy>,
-                "galore: the CUDA backend keeps the moments of state::Float32 or state::BFloat16 only (8-bit "
-                "blockwise moments, state::Blockwise8bit, do not run on the GPU yet)");
+                "galore: the CUDA backend keeps the moments of state::Float32, state::BFloat16 or "
+                "state::Blockwise8bit");
 };
 template <>
 struct DeviceMoments<state::Dense<float>> {
   using type = float;
+  static constexpr bool blockwise8bit = false;
 };
 template <>
 struct DeviceMoments<state::Dense<bfloat16>> {
   using type = bf16;
+  static constexpr bool blockwise8bit = false;
+};
+template <>
+struct DeviceMoments<state::Blockwise8bit> {
+  using type = std::uint8_t;
+  static constexpr bool blockwise8bit = true;
+};
+
+// A layer's 8-bit moments in device memory (cuda::GaLoreOptimizer::moments_8bit):
+// codes and one absmax per block when `quantized`, else float32 moments (a
+// tensor under the policy's min_8bit_size, as on the CPU).
+struct DeviceMoments8bit {
+  Shape shape;
+  Index block_size = 0;
+  bool quantized = false;
+  const std::uint8_t* m_code = nullptr;
+  const std::uint8_t* v_code = nullptr;
+  const float* m_absmax = nullptr;
+  const float* v_absmax = nullptr;
+  const float* m32 = nullptr;
+  const float* v32 = nullptr;
+  Index blocks() const { return (shape.size() + block_size - 1) / block_size; }
 };
 
 // The GPU facade takes the policy names the CPU facade takes (policies.hpp):
@@ -91,7 +117,10 @@ struct DeviceMoments<state::Dense<bfloat16>> {
 // and builds their state in device memory: the moments of StatePolicy in
 // DeviceMoments<StatePolicy>::type, the basis unquantized (quant::None) in the
 // layer's element type (bf16 for bf16 layers, as galore_torch keeps P in the
-// gradient's dtype), the schedule's state on the host as on the CPU.
+// gradient's dtype), the schedule's state on the host as on the CPU. With
+// state::Blockwise8bit (GaLoreAdamW8bit) the moments are bitsandbytes' 8-bit
+// blockwise codes, stepped as the CPU steps them, bit for bit (adam8bit.cuh);
+// its blocks must hold at most 4096 elements on the GPU.
 template <class ProjectorT = Projector<>, class AdamT = LowRankAdam<>>
 class GaLoreOptimizer {
   static_assert(is_projector_v<ProjectorT>,
@@ -105,6 +134,11 @@ class GaLoreOptimizer {
   using SchedulePolicy = typename ProjectorPolicies<ProjectorT>::schedule;
   using StatePolicy = typename AdamPolicies<AdamT>::state;
   using MomentT = typename DeviceMoments<StatePolicy>::type;
+  static constexpr bool blockwise8bit = DeviceMoments<StatePolicy>::blockwise8bit;
+  // The state policy's settings the GPU needs: state::Blockwise8bit's (the
+  // dense policies have none, and their definitions need Eigen).
+  struct NoStateSettings {};
+  using StateSettings = std::conditional_t<blockwise8bit, state::Blockwise8bit, NoStateSettings>;
   static_assert(std::is_same_v<QuantPolicy, quant::None>,
                 "galore: on the GPU the basis is kept unquantized (quant::None); quantized bases do not run on the "
                 "GPU yet");
@@ -118,15 +152,22 @@ class GaLoreOptimizer {
   using svd_policy = SVDPolicy;
   using schedule_policy = SchedulePolicy;
   using state_policy = StatePolicy;
-  using moment_type = MomentT;  // float or bf16 (__nv_bfloat16)
+  using moment_type = MomentT;  // float, bf16 (__nv_bfloat16), or uint8_t (8-bit codes)
 
   // rounding: how INT8 weights (cuda::QuantizedWeight<8>) are re-quantized
   // after their update, StochasticRounder<8>(rounding.seed, rounding.mode) on
-  // the CPU; unused for float and bf16 weights.
+  // the CPU; unused for float and bf16 weights. state: the state policy's
+  // settings (state::Blockwise8bit{block_size, min_8bit_size}; the CPU facade
+  // takes them inside its LowRankAdam).
   explicit GaLoreOptimizer(ProjectorOptions projection = {}, AdamConfig adam = {}, SchedulePolicy schedule = {},
-                           SVDPolicy svd = {}, WeightRounding rounding = {})
-      : projection_(projection), adam_(adam), schedule_(schedule), svd_(svd), rounding_(rounding) {
+                           SVDPolicy svd = {}, WeightRounding rounding = {}, StateSettings state = {})
+      : projection_(projection), adam_(adam), state_(state), schedule_(schedule), svd_(svd), rounding_(rounding) {
     adam_.validate();
+    if constexpr (blockwise8bit) {
+      state_.validate();
+      detail::require(state_.block_size <= Blockwise8bitMoments::kMaxBlock, "8-bit block size on the GPU must be at "
+                      "most ", Blockwise8bitMoments::kMaxBlock, " (got ", state_.block_size, ")");
+    }
     validate_options(projection_);
     (void)schedule_.init();
     detail::validate_policy(svd_);
@@ -231,10 +272,25 @@ class GaLoreOptimizer {
   // graph captured at the first of them. With schedule::Drift a step that may
   // refresh or measure runs layer by layer through step() and uses ctx's
   // workspace, sized by workspace_bytes(ctx).
+  // The batched step keeps float32 or bf16 moments: with state::Blockwise8bit
+  // plan_step_all throws galore::invalid_argument (step the layers with step()).
   StepPlan plan_step_all(Span<const StepParam> params, Context& ctx, const StepPlanOptions& options = {}) {
-    return BatchedStepAccess::plan(*this, params, ctx, options);
+    if constexpr (blockwise8bit) {
+      (void)params, (void)ctx, (void)options;
+      throw invalid_argument("galore: plan_step_all: the batched step keeps float32 or bf16 moments; 8-bit moments "
+                             "(state::Blockwise8bit) are stepped layer by layer with step()");
+    } else {
+      return BatchedStepAccess::plan(*this, params, ctx, options);
+    }
   }
-  StepAllResult step_all(StepPlan& plan, Context& ctx) { return BatchedStepAccess::step(*this, plan, ctx); }
+  StepAllResult step_all(StepPlan& plan, Context& ctx) {
+    if constexpr (blockwise8bit) {
+      (void)plan, (void)ctx;
+      throw invalid_argument("galore: step_all needs a plan, which 8-bit moments do not have (use step())");
+    } else {
+      return BatchedStepAccess::step(*this, plan, ctx);
+    }
+  }
 
   // The outcome of the layer's latest step. Synchronizes ctx's stream.
   StepStatus status(LayerId id, Context& ctx) {
@@ -286,17 +342,45 @@ class GaLoreOptimizer {
                     " has no basis of that element type");
     return basis_of<T>(l, const_cast<unsigned char*>(l.storage.data()));
   }
-  // The moments (low-rank shape, MomentT), for inspection and checkpoints.
-  const MomentT* first_moment(LayerId id) const { return reinterpret_cast<const MomentT*>(layer(id).storage.data()); }
+  // The dense moments (low-rank shape, MomentT), for inspection and checkpoints.
+  const MomentT* first_moment(LayerId id) const {
+    static_assert(!blockwise8bit, "galore: 8-bit moments are read through moments_8bit()");
+    return reinterpret_cast<const MomentT*>(layer(id).storage.data());
+  }
   const MomentT* second_moment(LayerId id) const {
+    static_assert(!blockwise8bit, "galore: 8-bit moments are read through moments_8bit()");
     const Layer& l = layer(id);
     return reinterpret_cast<const MomentT*>(l.storage.data() + layout(l).v);
   }
+  // The 8-bit moments of a layer (state::Blockwise8bit), in device memory.
+  DeviceMoments8bit moments_8bit(LayerId id) const {
+    static_assert(blockwise8bit, "galore: moments_8bit() needs state::Blockwise8bit");
+    const Layer& l = layer(id);
+    const Layout& o = layout(l);
+    const unsigned char* base = l.storage.data();
+    DeviceMoments8bit mo;
+    mo.shape = l.low_rank;
+    mo.block_size = state_.block_size;
+    mo.quantized = o.codes;
+    if (o.codes) {
+      mo.m_code = base + o.m;
+      mo.v_code = base + o.v;
+      mo.m_absmax = reinterpret_cast<const float*>(base + o.m_absmax);
+      mo.v_absmax = reinterpret_cast<const float*>(base + o.v_absmax);
+    } else {
+      mo.m32 = reinterpret_cast<const float*>(base + o.m);
+      mo.v32 = reinterpret_cast<const float*>(base + o.v);
+    }
+    return mo;
+  }
+  const StateSettings& state_policy_object() const { return state_; }
 
   // Device bytes of optimizer state: for every layer its one allocation (both
-  // moments, the basis, the counters, each piece aligned to 256 bytes).
+  // moments, with the 8-bit state their codes and absmax, the basis, the
+  // counters, each piece aligned to 256 bytes); with the 8-bit state also the
+  // code maps and tables all layers share (DynamicMaps::kBytes).
   std::size_t state_bytes() const {
-    std::size_t b = 0;
+    std::size_t b = blockwise8bit ? DynamicMaps::kBytes : 0;  // the 8-bit code maps
     for (const Layer& l : layers_) b += l.storage.bytes();
     return b;
   }
@@ -331,6 +415,11 @@ class GaLoreOptimizer {
   friend struct BatchedStepAccess;  // batched_step.cuh: steps many layers at once
   using A = WorkspaceArena;
 
+  struct Layout {
+    std::size_t m = 0, v = 0, m_absmax = 0, v_absmax = 0, left = 0, right = 0, counters = 0, total = 0;
+    bool codes = false;  // 8-bit codes at m and v, their absmax after them
+  };
+
   struct Layer {
     std::string name;
     Shape shape;
@@ -341,6 +430,7 @@ class GaLoreOptimizer {
     Shape low_rank;
     typename SchedulePolicy::State state{};
     DeviceBuffer<unsigned char> storage;
+    Layout at;  // where each piece of `storage` lies
     bool has_basis = false;
     std::int64_t svd_count = 0;
     // The host's knowledge of the device counters: `known_applied` was read at
@@ -349,16 +439,27 @@ class GaLoreOptimizer {
     std::int64_t pending = 0;
   };
 
-  struct Layout {
-    std::size_t m = 0, v = 0, left = 0, right = 0, counters = 0, total = 0;
-  };
-
-  static Layout layout(Shape shape, Shape low_rank, DType dtype, bool projected, Side side, Index rank) {
+  Layout layout(Shape shape, Shape low_rank, DType dtype, bool projected, Side side, Index rank) const {
     Layout o;
-    const std::size_t moments = A::align(sizeof(MomentT) * static_cast<std::size_t>(low_rank.size()));
-    o.m = 0;
-    o.v = moments;
-    std::size_t at = 2 * moments;
+    const auto n = static_cast<std::size_t>(low_rank.size());
+    std::size_t at = 0;
+    if constexpr (blockwise8bit) {
+      // The CPU's choice: tensors under min_8bit_size keep float32 moments.
+      o.codes = low_rank.size() >= state_.min_8bit_size;
+      const std::size_t moment = A::align(o.codes ? n : sizeof(float) * n);
+      o.v = moment;
+      at = 2 * moment;
+      if (o.codes) {
+        const std::size_t absmax = A::align(sizeof(float) * static_cast<std::size_t>(
+                                                                 (low_rank.size() + state_.block_size - 1) / state_.block_size));
+        o.m_absmax = at;
+        o.v_absmax = at + absmax;
+        at += 2 * absmax;
+      }
+    } else {
+      o.v = A::align(sizeof(MomentT) * n);
+      at = 2 * o.v;
+    }
     if (projected && side != Side::Right) {
       o.left = at;
       at += A::align(size_of(dtype) * static_cast<std::size_t>(shape.rows * rank));
@@ -371,7 +472,7 @@ class GaLoreOptimizer {
     o.total = at + A::align(sizeof(StepCounters));
     return o;
   }
-  static Layout layout(const Layer& l) { return layout(l.shape, l.low_rank, l.dtype, l.projected, l.side, l.options.rank); }
+  static const Layout& layout(const Layer& l) { return l.at; }
 
   static void validate_options(const ProjectorOptions& o) {
     detail::require(o.rank >= 1, "rank must be at least 1 (got ", o.rank, ")");
@@ -386,7 +487,8 @@ class GaLoreOptimizer {
   }
 
   void allocate(Layer& l) {
-    const Layout o = layout(l);
+    l.at = layout(l.shape, l.low_rank, l.dtype, l.projected, l.side, l.options.rank);
+    const Layout& o = l.at;
     // Zero moments and counters (the basis is written by the first refresh).
     l.storage = DeviceBuffer<unsigned char>::zeroed(o.total);
     const StepCounters init{};
@@ -514,12 +616,39 @@ class GaLoreOptimizer {
     detail::require(W.contiguous() && G.contiguous(), "dense layer ", describe(l),
                     ": W and G must be contiguous row-major (leading dimension = cols)");
     const std::int64_t n = l.shape.size();
-    MomentT* m = reinterpret_cast<MomentT*>(l.storage.data());
-    MomentT* v = reinterpret_cast<MomentT*>(l.storage.data() + layout(l).v);
     const AdamLaunch p = launch(1.0f);
-    adamw_dense_step(ctx, W.data, G.data, n, m, v, p, counters_of(l));
+    if constexpr (blockwise8bit) {
+      step_8bit(l, ctx, impl::DenseIO<T>{W.data, G.data, n, impl::vector_aligned(W.data, G.data), p.decay}, p);
+    } else {
+      MomentT* m = reinterpret_cast<MomentT*>(l.storage.data());
+      MomentT* v = reinterpret_cast<MomentT*>(l.storage.data() + layout(l).v);
+      adamw_dense_step(ctx, W.data, G.data, n, m, v, p, counters_of(l));
+    }
     ++l.pending;
     return {};
+  }
+
+  // Adam over 8-bit moments (state::Blockwise8bit): the codes, or float32
+  // moments for a tensor under min_8bit_size, with bitsandbytes' formula.
+  template <class IO>
+  void step_8bit(Layer& l, Context& ctx, const IO& io, const AdamLaunch& p) {
+    const Layout& o = layout(l);
+    unsigned char* base = l.storage.data();
+    const impl::Adam8bitHyper h{adam_.lr, adam_.beta1, adam_.beta2, adam_.eps, adam_.correct_bias};
+    if (o.codes) {
+      const impl::Adam8bitState s{l.low_rank.size(),
+                                  static_cast<int>(state_.block_size),
+                                  base + o.m,
+                                  base + o.v,
+                                  reinterpret_cast<float*>(base + o.m_absmax),
+                                  reinterpret_cast<float*>(base + o.v_absmax),
+                                  maps_.below_tiny(0),
+                                  maps_.below_tiny(1)};
+      adam8bit_layer_step(ctx, s, maps_, h, io, p, counters_of(l));
+    } else {
+      adam8bit_float_layer_step(ctx, reinterpret_cast<float*>(base + o.m), reinterpret_cast<float*>(base + o.v),
+                                l.low_rank.size(), h, io, p, counters_of(l));
+    }
   }
 
   // The GaLore step of a projected layer up to the update of its weight, which
@@ -615,13 +744,17 @@ class GaLoreOptimizer {
       }
     }
 
-    MomentT* m = reinterpret_cast<MomentT*>(l.storage.data());
-    MomentT* v = reinterpret_cast<MomentT*>(l.storage.data() + layout(l).v);
     StepCounters* counters = counters_of(l);
     const AdamLaunch p = launch(l.options.scale);
     // Decides the step and applies Adam, or leaves the moments untouched and D
     // zero on a skipped step (padded columns of R are 0). The basis is not read.
-    adam_step(ctx, R, lr.rows, lr.cols, ld, m, v, D, p, counters);
+    if constexpr (blockwise8bit) {
+      step_8bit(l, ctx, impl::LowRankIO<T>{R, D, lr.rows, lr.cols, ld}, p);
+    } else {
+      MomentT* m = reinterpret_cast<MomentT*>(l.storage.data());
+      MomentT* v = reinterpret_cast<MomentT*>(l.storage.data() + layout(l).v);
+      adam_step(ctx, R, lr.rows, lr.cols, ld, m, v, D, p, counters);
+    }
 
     if (measure_tried && !refresh) {
       // The measurement synchronized already: one more read makes the outcome
@@ -856,14 +989,22 @@ class GaLoreOptimizer {
 
   ProjectorOptions projection_;
   AdamConfig adam_;
+  StateSettings state_;
   SchedulePolicy schedule_;
   SVDPolicy svd_;
   WeightRounding rounding_;
+  // bitsandbytes' code maps on the device, for the 8-bit state only.
+  struct NoMaps {};
+  std::conditional_t<blockwise8bit, DynamicMaps, NoMaps> maps_;
   std::vector<Layer> layers_;
 };
 
 // galore_torch's GaLoreAdamW on the GPU: the policy names of galore::GaLoreAdamW
 // (exact SVD, unquantized basis, fixed refresh gap, float32 moments).
 using GaLoreAdamW = GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::FixedGap>, LowRankAdam<state::Float32>>;
+// galore_torch's GaLoreAdamW8bit on the GPU: the same with bitsandbytes' 8-bit
+// blockwise moments (per-layer steps; the whole-model step keeps dense moments).
+using GaLoreAdamW8bit =
+    GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::FixedGap>, LowRankAdam<state::Blockwise8bit>>;
 
 }  // namespace galore::cuda
