@@ -3,6 +3,8 @@
 # benchmarks, run the tests, compute-sanitizer on them, and the benchmarks.
 # Logs and JSON go to $OUT (default ./out).
 #   tools/cuda_device_check.sh [tests] [sanitize] [bench] [bench_filter=REGEX]
+# SANITIZE_TOOLS and SANITIZE_TESTS narrow the sanitizer pass (default: both
+# tools on every test); TEST_TIMEOUT limits each run (default 240 s).
 # With .deps/ from tools/device_deps.sh when the machine lacks Eigen/doctest/benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -30,21 +32,21 @@ if want tests; then
   done
   timeout "$limit" ./build-device/examples/cuda/least_squares_cuda 2>&1 | tee "$OUT/least_squares_cuda.log" | tail -14
 fi
+if want bench; then
+  echo "== benchmarks"
+  timeout 400 ./build-device/bench/cuda/galore_bench_cuda ${filter:+--benchmark_filter="$filter"} \
+    --benchmark_out="$OUT/bench_cuda.json" --benchmark_out_format=json 2>&1 | tee "$OUT/bench_cuda.log" | tail -30
+fi
 if want sanitize; then
-  for tool in memcheck racecheck; do
+  for tool in ${SANITIZE_TOOLS:-memcheck racecheck}; do
     echo "== compute-sanitizer $tool"
     rc=0
-    for t in $CUDA_TESTS; do
+    for t in ${SANITIZE_TESTS:-$CUDA_TESTS}; do
       timeout "$limit" compute-sanitizer --tool "$tool" --error-exitcode 99 ./build-device/tests/cuda/$t \
         >> "$OUT/sanitizer_$tool.log" 2>&1 || rc=$?
     done
     tail -4 "$OUT/sanitizer_$tool.log"
     [ $rc -eq 0 ] || { echo "$tool: exit $rc"; status=1; }
   done
-fi
-if want bench; then
-  echo "== benchmarks"
-  timeout 400 ./build-device/bench/cuda/galore_bench_cuda ${filter:+--benchmark_filter="$filter"} \
-    --benchmark_out="$OUT/bench_cuda.json" --benchmark_out_format=json 2>&1 | tee "$OUT/bench_cuda.log" | tail -30
 fi
 exit $status

@@ -4,6 +4,7 @@
 //
 //   BM_CudaStep/<galore|adamw>/<llama1b/r512|llama7b_8of32/r1024>   bf16 W and G, float32 moments
 //   BM_CudaStep/galore_graph/<model>  the same calls captured in a CUDA graph (launch overhead's share)
+//   BM_CudaStep/galore8bit/<model>    the same with bitsandbytes' 8-bit blockwise moments (GaLoreAdamW8bit)
 //   BM_CudaStep/galore_measured/<model>, BM_CudaStepAll/galore_measured/<model>
 //                                 with GemmSelection::Measured: each GEMM's algorithm timed at its first call
 //   BM_CudaGemmFloorBatched/<model>  the same GEMMs batched per shape (pointer arrays): the floor of StepAll
@@ -183,14 +184,16 @@ struct Stream {
 // calls captured once in a CUDA graph and replayed (a diagnostic: what launch
 // overhead costs the eager calls). Counter host_ms: the host's time to enqueue
 // one eager pass (when it nears the GPU's time, the host sets the pace).
+// State: the moments' policy (float32, or bitsandbytes' 8-bit blockwise).
+template <class State = state::Float32>
 void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step, bool use_graph,
                  cuda::GemmSelection selection) {
   const Stream stream;
   cuda::Context ctx(stream.s);
   ctx.select_gemm_algorithms(selection);
   Weights& w = weights_for(m, ctx);
-  cuda::GaLoreOptimizer<Projector<svd::Randomized>> opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f},
-                                                         AdamConfig{}, schedule::FixedGap{1000000000});
+  cuda::GaLoreOptimizer<Projector<svd::Randomized>, LowRankAdam<State>> opt(
+      ProjectorOptions{m.rank, ProjectionType::Std, 0.25f}, AdamConfig{}, schedule::FixedGap{1000000000});
   std::vector<LayerId> ids;
   for (Shape s : w.shapes)
     ids.push_back(galore_step ? opt.add_layer(s, cuda::DType::BFloat16) : opt.add_dense(s, cuda::DType::BFloat16));
@@ -569,8 +572,6 @@ void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
   cuda::check_launch("gaussian");
   cuda::QuantizedWeight<8> q({rows, cols});
   q.quantize(DeviceView<const float>(x.data(), rows, cols), ctx);
-  const unsigned blocks = static_cast<unsigned>((q.num_groups() + cuda::impl::kQuantWarps - 1) / cuda::impl::kQuantWarps);
-  const unsigned threads = cuda::impl::kWarp * cuda::impl::kQuantWarps;
   std::uint32_t step = 0;
   cuda::Blockwise8bitMoments moments(kernel == QuantKernel::Adam8bit ? n : 1);
   const cuda::DynamicMaps maps;
@@ -578,12 +579,12 @@ void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
   auto pass = [&] {
     switch (kernel) {
       case QuantKernel::Quantize:
-        cuda::impl::quantize_groups<float, false><<<blocks, threads, 0, ctx.stream()>>>(
-            x.data(), cols, cols, 0, n, q.group_size(), q.codes(), q.scales(), q.zeros(), 0, 0, 0);
+        cuda::impl::launch_quantize_groups<float, false>(x.data(), cols, cols, 0, n, q.group_size(), q.codes(),
+                                                         q.scales(), q.zeros(), 0, 0, 0, nullptr, ctx.stream());
         break;
       case QuantKernel::Stochastic:
-        cuda::impl::quantize_groups<float, true><<<blocks, threads, 0, ctx.stream()>>>(
-            x.data(), cols, cols, 0, n, q.group_size(), q.codes(), q.scales(), q.zeros(), 7, 1, ++step);
+        cuda::impl::launch_quantize_groups<float, true>(x.data(), cols, cols, 0, n, q.group_size(), q.codes(),
+                                                        q.scales(), q.zeros(), 7, 1, ++step, nullptr, ctx.stream());
         break;
       case QuantKernel::Dequantize:
         q.dequantize(DeviceView<float>(x.data(), rows, cols), ctx);
@@ -649,10 +650,11 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(("BM_CudaCopy/" + m->name).c_str(), BM_CudaCopy, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaGemmFloor/" + m->name).c_str(), BM_CudaGemmFloor, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaGemmFloorBatched/" + m->name).c_str(), BM_CudaGemmFloorBatched, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStep/galore/" + m->name).c_str(), BM_CudaStep, *m, true, false, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStep/galore_measured/" + m->name).c_str(), BM_CudaStep, *m, true, false, cuda::GemmSelection::Measured)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStep/galore_graph/" + m->name).c_str(), BM_CudaStep, *m, true, true, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
-    benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep, *m, false, false, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/galore/" + m->name).c_str(), BM_CudaStep<>, *m, true, false, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/galore_measured/" + m->name).c_str(), BM_CudaStep<>, *m, true, false, cuda::GemmSelection::Measured)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/galore_graph/" + m->name).c_str(), BM_CudaStep<>, *m, true, true, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep<>, *m, false, false, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/galore8bit/" + m->name).c_str(), BM_CudaStep<state::Blockwise8bit>, *m, true, false, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     const std::size_t limit = cuda::StepPlanOptions{}.workspace_limit, mib = std::size_t{1} << 20;
     benchmark::RegisterBenchmark(("BM_CudaStepAll/galore/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, limit, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_measured/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, limit, cuda::GemmSelection::Measured)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);

@@ -2,11 +2,14 @@
 // CPU's QuantizedWeight<8> on identical inputs, bit for bit: round-to-nearest
 // quantization (float and bf16 weights, strided views, groups inside rows,
 // across rows, one per row, a short last group), stochastic re-quantization of
-// row panels (groups of a multiple of 64 elements and others); dequantization;
-// the unbiasedness of the GPU's stochastic rounding; memory equal to the
-// formula; the errors. And the GPU optimizer's step on an INT8 weight against
-// the CPU's Q-GaLore weight update (same rounding bits; codes equal up to the
-// GEMMs' float rounding), a skipped step included.
+// row panels (contiguous or strided; groups of a multiple of 64 elements and
+// others), both by the kernel for groups of 64 to 512 elements in rows and by
+// the general one; re-quantization after a step (its counters: the step
+// number, a skipped step); exact zeros and tiny values; dequantization; the
+// unbiasedness of the GPU's stochastic rounding; memory equal to the formula;
+// the errors. And the GPU optimizer's step on an INT8 weight against the CPU's
+// Q-GaLore weight update (same rounding bits; codes equal up to the GEMMs'
+// float rounding), a skipped step included.
 #include <doctest/doctest.h>
 
 #include <galore/cuda.hpp>
@@ -47,9 +50,24 @@ void check_equal(const Downloaded& gpu, const galore_test::CpuCodes& cpu) {
 struct Case {
   long rows, cols, group;
 };
-// Groups inside rows, across rows with a short last group, one group per row,
-// and a group size that is not a multiple of 64 (the per-element Philox path).
-const Case kCases[] = {{64, 512, 256}, {150, 300, 256}, {16, 100, -1}, {90, 50, 100}};
+// Groups of 64, 128, 256 and 512 inside rows (impl::quantize_contiguous_groups,
+// also from strided views), across rows with a short last group (that kernel
+// and impl::quantize_groups for the last group; the general kernel alone from
+// strided views), one group per row, a multiple of 64 that the fast kernel
+// does not take (192), and group sizes that are not multiples of 64 (the
+// per-element Philox path).
+const Case kCases[] = {{64, 512, 256}, {48, 512, 64}, {40, 256, 128}, {20, 1024, 512}, {150, 300, 256},
+                       {33, 200, 64},  {30, 384, 192}, {16, 100, -1}, {90, 50, 100}};
+
+// values (rows x cols) laid out with leading dimension cols + pad, the padding
+// a huge value that must never be read.
+std::vector<float> padded(const std::vector<float>& values, long rows, long cols, long pad) {
+  const long ld = cols + pad;
+  std::vector<float> p(static_cast<std::size_t>(rows * ld), 1e30f);
+  for (long r = 0; r < rows; ++r)
+    for (long k = 0; k < cols; ++k) p[static_cast<std::size_t>(r * ld + k)] = values[static_cast<std::size_t>(r * cols + k)];
+  return p;
+}
 
 }  // namespace
 
@@ -62,15 +80,12 @@ TEST_CASE("quantize() writes the CPU's nearest codes, scales and zeros, from flo
         std::vector<float> w = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 7u + unsigned(c.cols));
         if (bf16) w = galore_test::round_to_bf16(w);
         const long ld = c.cols + pad;
-        std::vector<float> padded(static_cast<std::size_t>(c.rows * ld), 1e30f);  // padding is never read
-        for (long r = 0; r < c.rows; ++r)
-          for (long k = 0; k < c.cols; ++k) padded[static_cast<std::size_t>(r * ld + k)] = w[static_cast<std::size_t>(r * c.cols + k)];
         cuda::QuantizedWeight<8> q({c.rows, c.cols}, c.group);
         if (bf16) {
-          Device<cuda::bf16> W(padded);
+          Device<cuda::bf16> W(padded(w, c.rows, c.cols, pad));
           q.quantize(DeviceView<const cuda::bf16>(W.data(), c.rows, c.cols, ld), ctx);
         } else {
-          Device<float> W(padded);
+          Device<float> W(padded(w, c.rows, c.cols, pad));
           q.quantize(DeviceView<const float>(W.data(), c.rows, c.cols, ld), ctx);
         }
         check_equal(download(q, ctx), galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w, 0, {}, 0, 0, 0));
@@ -79,38 +94,116 @@ TEST_CASE("quantize() writes the CPU's nearest codes, scales and zeros, from flo
   }
 }
 
-TEST_CASE("requantize_rows() writes the CPU's stochastic codes, panel by panel") {
+TEST_CASE("requantize_rows() writes the CPU's stochastic codes, panel by panel, from contiguous or strided rows") {
   cuda::Context ctx;
   const std::uint64_t seed = 0x9e3779b97f4a7c15ULL;
   const std::uint32_t layer = 5, step = 77;
   for (const Case& c : kCases) {
+    for (const long pad : {0L, 3L}) {
+      INFO(c.rows, "x", c.cols, " group ", c.group, " ld pad ", pad);
+      const auto w0 = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 11u);
+      auto values = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 12u, 0.05f);
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] += w0[i];
+      const long ld = c.cols + pad;
+      Device<float> W(w0), V(padded(values, c.rows, c.cols, pad));
+      cuda::QuantizedWeight<8> q({c.rows, c.cols}, c.group);
+      q.quantize(DeviceView<const float>(W.data(), c.rows, c.cols), ctx);
+      // Panels of row_alignment() rows (the last one shorter), each re-quantized
+      // on its own: together they must equal the whole weight re-quantized.
+      const long panel = q.row_alignment();
+      CHECK(panel >= 1);
+      for (long r0 = 0; r0 < c.rows; r0 += panel) {
+        const long k = std::min(panel, c.rows - r0);
+        q.requantize_rows(r0, DeviceView<const float>(V.data() + r0 * ld, k, c.cols, ld), seed, layer, step, ctx);
+      }
+      check_equal(download(q, ctx), galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w0, 0, values, seed,
+                                                                 layer, step));
+      // One panel in the middle of a fresh weight: only its groups change.
+      if (c.rows >= 3 * panel) {
+        cuda::QuantizedWeight<8> p({c.rows, c.cols}, c.group);
+        p.quantize(DeviceView<const float>(W.data(), c.rows, c.cols), ctx);
+        const std::vector<float> middle(values.begin() + panel * c.cols, values.begin() + 2 * panel * c.cols);
+        p.requantize_rows(panel, DeviceView<const float>(V.data() + panel * ld, panel, c.cols, ld), seed, layer,
+                          step, ctx);
+        check_equal(download(p, ctx),
+                    galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w0, panel, middle, seed, layer, step));
+      }
+    }
+  }
+}
+
+TEST_CASE("requantize_rows_after() writes nothing after a skipped step, else rounds with the counters' step") {
+  cuda::Context ctx;
+  const std::uint64_t seed = 0x5eedULL;
+  const std::uint32_t layer = 3;
+  // Groups in rows (the fast kernel), a short last group, the general kernel.
+  const Case cases[] = {{64, 512, 256}, {150, 300, 256}, {90, 50, 100}};
+  for (const Case& c : cases) {
+    for (const long pad : {0L, 5L}) {
+      INFO(c.rows, "x", c.cols, " group ", c.group, " ld pad ", pad);
+      const auto w0 = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 51u);
+      auto values = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 52u, 0.05f);
+      for (std::size_t i = 0; i < values.size(); ++i) values[i] += w0[i];
+      const long ld = c.cols + pad;
+      Device<float> W(w0), V(padded(values, c.rows, c.cols, pad));
+      const DeviceView<const float> Vv(V.data(), c.rows, c.cols, ld);
+      cuda::DeviceBuffer<cuda::StepCounters> counters(1);
+      auto set_counters = [&](long long applied, int last_skipped) {
+        cuda::StepCounters h;
+        h.applied = applied;
+        h.skipped = last_skipped;
+        h.last_skipped = last_skipped;
+        cuda::check(cudaMemcpy(counters.data(), &h, sizeof h, cudaMemcpyHostToDevice), "cudaMemcpy");
+      };
+      for (const RoundingMode mode : {RoundingMode::Stochastic, RoundingMode::Nearest}) {
+        INFO(to_string(mode));
+        cuda::QuantizedWeight<8> q({c.rows, c.cols}, c.group);
+        q.quantize(DeviceView<const float>(W.data(), c.rows, c.cols), ctx);
+        const Downloaded before = download(q, ctx);
+        set_counters(9, 1);
+        q.requantize_rows_after(0, Vv, WeightRounding{seed, mode}, layer, counters.data(), ctx);
+        const Downloaded skipped = download(q, ctx);
+        CHECK(skipped.codes == before.codes);
+        CHECK(skipped.scales == before.scales);
+        CHECK(skipped.zeros == before.zeros);
+        set_counters(9, 0);
+        q.requantize_rows_after(0, Vv, WeightRounding{seed, mode}, layer, counters.data(), ctx);
+        if (mode == RoundingMode::Stochastic)
+          check_equal(download(q, ctx), galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w0, 0, values, seed,
+                                                                     layer, 9));
+        else
+          check_equal(download(q, ctx), galore_test::cpu_int8_weight(c.rows, c.cols, c.group, values, 0, {}, 0, 0, 0));
+      }
+    }
+  }
+}
+
+TEST_CASE("exact zeros, tiny values and groups of zeros get the CPU's codes, by either rounding") {
+  // A value whose quotient by its group's scale is zero or subnormal makes the
+  // fast kernel divide (impl::exact_quotients); the general kernel always
+  // divides.
+  cuda::Context ctx;
+  const std::uint64_t seed = 0x1234ULL;
+  const Case cases[] = {{32, 512, 256}, {32, 512, 64}, {16, 300, 100}};
+  for (const Case& c : cases) {
     INFO(c.rows, "x", c.cols, " group ", c.group);
-    const auto w0 = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 11u);
-    auto values = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 12u, 0.05f);
-    for (std::size_t i = 0; i < values.size(); ++i) values[i] += w0[i];
-    Device<float> W(w0), V(values);
+    const auto n = static_cast<std::size_t>(c.rows * c.cols);
+    auto w = galore_test::gaussian(n, 71u);
+    for (std::size_t i = 0; i < n; i += 7) w[i] = 0.0f;
+    for (std::size_t i = 3; i < n; i += 11) w[i] = -0.0f;
+    for (std::size_t i = 5; i < n; i += 13) w[i] = 1e-40f * static_cast<float>(i % 5);  // subnormal
+    for (std::size_t i = 0; i < 512; ++i) w[i] = 0.0f;                                 // groups of zeros
+    // Groups of tiny values with +-1000 among them (scales of 4 to 8):
+    // quotients subnormal, or below the least subnormal.
+    for (std::size_t i = 512; i < 1024; ++i)
+      w[i] = i % 64 == 0 ? (i % 128 == 0 ? 1000.0f : -1000.0f)
+                         : (i % 2 == 0 ? 2e-38f * static_cast<float>(i % 5) : std::numeric_limits<float>::denorm_min());
+    Device<float> W(w);
     cuda::QuantizedWeight<8> q({c.rows, c.cols}, c.group);
     q.quantize(DeviceView<const float>(W.data(), c.rows, c.cols), ctx);
-    // Panels of row_alignment() rows (the last one shorter), each re-quantized
-    // on its own: together they must equal the whole weight re-quantized.
-    const long panel = q.row_alignment();
-    CHECK(panel >= 1);
-    for (long r0 = 0; r0 < c.rows; r0 += panel) {
-      const long k = std::min(panel, c.rows - r0);
-      q.requantize_rows(r0, DeviceView<const float>(V.data() + r0 * c.cols, k, c.cols), seed, layer, step, ctx);
-    }
-    check_equal(download(q, ctx), galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w0, 0, values, seed, layer,
-                                                               step));
-    // One panel in the middle of a fresh weight: only its groups change.
-    if (c.rows >= 3 * panel) {
-      cuda::QuantizedWeight<8> p({c.rows, c.cols}, c.group);
-      p.quantize(DeviceView<const float>(W.data(), c.rows, c.cols), ctx);
-      const std::vector<float> middle(values.begin() + panel * c.cols, values.begin() + 2 * panel * c.cols);
-      p.requantize_rows(panel, DeviceView<const float>(V.data() + panel * c.cols, panel, c.cols), seed, layer, step,
-                        ctx);
-      check_equal(download(p, ctx),
-                  galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w0, panel, middle, seed, layer, step));
-    }
+    check_equal(download(q, ctx), galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w, 0, {}, 0, 0, 0));
+    q.requantize_rows(0, DeviceView<const float>(W.data(), c.rows, c.cols), seed, 2, 19, ctx);
+    check_equal(download(q, ctx), galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w, 0, w, seed, 2, 19));
   }
 }
 

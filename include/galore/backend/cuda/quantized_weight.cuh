@@ -11,11 +11,15 @@
 //     with the random bits StochasticRounder<8>::bind(layer, step) draws on the
 //     CPU (Philox4x32-10 keyed by the seed, counter by element, step and layer).
 //
-// Kernels: one warp per group finds the group's extremes (a shuffle reduction),
-// writes its scale and zero, and encodes it. With groups of a multiple of 64
-// elements each lane computes one Philox block per four elements, as the CPU's
-// tiles do (the four elements i, i + 16, i + 32, i + 48 of a 64-element tile
-// share a counter).
+// Kernels: the lanes of a group find its extremes (a shuffle reduction), write
+// its scale and zero, and encode it. Groups of 64, 128, 256 or 512 elements
+// that lie in rows (the common case) take quantize_contiguous_groups: each lane
+// loads its 8 or 16 elements of the group once, all at a time, in the layout of
+// the CPU's Philox tiles (the four elements i, i + 16, i + 32, i + 48 of a
+// 64-element tile share a counter, so a lane holds whole blocks), and divides
+// by one multiplication. Other layouts and sizes take quantize_groups: a warp a
+// group, read twice; with groups of a multiple of 64 elements each lane there
+// computes one Philox block per four elements too.
 //
 // Weights must be finite, as on the CPU: quantize() and requantize_rows() check
 // the values first (one reduction and one synchronization) and throw
@@ -40,14 +44,14 @@
 #include "context.cuh"
 #include "device_buffer.cuh"
 #include "error.cuh"
-#include "reduce.cuh"
 
 namespace galore::cuda {
 
 namespace impl {
 
 constexpr int kWarp = 32;
-constexpr int kQuantWarps = 8;  // warps (groups) per block
+constexpr int kQuantWarps = 8;      // warps per block of the quantization kernels
+constexpr float kMaxCode = 255.0f;  // the largest 8-bit code
 
 // Element k of rows laid out `cols` wide with leading dimension ld.
 template <class T>
@@ -65,23 +69,69 @@ __global__ void find_non_finite(const T* __restrict__ x, std::int64_t ld, std::i
   if (__syncthreads_or(any) && threadIdx.x == 0) atomicOr(bad, 1u);
 }
 
+// With `after` (the counters of the step that produced the values): false if
+// that step was skipped (nothing is to be written); else, for stochastic
+// rounding, step becomes its count of applied steps.
+template <bool Stochastic>
+__device__ inline bool proceed_after(const StepCounters* after, std::uint32_t& step) {
+  if (after == nullptr) return true;
+  if (after->last_skipped) return false;
+  if constexpr (Stochastic) step = static_cast<std::uint32_t>(after->applied);
+  return true;
+}
+
+// Philox block `counter` of (seed, layer, step): its four words are the random
+// bits of elements i, i + 16, i + 32, i + 48 of a 64-element tile, counter
+// (i >> 6) * 16 + (i & 15) for i < 16 in the tile (math::stochastic_bits).
+// philox4x32_10's rounds with the device's high multiply (__umulhi): its
+// portable 64-bit product compiles to an extra add after each multiply here,
+// a sixth of the stochastic fast path's instructions.
+__device__ inline Philox4x32 block_bits(std::uint64_t counter, std::uint64_t seed, std::uint32_t layer,
+                                        std::uint32_t step) {
+  constexpr std::uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
+  constexpr std::uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+  std::uint32_t c0 = static_cast<std::uint32_t>(counter), c1 = static_cast<std::uint32_t>(counter >> 32), c2 = step,
+                c3 = layer, k0 = static_cast<std::uint32_t>(seed), k1 = static_cast<std::uint32_t>(seed >> 32);
+#pragma unroll
+  for (int round = 0; round < 10; ++round) {
+    const std::uint32_t hi0 = __umulhi(M0, c0), lo0 = M0 * c0, hi1 = __umulhi(M1, c2), lo1 = M1 * c2;
+    const std::uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += W0;
+    k1 += W1;
+  }
+  return {{c0, c1, c2, c3}};
+}
+
+// lo = the min of lo, hi = the max of hi over aligned groups of `Lanes` lanes
+// (a power of two up to a warp; mask: the lanes of the caller's group, all of
+// which take part).
+template <int Lanes>
+__device__ inline void lanes_min_max(float& lo, float& hi, unsigned mask) {
+#pragma unroll
+  for (int o = Lanes / 2; o > 0; o /= 2) {
+    lo = fminf(lo, __shfl_xor_sync(mask, lo, o));
+    hi = fmaxf(hi, __shfl_xor_sync(mask, hi, o));
+  }
+}
+
 // Groups [g0, g0 + groups) of elements [first, first + n) of the weight, read
 // from x (element k of x is element first + k; first starts a group), each by
 // one warp: extremes, scale and zero, codes (nearest, or stochastic with the
 // bits of (seed, layer, step)). With `after` (the counters of the step that
 // produced x) nothing is written if that step was skipped, and the step is its
-// count of applied steps.
+// count of applied steps. Any layout and group size; quantize_contiguous_groups
+// is the fast path of the common ones.
 template <class T, bool Stochastic>
 __global__ void __launch_bounds__(kWarp* kQuantWarps)
     quantize_groups(const T* __restrict__ x, std::int64_t ld, std::int64_t cols, std::int64_t first, std::int64_t n,
                     std::int64_t group, std::uint8_t* __restrict__ codes, float* __restrict__ scales,
                     std::uint8_t* __restrict__ zeros, std::uint64_t seed, std::uint32_t layer, std::uint32_t step,
                     const StepCounters* after = nullptr) {
-  constexpr float max_code = 255.0f;
-  if (after != nullptr) {
-    if (after->last_skipped) return;
-    if constexpr (Stochastic) step = static_cast<std::uint32_t>(after->applied);
-  }
+  if (!proceed_after<Stochastic>(after, step)) return;
   if constexpr (!Stochastic) (void)seed, (void)layer, (void)step;
   const int lane = threadIdx.x % kWarp;
   const std::int64_t groups = (n + group - 1) / group;
@@ -95,10 +145,9 @@ __global__ void __launch_bounds__(kWarp* kQuantWarps)
       lo = fminf(lo, v);
       hi = fmaxf(hi, v);
     }
-    lo = warp_min(lo);
-    hi = warp_max(hi);
+    lanes_min_max<kWarp>(lo, hi, 0xFFFFFFFFu);
     float scale, zero;
-    math::minmax_scale_zero(lo, hi, max_code, scale, zero);
+    math::minmax_scale_zero(lo, hi, kMaxCode, scale, zero);
     const std::int64_t g = quotient(first + k0, group);
     if (lane == 0) {
       scales[g] = scale;
@@ -108,29 +157,248 @@ __global__ void __launch_bounds__(kWarp* kQuantWarps)
     if constexpr (!Stochastic) {
 #pragma unroll 8
       for (std::int64_t k = k0 + lane; k < k1; k += kWarp)
-        out[k] = math::minmax_code(element(x, ld, cols, k), scale, zero, max_code);
+        out[k] = math::minmax_code(element(x, ld, cols, k), scale, zero, kMaxCode);
     } else if (group % 64 == 0) {
       // Whole 64-element tiles (the group starts on one): lane l of a
       // half-warp takes elements l, l + 16, l + 32, l + 48 of its tile, whose
       // bits are the four words of one Philox block.
-      const std::uint32_t key0 = static_cast<std::uint32_t>(seed), key1 = static_cast<std::uint32_t>(seed >> 32);
       for (std::int64_t t0 = k0; t0 < k1; t0 += 128) {
         const std::int64_t tile = t0 + (lane / 16) * 64;
         const std::uint64_t i0 = static_cast<std::uint64_t>(first + tile) + static_cast<std::uint64_t>(lane % 16);
-        const std::uint64_t counter = (i0 >> 6) * 16 + (i0 & 15);
-        const Philox4x32 bits = philox4x32_10(static_cast<std::uint32_t>(counter),
-                                              static_cast<std::uint32_t>(counter >> 32), step, layer, key0, key1);
+        const Philox4x32 bits = block_bits((i0 >> 6) * 16 + (i0 & 15), seed, layer, step);
         for (int w = 0; w < 4; ++w) {
           const std::int64_t k = tile + lane % 16 + 16 * w;
-          if (k < k1)
-            out[k] = math::stochastic_code(element(x, ld, cols, k), scale, zero, max_code, bits.v[w]);
+          if (k < k1) out[k] = math::stochastic_code(element(x, ld, cols, k), scale, zero, kMaxCode, bits.v[w]);
         }
       }
     } else {
       for (std::int64_t k = k0 + lane; k < k1; k += kWarp)
-        out[k] = math::stochastic_code(element(x, ld, cols, k), scale, zero, max_code,
+        out[k] = math::stochastic_code(element(x, ld, cols, k), scale, zero, kMaxCode,
                                        math::stochastic_bits(seed, layer, step, static_cast<std::uint64_t>(first + k)));
     }
+  }
+}
+
+// How quantize_contiguous_groups spreads a group of Group elements (64, 128,
+// 256 or 512) over lanes, PerLane (8 or 16) elements a lane: `lanes` lanes a
+// group (a warp, or for small groups a part of one, which then takes several
+// groups at once), each holding `blocks` Philox blocks of four elements. Block
+// q of the group covers the elements whose random bits are its four words
+// (math::stochastic_bits), (q / 16) * 64 + q % 16 + 16 w for w < 4, and lane t
+// holds blocks t + lanes b: a warp's load of one (b, w) reads runs of 4 to 16
+// consecutive elements.
+template <int Group, int PerLane>
+struct GroupLanes {
+  static_assert(Group == 64 || Group == 128 || Group == 256 || Group == 512,
+                "galore: contiguous quantization groups of 64, 128, 256 or 512 elements");
+  static_assert(PerLane == 8 || PerLane == 16, "galore: 8 or 16 elements a lane");
+  static constexpr int lanes = Group / PerLane < kWarp ? Group / PerLane : kWarp;
+  static constexpr int blocks = Group / (4 * lanes);
+  static constexpr int per_warp = kWarp / lanes;  // groups a warp takes at once
+
+  // Lane t's block b: the group's Philox block q (its counter is the group's
+  // first element / 4 + q: groups start tiles).
+  __host__ __device__ static constexpr int block(int t, int b) { return t + lanes * b; }
+  // Element w of block q, from the group's first element.
+  __host__ __device__ static constexpr int element(int q, int w) { return q / 16 * 64 + q % 16 + 16 * w; }
+  // The same as lane t's first element plus a constant of (b, w), so that a
+  // lane addresses its elements from one pointer with immediate offsets.
+  __host__ __device__ static constexpr int lane_offset(int t) { return element(block(t, 0), 0); }
+  __host__ __device__ static constexpr int offset(int b, int w) { return element(block(0, b), w); }
+
+  // The lanes take every element once, element w of block q has word w of
+  // counter q (math::stochastic_bits, from a tile's start), and the split into
+  // lane_offset and offset holds.
+  static constexpr bool consistent() {
+    int seen[Group] = {};
+    for (int t = 0; t < lanes; ++t)
+      for (int b = 0; b < blocks; ++b)
+        for (int w = 0; w < 4; ++w) {
+          const int q = block(t, b), i = element(q, w);
+          if (i < 0 || i >= Group || seen[i]++ != 0) return false;
+          if ((i >> 6) * 16 + (i & 15) != q || ((i >> 4) & 3) != w) return false;
+          if (lane_offset(t) + offset(b, w) != i) return false;
+        }
+    return true;
+  }
+  static_assert(consistent(), "galore: GroupLanes must follow the Philox layout of math::stochastic_bits");
+};
+
+// Elements a lane of quantize_contiguous_groups: round to nearest is bound by
+// memory (fewer registers, more warps in flight); stochastic rounding by its
+// arithmetic (the group's own work, extremes, scale, zero and reciprocal,
+// shared by more elements).
+template <bool Stochastic>
+constexpr int kPerLane = Stochastic ? 16 : 8;
+
+// The mask of the `Lanes` lanes (an aligned part of the warp) of this thread.
+template <int Lanes>
+__device__ inline unsigned lanes_mask() {
+  if constexpr (Lanes == kWarp) return 0xFFFFFFFFu;
+  else return ((1u << Lanes) - 1) << (threadIdx.x % kWarp / Lanes * Lanes);
+}
+
+// q = w / scale for every element of a lane, rounded as the float division
+// rounds it, by one double multiplication: with inv = 1 / scale (double,
+// correctly rounded), w * inv is within 2^-52 (relative) of the quotient,
+// while a quotient of two floats lies at least 2^-49 (relative) from every
+// rounding boundary between normal floats (a midpoint m 2^k, m odd and of 25
+// bits: a - b m 2^k is 0 for no float a, b and otherwise at least 2^-49 of
+// b m 2^k), so both round alike. False (q partly unset) when some quotient
+// rounds below 2^-126 (zero or subnormal; rare: exact zeros, tiny values):
+// the caller divides. NaN and Inf come out as the division's.
+template <int Blocks>
+__device__ inline bool exact_quotients(const float (&w)[Blocks][4], float scale, float (&q)[Blocks][4]) {
+  const double inv = 1.0 / static_cast<double>(scale);
+  bool tiny = false;
+#pragma unroll
+  for (int b = 0; b < Blocks; ++b)
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      q[b][k] = static_cast<float>(static_cast<double>(w[b][k]) * inv);
+      tiny |= fabsf(q[b][k]) < 0x1p-126f;
+    }
+  return !tiny;
+}
+
+// out[L::offset(b, w)] = the code of x[b][w] / divisor (by rounding to
+// nearest, or stochastically with word w of bits[b]), zero point `zero`.
+template <class L, bool Stochastic>
+__device__ inline void encode_lane(const float (&x)[L::blocks][4], float divisor, float zero,
+                                   const Philox4x32 (&bits)[L::blocks], std::uint8_t* out) {
+#pragma unroll
+  for (int b = 0; b < L::blocks; ++b)
+#pragma unroll
+    for (int w = 0; w < 4; ++w) {
+      if constexpr (Stochastic)
+        out[L::offset(b, w)] = math::stochastic_code(x[b][w], divisor, zero, kMaxCode, bits[b].v[w]);
+      else
+        out[L::offset(b, w)] = math::minmax_code(x[b][w], divisor, zero, kMaxCode);
+    }
+}
+
+// quantize_groups' codes, scales and zeros for the common case, faster: groups
+// of 64, 128, 256 or 512 elements each lying in one row of x (ld == cols, or
+// rows of a whole number of groups), `groups` of them, none short. Each lane
+// loads all its elements of the group at once (GroupLanes), draws their
+// random bits while the loads are in flight, and divides by one
+// multiplication (exact_quotients); the group is read once.
+template <class T, bool Stochastic, int Group>
+__global__ void __launch_bounds__(kWarp* kQuantWarps)
+    quantize_contiguous_groups(const T* __restrict__ x, std::int64_t ld, std::int64_t cols, std::int64_t first,
+                               std::int64_t groups, std::uint8_t* __restrict__ codes, float* __restrict__ scales,
+                               std::uint8_t* __restrict__ zeros, std::uint64_t seed, std::uint32_t layer,
+                               std::uint32_t step, const StepCounters* after) {
+  using L = GroupLanes<Group, kPerLane<Stochastic>>;
+  constexpr std::int64_t per_block = kQuantWarps * L::per_warp;
+  if (!proceed_after<Stochastic>(after, step)) return;
+  if constexpr (!Stochastic) (void)seed, (void)layer, (void)step;
+  const int t = static_cast<int>(threadIdx.x % L::lanes);
+  const unsigned mask = lanes_mask<L::lanes>();
+  for (std::int64_t gl = blockIdx.x * per_block + threadIdx.x / L::lanes; gl < groups; gl += gridDim.x * per_block) {
+    const std::int64_t k0 = gl * Group;                      // the group's first element in x
+    const auto i0 = static_cast<std::uint64_t>(first + k0);  // and in the weight
+    const T* p = x + strided_index(k0, ld, cols) + L::lane_offset(t);
+    float v[L::blocks][4];
+#pragma unroll
+    for (int b = 0; b < L::blocks; ++b)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) v[b][w] = to_float(p[L::offset(b, w)]);
+    Philox4x32 bits[L::blocks] = {};
+    if constexpr (Stochastic) {
+#pragma unroll
+      for (int b = 0; b < L::blocks; ++b) bits[b] = block_bits(i0 / 4 + L::block(t, b), seed, layer, step);
+    }
+    float lo = INFINITY, hi = -INFINITY;
+#pragma unroll
+    for (int b = 0; b < L::blocks; ++b)
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        lo = fminf(lo, v[b][w]);
+        hi = fmaxf(hi, v[b][w]);
+      }
+    lanes_min_max<L::lanes>(lo, hi, mask);
+    float scale, zero;
+    math::minmax_scale_zero(lo, hi, kMaxCode, scale, zero);
+    if (t == 0) {
+      scales[i0 / Group] = scale;
+      zeros[i0 / Group] = static_cast<std::uint8_t>(zero);
+    }
+    std::uint8_t* out = codes + i0 + L::lane_offset(t);
+    float q[L::blocks][4];
+    if (exact_quotients(v, scale, q)) encode_lane<L, Stochastic>(q, 1.0f, zero, bits, out);  // q / 1 is q
+    else encode_lane<L, Stochastic>(v, scale, zero, bits, out);
+  }
+}
+
+// Blocks for `groups` groups at `per_block` a block (grid-stride beyond the limit).
+inline unsigned quantize_blocks(std::int64_t groups, std::int64_t per_block) {
+  return static_cast<unsigned>(std::min<std::int64_t>((groups + per_block - 1) / per_block, 65535));
+}
+
+// Launches quantize_groups on elements [first, first + n) from x.
+template <class T, bool Stochastic>
+void launch_strided_groups(const T* x, std::int64_t ld, std::int64_t cols, std::int64_t first, std::int64_t n,
+                           std::int64_t group, std::uint8_t* codes, float* scales, std::uint8_t* zeros,
+                           std::uint64_t seed, std::uint32_t layer, std::uint32_t step, const StepCounters* after,
+                           cudaStream_t stream) {
+  quantize_groups<T, Stochastic>
+      <<<quantize_blocks((n + group - 1) / group, kQuantWarps), kWarp * kQuantWarps, 0, stream>>>(
+          x, ld, cols, first, n, group, codes, scales, zeros, seed, layer, step, after);
+  check_launch("galore::cuda::quantize_groups");
+}
+
+// Launches quantize_contiguous_groups<T, Stochastic, Group> on the whole groups
+// and quantize_groups on a short last one (which lies in the one row that
+// holds rows of a whole number of groups, or in x's only row).
+template <class T, bool Stochastic, int Group>
+void launch_contiguous_groups(const T* x, std::int64_t ld, std::int64_t cols, std::int64_t first, std::int64_t n,
+                              std::uint8_t* codes, float* scales, std::uint8_t* zeros, std::uint64_t seed,
+                              std::uint32_t layer, std::uint32_t step, const StepCounters* after,
+                              cudaStream_t stream) {
+  const std::int64_t whole = n / Group, k = whole * Group;
+  if (whole > 0) {
+    constexpr int per_block = kQuantWarps * GroupLanes<Group, kPerLane<Stochastic>>::per_warp;
+    quantize_contiguous_groups<T, Stochastic, Group><<<quantize_blocks(whole, per_block), kWarp * kQuantWarps, 0,
+                                                       stream>>>(x, ld, cols, first, whole, codes, scales, zeros,
+                                                                 seed, layer, step, after);
+    check_launch("galore::cuda::quantize_contiguous_groups");
+  }
+  if (k < n)
+    launch_strided_groups<T, Stochastic>(x + k, n - k, n - k, first + k, n - k, Group, codes, scales, zeros, seed,
+                                         layer, step, after, stream);
+}
+
+// Quantizes elements [first, first + n) of a weight in groups of `group`
+// (first starts one) from x, rows `cols` wide with leading dimension ld
+// (element k of x is element first + k; n a whole number of rows), as
+// quantize_groups describes: by quantize_contiguous_groups where every group
+// lies in a row and has 64, 128, 256 or 512 elements, else by quantize_groups.
+// What QuantizedWeight's quantize(), requantize_rows() and
+// requantize_rows_after() launch (after the finiteness check of the first two).
+template <class T, bool Stochastic>
+void launch_quantize_groups(const T* x, std::int64_t ld, std::int64_t cols, std::int64_t first, std::int64_t n,
+                            std::int64_t group, std::uint8_t* codes, float* scales, std::uint8_t* zeros,
+                            std::uint64_t seed, std::uint32_t layer, std::uint32_t step, const StepCounters* after,
+                            cudaStream_t stream) {
+  if (n == 0) return;
+  const bool in_rows = ld == cols || n <= cols || cols % group == 0;
+  switch (in_rows ? group : 0) {
+    case 64:
+      return launch_contiguous_groups<T, Stochastic, 64>(x, ld, cols, first, n, codes, scales, zeros, seed, layer,
+                                                         step, after, stream);
+    case 128:
+      return launch_contiguous_groups<T, Stochastic, 128>(x, ld, cols, first, n, codes, scales, zeros, seed, layer,
+                                                          step, after, stream);
+    case 256:
+      return launch_contiguous_groups<T, Stochastic, 256>(x, ld, cols, first, n, codes, scales, zeros, seed, layer,
+                                                          step, after, stream);
+    case 512:
+      return launch_contiguous_groups<T, Stochastic, 512>(x, ld, cols, first, n, codes, scales, zeros, seed, layer,
+                                                          step, after, stream);
+    default:
+      return launch_strided_groups<T, Stochastic>(x, ld, cols, first, n, group, codes, scales, zeros, seed, layer,
+                                                  step, after, stream);
   }
 }
 
@@ -338,15 +606,9 @@ class QuantizedWeight {
   template <class T, bool Stochastic>
   void launch(DeviceView<const T> values, Index first, Context& ctx, std::uint64_t seed, std::uint32_t layer,
               std::uint32_t step, const StepCounters* after) {
-    const std::int64_t n = values.size();
-    if (n == 0) return;
-    const std::int64_t groups = (n + group_ - 1) / group_;
-    const auto blocks = static_cast<unsigned>(
-        std::min<std::int64_t>((groups + impl::kQuantWarps - 1) / impl::kQuantWarps, 65535));
-    impl::quantize_groups<T, Stochastic><<<blocks, impl::kWarp * impl::kQuantWarps, 0, ctx.stream()>>>(
-        values.data, values.ld, values.cols, first, n, group_, codes_.data(), scales_.data(), zeros_.data(), seed,
-        layer, step, after);
-    check_launch("galore::cuda::quantize_groups");
+    impl::launch_quantize_groups<T, Stochastic>(values.data, values.ld, values.cols, first, values.size(), group_,
+                                                codes_.data(), scales_.data(), zeros_.data(), seed, layer, step,
+                                                after, ctx.stream());
   }
 
   Shape shape_;
