@@ -83,27 +83,10 @@ __device__ inline bool proceed_after(const StepCounters* after, std::uint32_t& s
 // Philox block `counter` of (seed, layer, step): its four words are the random
 // bits of elements i, i + 16, i + 32, i + 48 of a 64-element tile, counter
 // (i >> 6) * 16 + (i & 15) for i < 16 in the tile (math::stochastic_bits).
-// philox4x32_10's rounds with the device's high multiply (__umulhi): its
-// portable 64-bit product compiles to an extra add after each multiply here,
-// a sixth of the stochastic fast path's instructions.
 __device__ inline Philox4x32 block_bits(std::uint64_t counter, std::uint64_t seed, std::uint32_t layer,
                                         std::uint32_t step) {
-  constexpr std::uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
-  constexpr std::uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
-  std::uint32_t c0 = static_cast<std::uint32_t>(counter), c1 = static_cast<std::uint32_t>(counter >> 32), c2 = step,
-                c3 = layer, k0 = static_cast<std::uint32_t>(seed), k1 = static_cast<std::uint32_t>(seed >> 32);
-#pragma unroll
-  for (int round = 0; round < 10; ++round) {
-    const std::uint32_t hi0 = __umulhi(M0, c0), lo0 = M0 * c0, hi1 = __umulhi(M1, c2), lo1 = M1 * c2;
-    const std::uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
-    c0 = n0;
-    c1 = lo1;
-    c2 = n2;
-    c3 = lo0;
-    k0 += W0;
-    k1 += W1;
-  }
-  return {{c0, c1, c2, c3}};
+  return philox4x32_10(static_cast<std::uint32_t>(counter), static_cast<std::uint32_t>(counter >> 32), step, layer,
+                       static_cast<std::uint32_t>(seed), static_cast<std::uint32_t>(seed >> 32));
 }
 
 // lo = the min of lo, hi = the max of hi over aligned groups of `Lanes` lanes
