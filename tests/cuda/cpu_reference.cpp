@@ -141,6 +141,12 @@ CpuCodes cpu_minmax_codes(const std::vector<float>& x, long group) {
   return codes_with(x, group, galore::quant::NearestEncoder<8>{});
 }
 
+CpuCodes cpu_minmax_codes4(const std::vector<float>& x, long rows, long cols, long group) {
+  const Eigen::Map<const galore::MatrixF> w(x.data(), rows, cols);
+  const galore::quant::GroupQuantized<4> q = galore::quant::quantize_minmax<4>(w, group);
+  return {q.codes, q.scales, q.zeros};
+}
+
 CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint64_t seed, std::uint32_t layer,
                               std::uint32_t step) {
   const galore::StochasticRounder<8> rounder(seed);

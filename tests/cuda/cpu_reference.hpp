@@ -76,6 +76,9 @@ struct CpuCodes {
   std::vector<std::uint8_t> zeros;
 };
 CpuCodes cpu_minmax_codes(const std::vector<float>& x, long group);
+// The CPU's 4-bit min-max codes of a rows x cols matrix (quant::quantize_minmax<4>,
+// the INT4 basis' store; group -1: one per row), packed two per byte.
+CpuCodes cpu_minmax_codes4(const std::vector<float>& x, long rows, long cols, long group);
 CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint64_t seed, std::uint32_t layer,
                               std::uint32_t step);
 // The CPU's QuantizedWeight<8>: W0 (rows x cols, row-major) quantized to

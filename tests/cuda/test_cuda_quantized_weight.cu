@@ -32,7 +32,8 @@ struct Downloaded {
   std::vector<std::uint8_t> codes, zeros;
   std::vector<float> scales;
 };
-Downloaded download(const cuda::QuantizedWeight<8>& q, cuda::Context& ctx) {
+template <int Bits>
+Downloaded download(const cuda::QuantizedWeight<Bits>& q, cuda::Context& ctx) {
   Downloaded d;
   q.download(d.codes, d.scales, d.zeros, ctx);
   return d;
@@ -470,4 +471,82 @@ TEST_CASE("an INT8 weight steps only on projected layers of its shape and elemen
   };
   CHECK_THROWS_AS(with_mode(static_cast<RoundingMode>(7)), invalid_argument);
   CHECK_NOTHROW(with_mode(RoundingMode::Nearest));
+}
+
+TEST_CASE("4-bit codes (INT4 bases) are the CPU's, packed two per byte, for any group size, and dequantize exactly") {
+  // Groups inside rows, across rows with a short last group, one per row of an
+  // odd width (bytes shared by two groups), and an odd group size; float and
+  // bf16, contiguous and strided.
+  const Case cases[] = {{32, 64, 256}, {6, 37, -1}, {9, 10, 7}, {3, 5461, -1}, {512, 96, 128}};
+  cuda::Context ctx;
+  for (const Case& c : cases)
+    for (const bool bf16 : {false, true})
+      for (const long pad : {0L, 5L}) {
+        INFO(c.rows, "x", c.cols, " group ", c.group, bf16 ? " bf16" : " float", " ld pad ", pad);
+        std::vector<float> w = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 17u + unsigned(c.cols));
+        w[3] = 0.0f;  // an exact zero: its code is the zero point
+        if (bf16) w = galore_test::round_to_bf16(w);
+        const long ld = c.cols + pad;
+        cuda::QuantizedWeight<4> q({c.rows, c.cols}, c.group);
+        if (bf16) {
+          Device<cuda::bf16> W(padded(w, c.rows, c.cols, pad));
+          q.quantize(DeviceView<const cuda::bf16>(W.data(), c.rows, c.cols, ld), ctx);
+        } else {
+          Device<float> W(padded(w, c.rows, c.cols, pad));
+          q.quantize(DeviceView<const float>(W.data(), c.rows, c.cols, ld), ctx);
+        }
+        const galore_test::CpuCodes cpu = galore_test::cpu_minmax_codes4(w, c.rows, c.cols, c.group);
+        const Downloaded gpu = download(q, ctx);
+        check_equal(gpu, cpu);
+        CHECK(gpu.codes.size() == static_cast<std::size_t>((c.rows * c.cols + 1) / 2));
+        // Dequantized on the GPU: scale * (code - zero) of the CPU's codes, bit
+        // for bit, into a strided float view and, by rows, a bf16 one.
+        const long group = c.group == -1 ? c.cols : c.group;
+        std::vector<float> want(w.size());
+        for (std::size_t i = 0; i < w.size(); ++i) {
+          const std::size_t g = i / static_cast<std::size_t>(group);
+          const auto code = static_cast<std::uint8_t>((cpu.codes[i / 2] >> (4 * (i % 2))) & 15u);
+          want[i] = math::minmax_value(code, cpu.scales[g], static_cast<float>(cpu.zeros[g]));
+        }
+        Device<float> out(std::vector<float>(static_cast<std::size_t>(c.rows * ld), -7.0f));
+        q.dequantize(DeviceView<float>(out.data(), c.rows, c.cols, ld), ctx);
+        ctx.synchronize();
+        const std::vector<float> got = out.download();
+        std::size_t differ = 0, padding = 0;
+        for (long r = 0; r < c.rows; ++r)
+          for (long k = 0; k < ld; ++k) {
+            const float x = got[static_cast<std::size_t>(r * ld + k)];
+            if (k >= c.cols) padding += x != -7.0f;
+            else differ += x != want[static_cast<std::size_t>(r * c.cols + k)];
+          }
+        CHECK(differ == 0);
+        CHECK(padding == 0);
+        const long r0 = c.rows / 2;
+        Device<cuda::bf16> half(std::vector<float>(static_cast<std::size_t>((c.rows - r0) * c.cols), 0.0f));
+        q.dequantize_rows(r0, DeviceView<cuda::bf16>(half.data(), c.rows - r0, c.cols), ctx);
+        ctx.synchronize();
+        const std::vector<float> h = half.download();
+        const std::vector<float> want_half =
+            galore_test::round_to_bf16(std::vector<float>(want.begin() + r0 * c.cols, want.end()));
+        CHECK(h == want_half);
+      }
+}
+
+TEST_CASE("a 4-bit QuantizedWeight holds half a byte per element and five per group; it refuses NaN") {
+  // 37 x 11 = 407 elements: 204 bytes of codes; one group per row: 37 groups.
+  CHECK(cuda::QuantizedWeight<4>::bytes_for({37, 11}, -1) == 204 + 37 * 5);
+  CHECK(cuda::QuantizedWeight<4>::bytes_for({512, 2048}, 256) == 512 * 1024 + 4096 * 5);
+  cuda::QuantizedWeight<4> q({37, 11}, -1);
+  CHECK(q.bytes() == cuda::QuantizedWeight<4>::bytes_for({37, 11}, -1));
+  CHECK(q.num_groups() == 37);
+  cuda::Context ctx;
+  std::vector<float> w = galore_test::gaussian(37 * 11, 3u);
+  q.quantize(DeviceView<const float>(Device<float>(w).data(), 37, 11), ctx);
+  const Downloaded before = download(q, ctx);
+  w[100] = std::numeric_limits<float>::quiet_NaN();
+  Device<float> bad(w);
+  CHECK_THROWS_AS(q.quantize(DeviceView<const float>(bad.data(), 37, 11), ctx), invalid_argument);
+  const Downloaded after = download(q, ctx);
+  CHECK(after.codes == before.codes);  // nothing written
+  CHECK(after.scales == before.scales);
 }

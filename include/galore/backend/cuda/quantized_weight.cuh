@@ -1,5 +1,7 @@
 // galore (CUDA backend): cuda::QuantizedWeight<8>, Q-GaLore's INT8 weight in
-// device memory (arXiv 2407.08296; q_galore_torch's group-wise quantizer).
+// device memory (arXiv 2407.08296; q_galore_torch's group-wise quantizer), and
+// QuantizedWeight<4>, its INT4 projection bases packed two codes per byte
+// (rounded to nearest; group_scales, encode_packed4, dequantize_packed4 below).
 //
 // The layout of the CPU's galore::QuantizedWeight<8> (galore/quantized_weight.hpp):
 // one code per weight, and per group of `group_size` consecutive elements of the
@@ -413,11 +415,78 @@ __global__ void dequantize_elements4(const std::uint8_t* __restrict__ codes, con
   }
 }
 
+// ---- 4-bit codes, two per byte (Q-GaLore's INT4 bases) ----
+
+// Each group's scale and zero point for codes up to max_code, from its
+// extremes (one warp a group) over elements [0, n) of x (rows `cols` wide,
+// leading dimension ld; groups from element 0).
+template <class T>
+__global__ void __launch_bounds__(kWarp* kQuantWarps)
+    group_scales(const T* __restrict__ x, std::int64_t ld, std::int64_t cols, std::int64_t n, std::int64_t group,
+                 float max_code, float* __restrict__ scales, std::uint8_t* __restrict__ zeros) {
+  const int lane = threadIdx.x % kWarp;
+  const std::int64_t groups = (n + group - 1) / group;
+  for (std::int64_t g = blockIdx.x * static_cast<std::int64_t>(kQuantWarps) + threadIdx.x / kWarp; g < groups;
+       g += static_cast<std::int64_t>(gridDim.x) * kQuantWarps) {
+    const std::int64_t k0 = g * group, k1 = k0 + group < n ? k0 + group : n;
+    float lo = INFINITY, hi = -INFINITY;
+    for (std::int64_t k = k0 + lane; k < k1; k += kWarp) {
+      const float v = element(x, ld, cols, k);
+      lo = fminf(lo, v);
+      hi = fmaxf(hi, v);
+    }
+    lanes_min_max<kWarp>(lo, hi, 0xFFFFFFFFu);
+    float scale, zero;
+    math::minmax_scale_zero(lo, hi, max_code, scale, zero);
+    if (lane == 0) {
+      scales[g] = scale;
+      zeros[g] = static_cast<std::uint8_t>(zero);
+    }
+  }
+}
+
+// Nearest 4-bit codes of elements [0, n) of x with their groups' scales and
+// zeros, packed as the CPU packs them (element 2j in the low half of byte j):
+// one byte a thread, whose two elements may lie in two groups, so no byte is
+// written twice whatever the group size.
+template <class T>
+__global__ void encode_packed4(const T* __restrict__ x, std::int64_t ld, std::int64_t cols, std::int64_t n,
+                               std::int64_t group, const float* __restrict__ scales,
+                               const std::uint8_t* __restrict__ zeros, std::uint8_t* __restrict__ codes) {
+  for (std::int64_t j = grid_first(); j < (n + 1) / 2; j += grid_stride()) {
+    unsigned byte = 0;
+    for (int e = 0; e < 2 && 2 * j + e < n; ++e) {
+      const std::int64_t k = 2 * j + e, g = quotient(k, group);
+      byte |= static_cast<unsigned>(math::minmax_code(element(x, ld, cols, k), scales[g],
+                                                      static_cast<float>(zeros[g]), 15.0f))
+              << (4 * e);
+    }
+    codes[j] = static_cast<std::uint8_t>(byte);
+  }
+}
+
+// out (rows x cols, leading dimension ld) = elements [first, first + n) of
+// packed 4-bit codes, dequantized.
+template <class T>
+__global__ void dequantize_packed4(const std::uint8_t* __restrict__ codes, const float* __restrict__ scales,
+                                   const std::uint8_t* __restrict__ zeros, std::int64_t group, std::int64_t first,
+                                   std::int64_t n, T* __restrict__ out, std::int64_t ld, std::int64_t cols) {
+  for (std::int64_t k = grid_first(); k < n; k += grid_stride()) {
+    const std::int64_t i = first + k, g = quotient(i, group);
+    const std::uint8_t c = static_cast<std::uint8_t>((codes[i / 2] >> (4 * (i % 2))) & 15u);
+    out[strided_index(k, ld, cols)] = from_float<T>(math::minmax_value(c, scales[g], static_cast<float>(zeros[g])));
+  }
+}
+
 }  // namespace impl
 
+// Bits 8: Q-GaLore's INT8 weights (nearest and stochastic rounding, the
+// optimizer's step on them). Bits 4: Q-GaLore's INT4 projection bases as the
+// CPU's GroupQuantized<4> stores them, two codes per byte (element 2j in the
+// low half of byte j), rounded to nearest (quantize(), dequantize()).
 template <int Bits = 8>
 class QuantizedWeight {
-  static_assert(Bits == 8, "galore: on the GPU quantized weights hold 8-bit codes (Q-GaLore's INT8 weights)");
+  static_assert(Bits == 8 || Bits == 4, "galore: quantized matrices on the GPU hold 8-bit or packed 4-bit codes");
 
  public:
   static constexpr int bits = Bits;
@@ -433,7 +502,7 @@ class QuantizedWeight {
     detail::require(group_size > 0 || group_size == -1,
                     "group size must be positive or -1 for one group per row (got ", group_size, ")");
     group_ = group_size == -1 ? shape.cols : group_size;
-    codes_ = DeviceBuffer<std::uint8_t>::zeroed(static_cast<std::size_t>(shape.size()));
+    codes_ = DeviceBuffer<std::uint8_t>::zeroed(code_bytes(shape.size()));
     scales_ = DeviceBuffer<float>::zeroed(static_cast<std::size_t>(num_groups()));
     zeros_ = DeviceBuffer<std::uint8_t>::zeroed(static_cast<std::size_t>(num_groups()));
   }
@@ -453,14 +522,14 @@ class QuantizedWeight {
   std::uint8_t* zeros() { return zeros_.data(); }
   const std::uint8_t* zeros() const { return zeros_.data(); }
 
-  // Device bytes held: one byte per weight, a float32 scale and a one-byte zero
-  // point per group (the CPU's QuantizedWeight<8>::bytes_for).
+  // Device bytes held: a byte per weight (half a byte with 4-bit codes,
+  // rounded up), a float32 scale and a one-byte zero point per group (the CPU's
+  // GroupQuantized<Bits>::bytes_for).
   std::size_t bytes() const { return codes_.bytes() + scales_.bytes() + zeros_.bytes(); }
   static std::size_t bytes_for(Shape s, Index group_size = 256) {
     const Index g = group_size == -1 ? s.cols : group_size;
     detail::require(g > 0, "group size must be positive or -1 for one group per row (got ", group_size, ")");
-    const auto n = static_cast<std::size_t>(s.size());
-    return n + static_cast<std::size_t>((s.size() + g - 1) / g) * (sizeof(float) + 1);
+    return code_bytes(s.size()) + static_cast<std::size_t>((s.size() + g - 1) / g) * (sizeof(float) + 1);
   }
 
   // Quantizes W (float or bf16, the weight's shape, any leading dimension) by
@@ -484,6 +553,7 @@ class QuantizedWeight {
   // Synchronizes ctx's stream (the finiteness check).
   void requantize_rows(Index row0, DeviceView<const float> values, std::uint64_t seed, std::uint32_t layer,
                        std::uint32_t step, Context& ctx) {
+    static_assert(Bits == 8, "galore: 4-bit codes are rounded to nearest (quantize()), as Q-GaLore's INT4 bases");
     check_rows(row0, values.rows, values.cols);
     const Index first = row0 * cols(), n = values.rows * cols();
     detail::require(first % group_ == 0 && (n % group_ == 0 || first + n == shape_.size()),
@@ -506,6 +576,12 @@ class QuantizedWeight {
     check_rows(row0, out.rows, out.cols);
     const std::int64_t n = out.rows * cols(), first = row0 * cols();
     if (n == 0) return;
+    if constexpr (Bits == 4) {
+      impl::dequantize_packed4<T><<<impl::blocks_for(n), impl::kThreads, 0, ctx.stream()>>>(
+          codes_.data(), scales_.data(), zeros_.data(), group_, first, n, out.data, out.ld, cols());
+      check_launch("galore::cuda::dequantize_packed4");
+      return;
+    }
     const bool vector = out.contiguous() && n % 4 == 0 && first % 4 == 0 && group_ % 4 == 0 &&
                         reinterpret_cast<std::uintptr_t>(out.data) % (4 * sizeof(T)) == 0;
     if (vector)
@@ -525,6 +601,7 @@ class QuantizedWeight {
   // (rounding.seed, layer, the counters' applied steps), or to nearest.
   void requantize_rows_after(Index row0, DeviceView<const float> values, const WeightRounding& rounding,
                              std::uint32_t layer, const StepCounters* counters, Context& ctx) {
+    static_assert(Bits == 8, "galore: 4-bit codes are rounded to nearest (quantize()), as Q-GaLore's INT4 bases");
     check_rows(row0, values.rows, values.cols);
     const Index first = row0 * cols(), n = values.rows * cols();
     detail::require(first % group_ == 0 && (n % group_ == 0 || first + n == shape_.size()),
@@ -589,10 +666,25 @@ class QuantizedWeight {
   template <class T, bool Stochastic>
   void launch(DeviceView<const T> values, Index first, Context& ctx, std::uint64_t seed, std::uint32_t layer,
               std::uint32_t step, const StepCounters* after) {
+    if constexpr (Bits == 4) {  // the whole matrix, to nearest (quantize())
+      static_assert(!Stochastic, "galore: 4-bit codes are rounded to nearest");
+      (void)first, (void)seed, (void)layer, (void)step, (void)after;
+      const std::int64_t n = values.size();
+      impl::group_scales<T><<<impl::quantize_blocks((n + group_ - 1) / group_, impl::kQuantWarps),
+                              impl::kWarp * impl::kQuantWarps, 0, ctx.stream()>>>(
+          values.data, values.ld, values.cols, n, group_, 15.0f, scales_.data(), zeros_.data());
+      check_launch("galore::cuda::group_scales");
+      impl::encode_packed4<T><<<impl::blocks_for((n + 1) / 2), impl::kThreads, 0, ctx.stream()>>>(
+          values.data, values.ld, values.cols, n, group_, scales_.data(), zeros_.data(), codes_.data());
+      check_launch("galore::cuda::encode_packed4");
+      return;
+    }
     impl::launch_quantize_groups<T, Stochastic>(values.data, values.ld, values.cols, first, values.size(), group_,
                                                 codes_.data(), scales_.data(), zeros_.data(), seed, layer, step,
                                                 after, ctx.stream());
   }
+
+  static std::size_t code_bytes(Index n) { return (static_cast<std::size_t>(n) * Bits + 7) / 8; }
 
   Shape shape_;
   Index group_ = 0;
