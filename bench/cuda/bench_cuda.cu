@@ -28,9 +28,9 @@
 //   BM_CudaRefresh/warm_batched/llama1b/r512
 //                                 warm, with the matrices of each shape refreshed together
 //                                 (cuda::compute_bases: batched orthonormalization)
-//   BM_CudaQuant/<quantize|stochastic|dequantize|adam8bit>/16777216
+//   BM_CudaQuant/<quantize|stochastic|dequantize|quantize4|dequantize4|adam8bit>/16777216
 //                                 cuda::QuantizedWeight<8>'s kernels over 2^24 float elements (groups
-//                                 of 256), and 8-bit blockwise Adam (cuda::adam8bit_step) over as many; counter `of_copy`: a device copy of the same bytes (read +
+//                                 of 256), the INT4 basis' packed codes (quantize4, dequantize4), and 8-bit blockwise Adam (cuda::adam8bit_step) over as many; counter `of_copy`: a device copy of the same bytes (read +
 //                                 write) in the same run, over the kernel's time (1 = copy speed)
 //   BM_CudaRefreshAll/<warm|warm_rayleigh_ritz|randomized>/llama1b/r512
 //                                 a whole-model step at which every layer refreshes (step_all, gap 1):
@@ -562,8 +562,9 @@ void BM_CudaRefresh(benchmark::State& state, Policy policy, bool warm, bool batc
 }
 
 // The INT8 weight's kernels (the finiteness check of quantize() and
-// requantize_rows() left out: the step will rely on its skip decision).
-enum class QuantKernel { Quantize, Stochastic, Dequantize, Adam8bit };
+// requantize_rows() left out: the step will rely on its skip decision), the
+// INT4 basis' (packed codes, groups of 256), and 8-bit Adam.
+enum class QuantKernel { Quantize, Stochastic, Dequantize, Quantize4, Dequantize4, Adam8bit };
 void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
   const std::int64_t n = std::int64_t{1} << 24, cols = 4096, rows = n / cols;
   cuda::Context ctx;
@@ -572,6 +573,9 @@ void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
   cuda::check_launch("gaussian");
   cuda::QuantizedWeight<8> q({rows, cols});
   q.quantize(DeviceView<const float>(x.data(), rows, cols), ctx);
+  cuda::QuantizedWeight<4> q4({rows, cols});
+  q4.quantize(DeviceView<const float>(x.data(), rows, cols), ctx);
+  const bool four = kernel == QuantKernel::Quantize4 || kernel == QuantKernel::Dequantize4;
   std::uint32_t step = 0;
   cuda::Blockwise8bitMoments moments(kernel == QuantKernel::Adam8bit ? n : 1);
   const cuda::DynamicMaps maps;
@@ -589,6 +593,13 @@ void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
       case QuantKernel::Dequantize:
         q.dequantize(DeviceView<float>(x.data(), rows, cols), ctx);
         break;
+      case QuantKernel::Quantize4:
+        cuda::impl::launch_quantize_packed4(x.data(), cols, cols, n, q4.group_size(), q4.codes(), q4.scales(),
+                                            q4.zeros(), ctx.stream());
+        break;
+      case QuantKernel::Dequantize4:
+        q4.dequantize(DeviceView<float>(x.data(), rows, cols), ctx);
+        break;
       case QuantKernel::Adam8bit:
         cuda::adam8bit_step(ctx, moments, maps, x.data(), d.data(),
                             math::adam8bit_coefficients(1e-3, 0.9, 0.999, 1e-8, ++step, true));
@@ -596,12 +607,13 @@ void BM_CudaQuant(benchmark::State& state, QuantKernel kernel) {
     }
   };
   time_passes(state, ctx, pass);
-  // Bytes moved: 4 per float read or written, 1 per code read or written, 5 per
-  // group; 8-bit Adam reads g and two codes and writes two codes and d, plus
-  // two absmax per block of 256 read and written.
+  // Bytes moved: 4 per float read or written, 1 per code read or written (half
+  // a byte for 4-bit codes), 5 per group; 8-bit Adam reads g and two codes and
+  // writes two codes and d, plus two absmax per block of 256 read and written.
   const std::size_t bytes = kernel == QuantKernel::Adam8bit
                                 ? static_cast<std::size_t>(n) * 12 + static_cast<std::size_t>(moments.blocks()) * 16
-                                : static_cast<std::size_t>(n) * 5 + static_cast<std::size_t>(q.num_groups()) * 5;
+                                : static_cast<std::size_t>(n) * 4 + static_cast<std::size_t>(four ? n / 2 : n) +
+                                      static_cast<std::size_t>(q.num_groups()) * 5;
   cuda::DeviceBuffer<unsigned char> a(bytes / 2), b(bytes / 2);
   Timer timer;
   double copy = 0.0, own = 0.0;
@@ -678,7 +690,8 @@ int main(int argc, char** argv) {
                                svd::WarmStart{}, true, false)
       ->UseManualTime()->Unit(benchmark::kMillisecond)->Iterations(3);
   for (const auto& [name, kernel] : {std::pair{"quantize", QuantKernel::Quantize}, std::pair{"stochastic", QuantKernel::Stochastic},
-                                     std::pair{"dequantize", QuantKernel::Dequantize}, std::pair{"adam8bit", QuantKernel::Adam8bit}})
+                                     std::pair{"dequantize", QuantKernel::Dequantize}, std::pair{"quantize4", QuantKernel::Quantize4},
+                                     std::pair{"dequantize4", QuantKernel::Dequantize4}, std::pair{"adam8bit", QuantKernel::Adam8bit}})
     benchmark::RegisterBenchmark((std::string("BM_CudaQuant/") + name + "/16777216").c_str(), BM_CudaQuant, kernel)
         ->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.2);
   const std::size_t limit = cuda::StepPlanOptions{}.workspace_limit;

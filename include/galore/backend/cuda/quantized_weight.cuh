@@ -478,6 +478,19 @@ __global__ void dequantize_packed4(const std::uint8_t* __restrict__ codes, const
   }
 }
 
+// Nearest 4-bit codes of elements [0, n) of x (rows `cols` wide, leading
+// dimension ld) in groups of `group`, packed, with their scales and zeros.
+template <class T>
+void launch_quantize_packed4(const T* x, std::int64_t ld, std::int64_t cols, std::int64_t n, std::int64_t group,
+                             std::uint8_t* codes, float* scales, std::uint8_t* zeros, cudaStream_t stream) {
+  if (n == 0) return;
+  group_scales<T><<<quantize_blocks((n + group - 1) / group, kQuantWarps), kWarp * kQuantWarps, 0, stream>>>(
+      x, ld, cols, n, group, 15.0f, scales, zeros);
+  check_launch("galore::cuda::group_scales");
+  encode_packed4<T><<<blocks_for((n + 1) / 2), kThreads, 0, stream>>>(x, ld, cols, n, group, scales, zeros, codes);
+  check_launch("galore::cuda::encode_packed4");
+}
+
 }  // namespace impl
 
 // Bits 8: Q-GaLore's INT8 weights (nearest and stochastic rounding, the
@@ -669,14 +682,8 @@ class QuantizedWeight {
     if constexpr (Bits == 4) {  // the whole matrix, to nearest (quantize())
       static_assert(!Stochastic, "galore: 4-bit codes are rounded to nearest");
       (void)first, (void)seed, (void)layer, (void)step, (void)after;
-      const std::int64_t n = values.size();
-      impl::group_scales<T><<<impl::quantize_blocks((n + group_ - 1) / group_, impl::kQuantWarps),
-                              impl::kWarp * impl::kQuantWarps, 0, ctx.stream()>>>(
-          values.data, values.ld, values.cols, n, group_, 15.0f, scales_.data(), zeros_.data());
-      check_launch("galore::cuda::group_scales");
-      impl::encode_packed4<T><<<impl::blocks_for((n + 1) / 2), impl::kThreads, 0, ctx.stream()>>>(
-          values.data, values.ld, values.cols, n, group_, scales_.data(), zeros_.data(), codes_.data());
-      check_launch("galore::cuda::encode_packed4");
+      impl::launch_quantize_packed4(values.data, values.ld, values.cols, values.size(), group_, codes_.data(),
+                                    scales_.data(), zeros_.data(), ctx.stream());
       return;
     }
     impl::launch_quantize_groups<T, Stochastic>(values.data, values.ld, values.cols, first, values.size(), group_,
