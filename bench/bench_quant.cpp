@@ -5,6 +5,9 @@
 //   quantize            float32 -> INT8 min-max codes, groups of 256, round to nearest
 //   dequantize          INT8 codes -> float32
 //   stochastic_rounding float32 -> INT8 codes with Philox stochastic rounding
+//   adam8bit            a step of bitsandbytes' 8-bit blockwise Adam moments
+//                       (state::Blockwise8bit): reads g and two codes, writes
+//                       two codes and the update (12 bytes per element)
 #include <benchmark/benchmark.h>
 
 #include <cstring>
@@ -67,6 +70,24 @@ void BM_StochasticRounding(benchmark::State& state) {
   quantize_loop(state, 4, [&](std::uint32_t step) { return rounder.bind(3, step); });
 }
 
+void BM_Adam8bit(benchmark::State& state) {
+  const Index n = state.range(0);
+  const MatrixF g = random_matrix({1, n}, 5);
+  const state::Blockwise8bit policy;
+  auto mo = policy.init({1, n});
+  const AdamConfig c;
+  std::vector<float> d(static_cast<std::size_t>(n));
+  std::int64_t t = 0;
+  policy.update(mo, g.data(), ++t, c, [](Index, const float*, Index) {});  // nonzero state
+  for (auto _ : state) {
+    policy.update(mo, g.data(), ++t, c, [&](Index off, const float* x, Index len) {
+      std::memcpy(d.data() + off, x, sizeof(float) * static_cast<std::size_t>(len));
+    });
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(state.iterations() * n * 12);
+}
+
 // 256 Ki elements (cache-resident) and 16 Mi (memory-bound).
 const int registered = [] {
   for (Index n : {Index{1} << 18, Index{1} << 24}) {
@@ -74,6 +95,7 @@ const int registered = [] {
     benchmark::RegisterBenchmark("BM_Quant/quantize", BM_Quantize)->Arg(n);
     benchmark::RegisterBenchmark("BM_Quant/dequantize", BM_Dequantize)->Arg(n);
     benchmark::RegisterBenchmark("BM_Quant/stochastic_rounding", BM_StochasticRounding)->Arg(n);
+    benchmark::RegisterBenchmark("BM_Quant/adam8bit", BM_Adam8bit)->Arg(n);
   }
   return 0;
 }();

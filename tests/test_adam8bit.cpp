@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <galore/galore.hpp>
 #include <string>
@@ -79,6 +80,34 @@ TEST_CASE("the table-driven CodeIndex finds the same codes as bitsandbytes' bina
     }
     for (int c = 0; c < 256; ++c) differ += index.nearest(map[c]) != c;  // the codes themselves
     CHECK(differ == 0);
+  }
+}
+
+TEST_CASE("CodeIndex's nearest code is the count of midpoints below x at every bucket edge of every float") {
+  // Both tables: the full one (the CPU's) and the compact one (the GPU's),
+  // whose rows clamp exponents below 2^-23 and from 2 up: exact there too
+  // (zeros, subnormals, huge values, Inf).
+  for (bool is_signed : {true, false}) {
+    const auto& index = is_signed ? quant::signed_code_index() : quant::unsigned_code_index();
+    const std::vector<float>& mid = index.midpoints();
+    auto exact = [&](float x) { return std::lower_bound(mid.begin(), mid.begin() + 255, x) - mid.begin(); };
+    long differ = 0;
+    for (std::uint32_t key = 0; key < (1u << 17); ++key)
+      for (const std::uint32_t bits : {key << 15, key << 15 | 0x7fffu, key << 15 | 0x4000u}) {
+        float x;
+        std::memcpy(&x, &bits, sizeof x);
+        if (!std::isnan(x)) differ += (index.nearest(x) != exact(x)) + (index.nearest_compact(x) != exact(x));
+      }
+    for (int k = 0; k < 255; ++k)
+      for (float x : {mid[static_cast<std::size_t>(k)], std::nextafter(mid[static_cast<std::size_t>(k)], -2.0f),
+                      std::nextafter(mid[static_cast<std::size_t>(k)], 2.0f)})
+        differ += (index.nearest(x) != exact(x)) + (index.nearest_compact(x) != exact(x));
+    CHECK(differ == 0);
+    for (const float x : {0.0f, -0.0f, 1e-40f, -1e-40f})  // zeros and subnormals: the code of 0
+      CHECK(index.nearest_compact(x) == (is_signed ? 127 : 0));
+    CHECK(index.nearest_compact(INFINITY) == 255);
+    CHECK(index.nearest_compact(-INFINITY) == 0);
+    CHECK(index.nearest(INFINITY) == 255);
   }
 }
 

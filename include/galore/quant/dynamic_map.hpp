@@ -114,41 +114,85 @@ GALORE_HOST_DEVICE std::uint8_t nearest_code(const float* code, float x, bool is
 // constructor checks it), so one comparison finishes the search: a table load
 // and a compare, no branches. Equal to nearest_code except where x lies within
 // rounding of a midpoint (a few in a million random inputs).
+//
+// Every midpoint lies at a magnitude in [2^-23, 2), so a compact table with one
+// row of 256 buckets per exponent there, and one row each for all smaller and
+// all larger exponents (clamped to), gives the same counts in 13 KiB instead of
+// 128 KiB: the GPU keeps it in shared memory (backend/cuda/adam8bit.cuh). On
+// the CPU the full table is faster (the hot part of it stays cached, and its
+// index is a shift).
 class CodeIndex {
  public:
-  explicit CodeIndex(const CodeMap& map) : midpoints_(257, INFINITY), base_(std::size_t{1} << 17) {
+  static constexpr int kExpLo = 103;  // exponent fields below 2^-23 share this row
+  static constexpr int kExpHi = 128;  // and those of 2 and above this one
+  static constexpr int kRows = kExpHi - kExpLo + 1;
+  static constexpr int kCompactBytes = 2 * kRows * 256;
+
+  explicit CodeIndex(const CodeMap& map)
+      : midpoints_(257, INFINITY), base_(std::size_t{1} << 17), compact_(kCompactBytes) {
     for (std::size_t k = 0; k + 1 < map.size(); ++k) midpoints_[k] = (map[k] + map[k + 1]) * 0.5f;
-    const auto mid_end = midpoints_.begin() + static_cast<std::ptrdiff_t>(map.size() - 1);
-    for (std::uint32_t key = 0; key < (1u << 17); ++key) {
-      const float a = bucket_edge(key << 15), b = bucket_edge((key << 15) | 0x7fffu);
-      const float lo = std::min(a, b), hi = std::max(a, b);
-      const auto first = std::lower_bound(midpoints_.begin(), mid_end, lo);
-      const auto last = std::upper_bound(midpoints_.begin(), mid_end, hi);
-      if (last - first > 1) throw std::logic_error("galore: CodeIndex needs at most one midpoint per bucket");
-      base_[key] = static_cast<std::uint8_t>(first - midpoints_.begin());
-    }
+    for (std::uint32_t key = 0; key < (1u << 17); ++key)
+      base_[key] = below(bucket_edge(key << 15), bucket_edge((key << 15) | 0x7fffu));
+    for (std::uint32_t sign = 0; sign < 2; ++sign)
+      for (int row = 0; row < kRows; ++row)
+        for (std::uint32_t m8 = 0; m8 < 256; ++m8) {
+          // The bucket's extremes; the clamped rows reach to 0, or beyond every midpoint.
+          const std::uint32_t first = sign << 31 | static_cast<std::uint32_t>(kExpLo + row) << 23 | m8 << 15;
+          const float a = row == 0 ? (sign ? -0.0f : 0.0f) : bucket_edge(first);
+          const float b = row == kRows - 1 ? (sign ? -2.0f : 2.0f) : bucket_edge(first | 0x7fffu);
+          compact_[compact_index(first)] = below(a, b);
+        }
   }
 
   // The midpoints between neighbouring codes, ascending (255), then +inf.
   const std::vector<float>& midpoints() const { return midpoints_; }
 
   std::uint8_t nearest(float x) const {
-    std::uint32_t bits;
-    std::memcpy(&bits, &x, sizeof bits);
+    const std::uint32_t bits = bits_of(x);
     const int b = base_[bits >> 15];
     return static_cast<std::uint8_t>(b + (midpoints_[static_cast<std::size_t>(b)] < x));
   }
 
+  // The compact table (kCompactBytes, at compact_index(x's bits)), and the
+  // same search through it.
+  const std::vector<std::uint8_t>& compact_table() const { return compact_; }
+  // A float's compact bucket: sign, exponent field clamped to [kExpLo, kExpHi],
+  // top 8 mantissa bits.
+  GALORE_HOST_DEVICE static std::uint32_t compact_index(std::uint32_t bits) {
+    std::uint32_t e = (bits >> 23) & 0xffu;
+    e = e < kExpLo ? kExpLo : (e > kExpHi ? kExpHi : e);
+    return ((bits >> 31) * kRows + (e - kExpLo)) * 256 + ((bits >> 15) & 0xffu);
+  }
+  std::uint8_t nearest_compact(float x) const {
+    const int b = compact_[compact_index(bits_of(x))];
+    return static_cast<std::uint8_t>(b + (midpoints_[static_cast<std::size_t>(b)] < x));
+  }
+
  private:
+  static std::uint32_t bits_of(float x) {
+    std::uint32_t bits;
+    std::memcpy(&bits, &x, sizeof bits);
+    return bits;
+  }
   static float bucket_edge(std::uint32_t bits) {
     float v;
     std::memcpy(&v, &bits, sizeof v);
     if (!std::isfinite(v)) v = std::signbit(v) ? -2.0f : 2.0f;  // beyond every code
     return v;
   }
+  // The midpoints below the bucket whose extremes are a and b (in either
+  // order), which must hold at most one.
+  std::uint8_t below(float a, float b) const {
+    const auto end = midpoints_.begin() + 255;
+    const auto first = std::lower_bound(midpoints_.begin(), end, std::min(a, b));
+    if (std::upper_bound(midpoints_.begin(), end, std::max(a, b)) - first > 1)
+      throw std::logic_error("galore: CodeIndex needs at most one midpoint per bucket");
+    return static_cast<std::uint8_t>(first - midpoints_.begin());
+  }
 
-  std::vector<float> midpoints_;      // 255 midpoints, then +inf
-  std::vector<std::uint8_t> base_;    // midpoints below each bucket
+  std::vector<float> midpoints_;        // 255 midpoints, then +inf
+  std::vector<std::uint8_t> base_;      // midpoints below each bucket
+  std::vector<std::uint8_t> compact_;   // the same over the compact buckets
 };
 
 inline const CodeIndex& signed_code_index() {

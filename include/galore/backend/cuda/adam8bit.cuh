@@ -12,11 +12,9 @@
 // neighbouring codes that lie below the value (the CPU's quant::CodeIndex; here
 // a binary search over the midpoints in shared memory), so ties agree; an m whose
 // code would flip its sign moves one code towards it, as bitsandbytes does.
-// The count comes from a bucket table in shared memory, as on the CPU: one
-// byte per bucket of floats (sign, exponent, 8 mantissa bits) gives the
-// midpoints below the bucket, one comparison finishes; the table covers the
-// exponents of [2^-23, 2), where every midpoint lies, and the rare value
-// outside it takes a binary search.
+// The count comes from the CPU's compact bucket table (quant::CodeIndex), in
+// shared memory: one byte per bucket of floats (sign, clamped exponent, 8
+// mantissa bits) gives the midpoints below the bucket, one comparison finishes.
 //
 // Blocks of up to 512 elements (bitsandbytes uses 256) are stepped one per
 // warp, so the block's absmax is a shuffle reduction with no barrier; larger
@@ -30,7 +28,6 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <stdexcept>
 #include <vector>
 
 #include "../../math/adam.hpp"
@@ -47,26 +44,20 @@ namespace galore::cuda {
 // The signed and unsigned dynamic maps, their midpoints and bucket tables, in
 // device memory: [signed map | unsigned map | signed midpoints | unsigned
 // midpoints] as 256 floats each (255 midpoints, then +inf), then the signed and
-// the unsigned bucket table (kTableBytes each).
+// the unsigned compact bucket table: the CPU's quant::CodeIndex, copied.
 class DynamicMaps {
  public:
-  // The bucket tables cover exponent fields [kTableExpLo, 127], both signs, 8
-  // mantissa bits: values of magnitude in [2^-23, 2).
-  static constexpr int kTableExpLo = 104;
-  static constexpr int kTableExps = 128 - kTableExpLo;
-  static constexpr int kTableBytes = 2 * kTableExps * 256;
+  static constexpr int kTableBytes = quant::CodeIndex::kCompactBytes;
   static constexpr int kBytes = 4 * 256 * static_cast<int>(sizeof(float)) + 2 * kTableBytes;
 
   DynamicMaps() : buf_(kBytes) {
     std::vector<unsigned char> host(kBytes);
     const quant::CodeMap* map[2] = {&quant::dynamic_map_signed(), &quant::dynamic_map_unsigned()};
-    // The CPU's own midpoints (255, then +inf), so that both backends count the same ones.
-    const std::vector<float>* mid[2] = {&quant::signed_code_index().midpoints(),
-                                        &quant::unsigned_code_index().midpoints()};
+    const quant::CodeIndex* index[2] = {&quant::signed_code_index(), &quant::unsigned_code_index()};
     for (int k = 0; k < 2; ++k) {
       std::memcpy(host.data() + k * 256 * sizeof(float), map[k]->data(), 256 * sizeof(float));
-      std::memcpy(host.data() + (512 + k * 256) * sizeof(float), mid[k]->data(), 256 * sizeof(float));
-      below_tiny_[k] = fill_table(*mid[k], host.data() + 1024 * sizeof(float) + k * kTableBytes);
+      std::memcpy(host.data() + (512 + k * 256) * sizeof(float), index[k]->midpoints().data(), 256 * sizeof(float));
+      std::memcpy(host.data() + 1024 * sizeof(float) + k * kTableBytes, index[k]->compact_table().data(), kTableBytes);
     }
     check(cudaMemcpy(buf_.data(), host.data(), buf_.bytes(), cudaMemcpyHostToDevice), "cudaMemcpy");
     // A pageable copy may return before its DMA lands, and a non-blocking
@@ -74,38 +65,9 @@ class DynamicMaps {
     check(cudaStreamSynchronize(nullptr), "cudaStreamSynchronize");
   }
   const unsigned char* data() const { return buf_.data(); }
-  // The midpoints below every value of magnitude under 2^-23 (those below 0),
-  // for the signed (0) and unsigned (1) map.
-  int below_tiny(int k) const { return below_tiny_[k]; }
 
  private:
-  // Writes the table of the 255 ascending midpoints mid (then +inf) and
-  // returns the count below the values under the table's range. Throws
-  // std::logic_error if a bucket holds two midpoints or a midpoint lies under
-  // the range (one comparison would not finish the search).
-  static int fill_table(const std::vector<float>& mid, unsigned char* table) {
-    const auto end = mid.begin() + 255;
-    const float tiny = std::ldexp(1.0f, kTableExpLo - 127);
-    if (std::lower_bound(mid.begin(), end, -tiny) != std::upper_bound(mid.begin(), end, tiny))
-      throw std::logic_error("galore: a midpoint of the 8-bit code map lies below the bucket table's range");
-    for (std::uint32_t sign = 0; sign < 2; ++sign)
-      for (int e = 0; e < kTableExps; ++e)
-        for (std::uint32_t m8 = 0; m8 < 256; ++m8) {
-          const std::uint32_t bits = sign << 31 | static_cast<std::uint32_t>(kTableExpLo + e) << 23 | m8 << 15;
-          float a, b;
-          const std::uint32_t last = bits | 0x7fffu;
-          std::memcpy(&a, &bits, sizeof a);
-          std::memcpy(&b, &last, sizeof b);
-          const auto first = std::lower_bound(mid.begin(), end, std::min(a, b));
-          if (std::upper_bound(mid.begin(), end, std::max(a, b)) - first > 1)
-            throw std::logic_error("galore: a bucket of the 8-bit code table holds two midpoints");
-          table[(sign * kTableExps + e) * 256 + m8] = static_cast<unsigned char>(first - mid.begin());
-        }
-    return static_cast<int>(std::lower_bound(mid.begin(), end, 0.0f) - mid.begin());
-  }
-
   DeviceBuffer<unsigned char> buf_;
-  int below_tiny_[2] = {0, 0};
 };
 
 // One tensor's 8-bit moments.
@@ -189,26 +151,10 @@ __device__ inline void load_tables(Adam8bitTables& t, const unsigned char* __res
   __syncthreads();
 }
 
-// The number of midpoints below x among the 255 sorted ones in mid.
-__device__ inline int midpoints_below(const float* mid, float x) {
-  int lo = 0, hi = 255;
-  while (lo < hi) {
-    const int m = (lo + hi) / 2;
-    if (mid[m] < x) lo = m + 1;
-    else hi = m;
-  }
-  return lo;
-}
-
-// The same count through the bucket table: the midpoints below x's bucket,
-// plus one if the bucket's midpoint (if any) lies below x.
-__device__ inline int code_of(const unsigned char* table, const float* mid, int below_tiny, float x) {
-  const unsigned bits = __float_as_uint(x);
-  const int e = static_cast<int>((bits >> 23) & 0xffu);
-  if (e < DynamicMaps::kTableExpLo) return below_tiny;
-  if (e > 127) return midpoints_below(mid, x);
-  const int b = table[((bits >> 31) * DynamicMaps::kTableExps + (e - DynamicMaps::kTableExpLo)) * 256 +
-                      ((bits >> 15) & 0xffu)];
+// The nearest code of x, as quant::CodeIndex::nearest_compact: the midpoints
+// below x's bucket, plus one if the bucket's midpoint (if any) lies below x.
+__device__ inline int code_of(const unsigned char* table, const float* mid, float x) {
+  const int b = table[quant::CodeIndex::compact_index(__float_as_uint(x))];
   return b + (mid[b] < x);
 }
 
@@ -229,15 +175,15 @@ __device__ inline float step_element(const Adam8bitTables& t, std::uint8_t cm, s
 // The codes of new moments m, v in a block of absmax new_am, new_av. An
 // all-zero block (absmax 0) stores the zero codes instead of 0/0; an m whose
 // code would flip its sign moves one code towards it.
-__device__ inline void encode_element(const Adam8bitTables& t, int below_tiny_m, int below_tiny_v, float m, float v,
-                                      float new_am, float new_av, std::uint8_t& cm, std::uint8_t& cv) {
+__device__ inline void encode_element(const Adam8bitTables& t, float m, float v, float new_am, float new_av,
+                                      std::uint8_t& cm, std::uint8_t& cv) {
   int c = 127;
   if (new_am > 0.0f) {
-    c = code_of(t.table_m, t.mid_m, below_tiny_m, m / new_am);
+    c = code_of(t.table_m, t.mid_m, m / new_am);
     if (signbit(t.qm[c]) != signbit(m)) c += m > 0.0f ? 1 : -1;
   }
   cm = static_cast<std::uint8_t>(c);
-  cv = static_cast<std::uint8_t>(new_av > 0.0f ? code_of(t.table_v, t.mid_v, below_tiny_v, v / new_av) : 0);
+  cv = static_cast<std::uint8_t>(new_av > 0.0f ? code_of(t.table_v, t.mid_v, v / new_av) : 0);
 }
 
 // A tensor's 8-bit moments as a kernel takes them.
@@ -248,7 +194,6 @@ struct Adam8bitState {
   std::uint8_t* v_code;
   float* m_absmax;
   float* v_absmax;
-  int below_tiny_m, below_tiny_v;  // DynamicMaps::below_tiny
 };
 
 // The largest x of the block's threads, for x >= 0 (0 fills the empty lanes).
@@ -316,7 +261,7 @@ __device__ void step_quantization_blocks(const Adam8bitTables& t, const Adam8bit
     for (int u = 0; u < per_thread; ++u) {
       const int j = lane + stride * u;
       if (j >= len) continue;
-      encode_element(t, s.below_tiny_m, s.below_tiny_v, m[u], v[u], new_am, new_av, s.m_code[lo + j], s.v_code[lo + j]);
+      encode_element(t, m[u], v[u], new_am, new_av, s.m_code[lo + j], s.v_code[lo + j]);
     }
   }
 }
@@ -451,8 +396,7 @@ __global__ void __launch_bounds__(kThreads)
 inline void adam8bit_step(Context& ctx, Blockwise8bitMoments& mo, const DynamicMaps& maps, const float* g, float* d,
                           const math::Adam8bitCoefficients& coef) {
   detail::require(mo.size() > 0, "adam8bit_step: the moments are empty (default-constructed)");
-  const impl::Adam8bitState s{mo.size(),     mo.block_size(), mo.m_codes(),       mo.v_codes(),
-                              mo.m_absmax(), mo.v_absmax(),   maps.below_tiny(0), maps.below_tiny(1)};
+  const impl::Adam8bitState s{mo.size(), mo.block_size(), mo.m_codes(), mo.v_codes(), mo.m_absmax(), mo.v_absmax()};
   impl::dispatch_block_size(s.block, [&](auto per_lane) {
     auto* kernel = impl::adam8bit_blocks<decltype(per_lane)::value>;
     // One wave of resident thread blocks, each looping over its share.

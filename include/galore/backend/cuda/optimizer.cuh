@@ -641,9 +641,7 @@ class GaLoreOptimizer {
                                   base + o.m,
                                   base + o.v,
                                   reinterpret_cast<float*>(base + o.m_absmax),
-                                  reinterpret_cast<float*>(base + o.v_absmax),
-                                  maps_.below_tiny(0),
-                                  maps_.below_tiny(1)};
+                                  reinterpret_cast<float*>(base + o.v_absmax)};
       adam8bit_layer_step(ctx, s, maps_, h, io, p, counters_of(l));
     } else {
       adam8bit_float_layer_step(ctx, reinterpret_cast<float*>(base + o.m), reinterpret_cast<float*>(base + o.v),
