@@ -70,6 +70,21 @@ std::vector<float> padded(const std::vector<float>& values, long rows, long cols
   return p;
 }
 
+// q.quantize() from w (q's shape, row-major) laid out with `pad` more columns,
+// as float or bf16 (w holds bf16 values then).
+template <int Bits>
+void quantize_padded(cuda::QuantizedWeight<Bits>& q, const std::vector<float>& w, long pad, bool bf16,
+                     cuda::Context& ctx) {
+  const long rows = q.rows(), cols = q.cols(), ld = cols + pad;
+  if (bf16) {
+    Device<cuda::bf16> W(padded(w, rows, cols, pad));
+    q.quantize(DeviceView<const cuda::bf16>(W.data(), rows, cols, ld), ctx);
+  } else {
+    Device<float> W(padded(w, rows, cols, pad));
+    q.quantize(DeviceView<const float>(W.data(), rows, cols, ld), ctx);
+  }
+}
+
 }  // namespace
 
 TEST_CASE("quantize() writes the CPU's nearest codes, scales and zeros, from float and bf16, strided or not") {
@@ -80,15 +95,8 @@ TEST_CASE("quantize() writes the CPU's nearest codes, scales and zeros, from flo
         INFO(c.rows, "x", c.cols, " group ", c.group, bf16 ? " bf16" : " float", " ld pad ", pad);
         std::vector<float> w = galore_test::gaussian(static_cast<std::size_t>(c.rows * c.cols), 7u + unsigned(c.cols));
         if (bf16) w = galore_test::round_to_bf16(w);
-        const long ld = c.cols + pad;
         cuda::QuantizedWeight<8> q({c.rows, c.cols}, c.group);
-        if (bf16) {
-          Device<cuda::bf16> W(padded(w, c.rows, c.cols, pad));
-          q.quantize(DeviceView<const cuda::bf16>(W.data(), c.rows, c.cols, ld), ctx);
-        } else {
-          Device<float> W(padded(w, c.rows, c.cols, pad));
-          q.quantize(DeviceView<const float>(W.data(), c.rows, c.cols, ld), ctx);
-        }
+        quantize_padded(q, w, pad, bf16, ctx);
         check_equal(download(q, ctx), galore_test::cpu_int8_weight(c.rows, c.cols, c.group, w, 0, {}, 0, 0, 0));
       }
     }
@@ -488,13 +496,7 @@ TEST_CASE("4-bit codes (INT4 bases) are the CPU's, packed two per byte, for any 
         if (bf16) w = galore_test::round_to_bf16(w);
         const long ld = c.cols + pad;
         cuda::QuantizedWeight<4> q({c.rows, c.cols}, c.group);
-        if (bf16) {
-          Device<cuda::bf16> W(padded(w, c.rows, c.cols, pad));
-          q.quantize(DeviceView<const cuda::bf16>(W.data(), c.rows, c.cols, ld), ctx);
-        } else {
-          Device<float> W(padded(w, c.rows, c.cols, pad));
-          q.quantize(DeviceView<const float>(W.data(), c.rows, c.cols, ld), ctx);
-        }
+        quantize_padded(q, w, pad, bf16, ctx);
         const galore_test::CpuCodes cpu = galore_test::cpu_minmax_codes4(w, c.rows, c.cols, c.group);
         const Downloaded gpu = download(q, ctx);
         check_equal(gpu, cpu);

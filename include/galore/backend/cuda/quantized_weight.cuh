@@ -103,6 +103,23 @@ __device__ inline void lanes_min_max(float& lo, float& hi, unsigned mask) {
   }
 }
 
+// The scale and zero point (codes up to max_code) of elements [k0, k1) of x
+// (rows `cols` wide, leading dimension ld) from their extremes: every lane of
+// the warp takes part and gets them.
+template <class T>
+__device__ inline void warp_scale_zero(const T* __restrict__ x, std::int64_t ld, std::int64_t cols, std::int64_t k0,
+                                       std::int64_t k1, float max_code, float& scale, float& zero) {
+  float lo = INFINITY, hi = -INFINITY;
+#pragma unroll 8
+  for (std::int64_t k = k0 + static_cast<std::int64_t>(threadIdx.x % kWarp); k < k1; k += kWarp) {
+    const float v = element(x, ld, cols, k);
+    lo = fminf(lo, v);
+    hi = fmaxf(hi, v);
+  }
+  lanes_min_max<kWarp>(lo, hi, 0xFFFFFFFFu);
+  math::minmax_scale_zero(lo, hi, max_code, scale, zero);
+}
+
 // Groups [g0, g0 + groups) of elements [first, first + n) of the weight, read
 // from x (element k of x is element first + k; first starts a group), each by
 // one warp: extremes, scale and zero, codes (nearest, or stochastic with the
@@ -123,16 +140,8 @@ __global__ void __launch_bounds__(kWarp* kQuantWarps)
   for (std::int64_t gl = blockIdx.x * static_cast<std::int64_t>(kQuantWarps) + threadIdx.x / kWarp; gl < groups;
        gl += static_cast<std::int64_t>(gridDim.x) * kQuantWarps) {
     const std::int64_t k0 = gl * group, k1 = k0 + group < n ? k0 + group : n;
-    float lo = INFINITY, hi = -INFINITY;
-#pragma unroll 8
-    for (std::int64_t k = k0 + lane; k < k1; k += kWarp) {
-      const float v = element(x, ld, cols, k);
-      lo = fminf(lo, v);
-      hi = fmaxf(hi, v);
-    }
-    lanes_min_max<kWarp>(lo, hi, 0xFFFFFFFFu);
     float scale, zero;
-    math::minmax_scale_zero(lo, hi, kMaxCode, scale, zero);
+    warp_scale_zero(x, ld, cols, k0, k1, kMaxCode, scale, zero);
     const std::int64_t g = quotient(first + k0, group);
     if (lane == 0) {
       scales[g] = scale;
@@ -429,15 +438,8 @@ __global__ void __launch_bounds__(kWarp* kQuantWarps)
   for (std::int64_t g = blockIdx.x * static_cast<std::int64_t>(kQuantWarps) + threadIdx.x / kWarp; g < groups;
        g += static_cast<std::int64_t>(gridDim.x) * kQuantWarps) {
     const std::int64_t k0 = g * group, k1 = k0 + group < n ? k0 + group : n;
-    float lo = INFINITY, hi = -INFINITY;
-    for (std::int64_t k = k0 + lane; k < k1; k += kWarp) {
-      const float v = element(x, ld, cols, k);
-      lo = fminf(lo, v);
-      hi = fmaxf(hi, v);
-    }
-    lanes_min_max<kWarp>(lo, hi, 0xFFFFFFFFu);
     float scale, zero;
-    math::minmax_scale_zero(lo, hi, max_code, scale, zero);
+    warp_scale_zero(x, ld, cols, k0, k1, max_code, scale, zero);
     if (lane == 0) {
       scales[g] = scale;
       zeros[g] = static_cast<std::uint8_t>(zero);
