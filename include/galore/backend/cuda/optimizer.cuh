@@ -373,7 +373,6 @@ class GaLoreOptimizer {
     }
     return mo;
   }
-  const StateSettings& state_policy_object() const { return state_; }
 
   // Device bytes of optimizer state: for every layer its one allocation (both
   // moments, with the 8-bit state their codes and absmax, the basis, the

@@ -46,6 +46,7 @@
 #include "context.cuh"
 #include "device_buffer.cuh"
 #include "error.cuh"
+#include "reduce.cuh"
 
 namespace galore::cuda {
 
@@ -92,8 +93,9 @@ __device__ inline Philox4x32 block_bits(std::uint64_t counter, std::uint64_t see
 }
 
 // lo = the min of lo, hi = the max of hi over aligned groups of `Lanes` lanes
-// (a power of two up to a warp; mask: the lanes of the caller's group, all of
-// which take part).
+// (a power of two up to a warp: small groups share a warp, which reduce.cuh's
+// warp_min and warp_max do not allow; mask: the lanes of the caller's group,
+// all of which take part).
 template <int Lanes>
 __device__ inline void lanes_min_max(float& lo, float& hi, unsigned mask) {
 #pragma unroll
@@ -116,8 +118,7 @@ __device__ inline void warp_scale_zero(const T* __restrict__ x, std::int64_t ld,
     lo = fminf(lo, v);
     hi = fmaxf(hi, v);
   }
-  lanes_min_max<kWarp>(lo, hi, 0xFFFFFFFFu);
-  math::minmax_scale_zero(lo, hi, max_code, scale, zero);
+  math::minmax_scale_zero(warp_min(lo), warp_max(hi), max_code, scale, zero);
 }
 
 // Groups [g0, g0 + groups) of elements [first, first + n) of the weight, read
