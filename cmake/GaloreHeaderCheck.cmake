@@ -26,7 +26,7 @@ set(GALORE_BACKEND_FREE_HEADERS
     galore/config.hpp galore/policies.hpp galore/projection_type.hpp galore/projector_options.hpp
     galore/optim/adam_config.hpp galore/optim/blockwise8bit_state.hpp galore/optim/step_result.hpp
     galore/rounding/philox.hpp
-    galore/rounding/rounding_mode.hpp galore/quant/dynamic_map.hpp galore/schedule/drift.hpp
+    galore/rounding/rounding_mode.hpp galore/quant/dynamic_map.hpp galore/quant/group_quantized.hpp galore/quant/nf4_codes.hpp galore/schedule/drift.hpp
     galore/schedule/fixed_gap.hpp galore/schedule/lazy.hpp galore/schedule/traits.hpp galore/svd/exact.hpp galore/svd/randomized.hpp
     galore/svd/warm_start.hpp galore/checkpoint/atomic_write.hpp galore/checkpoint/describe.hpp
     galore/checkpoint/fields.hpp galore/checkpoint/file.hpp galore/checkpoint/format.hpp)

@@ -18,12 +18,12 @@ prefix=()
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 cmake -S . -B build-device -DCMAKE_BUILD_TYPE=Release -DGALORE_ENABLE_CUDA=ON -DGALORE_CHECK_HEADERS=OFF \
       -DGALORE_NATIVE_OPTIMIZATIONS=ON "${prefix[@]}" > "$OUT/configure.log" 2>&1 || { tail -30 "$OUT/configure.log"; exit 1; }
-cmake --build build-device -j16 --target test_cuda_step test_cuda_step_all test_cuda_refresh test_cuda_elementwise test_cuda_checkpoint test_cuda_golden test_cuda_quantized_weight test_cuda_adam8bit galore_bench_cuda least_squares_cuda > "$OUT/build.log" 2>&1 \
+cmake --build build-device -j16 --target test_cuda_step test_cuda_step_all test_cuda_refresh test_cuda_elementwise test_cuda_checkpoint test_cuda_golden test_cuda_quantized_weight test_cuda_adam8bit test_cuda_qgalore galore_bench_cuda least_squares_cuda > "$OUT/build.log" 2>&1 \
   || { grep -E "error" "$OUT/build.log" | head -40; exit 1; }
 status=0
 # A hung kernel must not eat the whole device call: each run gets a time limit.
 limit=${TEST_TIMEOUT:-240}
-CUDA_TESTS="test_cuda_step test_cuda_step_all test_cuda_refresh test_cuda_elementwise test_cuda_checkpoint test_cuda_golden test_cuda_quantized_weight test_cuda_adam8bit"
+CUDA_TESTS="test_cuda_qgalore test_cuda_step test_cuda_step_all test_cuda_refresh test_cuda_elementwise test_cuda_checkpoint test_cuda_golden test_cuda_quantized_weight test_cuda_adam8bit"
 if want tests; then
   echo "== tests"
   for t in $CUDA_TESTS; do

@@ -5,6 +5,7 @@
 //   BM_CudaStep/<galore|adamw>/<llama1b/r512|llama7b_8of32/r1024>   bf16 W and G, float32 moments
 //   BM_CudaStep/galore_graph/<model>  the same calls captured in a CUDA graph (launch overhead's share)
 //   BM_CudaStep/galore8bit/<model>    the same with bitsandbytes' 8-bit blockwise moments (GaLoreAdamW8bit)
+//   BM_CudaStep/qgalore/<model>       Q-GaLore: INT8 weights, INT4 bases, 8-bit moments, per layer
 //   BM_CudaStep/galore_measured/<model>, BM_CudaStepAll/galore_measured/<model>
 //                                 with GemmSelection::Measured: each GEMM's algorithm timed at its first call
 //   BM_CudaGemmFloorBatched/<model>  the same GEMMs batched per shape (pointer arrays): the floor of StepAll
@@ -229,6 +230,40 @@ void BM_CudaStep(benchmark::State& state, const Model& m, bool galore_step, bool
   state.counters["layers"] = static_cast<double>(ids.size());
   state.counters["state_MiB"] = static_cast<double>(opt.state_bytes()) / (1 << 20);
   if (galore_step) state.counters["gemm_TFLOPs"] = benchmark::Counter(gemm_flops(m) * 1e-12, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+// Q-GaLore per layer: every weight an INT8 QuantizedWeight<8> (groups of 256,
+// re-quantized by stochastic rounding), INT4 bases (a group per row) and 8-bit
+// moments, QGaLoreAdamW8bit's policies but the randomized SVD and a fixed gap
+// (the steady step; no refresh is timed). Counter weights_MiB: the INT8
+// weights' bytes.
+void BM_CudaStepQGaLore(benchmark::State& state, const Model& m) {
+  const Stream stream;
+  cuda::Context ctx(stream.s);
+  Weights& w = weights_for(m, ctx);
+  cuda::GaLoreOptimizer<Projector<svd::Randomized, quant::Int4, schedule::FixedGap>, LowRankAdam<state::Blockwise8bit>>
+      opt(ProjectorOptions{m.rank, ProjectionType::Std, 0.25f}, AdamConfig{}, schedule::FixedGap{1000000000});
+  std::vector<LayerId> ids;
+  std::vector<cuda::QuantizedWeight<8>> Q;
+  std::size_t weight_bytes = 0;
+  for (std::size_t i = 0; i < w.shapes.size(); ++i) {
+    const Shape s = w.shapes[i];
+    ids.push_back(opt.add_layer(s, cuda::DType::BFloat16));
+    Q.emplace_back(s);
+    Q.back().quantize(DeviceView<const bf16>(w.W[i].data(), s.rows, s.cols), ctx);
+    weight_bytes += Q.back().bytes();
+  }
+  ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  auto pass = [&] {
+    for (std::size_t i = 0; i < ids.size(); ++i)
+      opt.step(ids[i], Q[i], DeviceView<const bf16>(w.G[i].data(), w.shapes[i].rows, w.shapes[i].cols), ctx);
+  };
+  pass();  // the first step refreshes every basis
+  ctx.synchronize();
+  time_passes(state, ctx, pass);
+  state.counters["layers"] = static_cast<double>(ids.size());
+  state.counters["state_MiB"] = static_cast<double>(opt.state_bytes()) / (1 << 20);
+  state.counters["weights_MiB"] = static_cast<double>(weight_bytes) / (1 << 20);
 }
 
 // Every weight registered with opt (projected, or dense AdamW layers) and its step_all parameter.
@@ -667,6 +702,7 @@ int main(int argc, char** argv) {
     benchmark::RegisterBenchmark(("BM_CudaStep/galore_graph/" + m->name).c_str(), BM_CudaStep<>, *m, true, true, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStep/adamw/" + m->name).c_str(), BM_CudaStep<>, *m, false, false, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStep/galore8bit/" + m->name).c_str(), BM_CudaStep<state::Blockwise8bit>, *m, true, false, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
+    benchmark::RegisterBenchmark(("BM_CudaStep/qgalore/" + m->name).c_str(), BM_CudaStepQGaLore, *m)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     const std::size_t limit = cuda::StepPlanOptions{}.workspace_limit, mib = std::size_t{1} << 20;
     benchmark::RegisterBenchmark(("BM_CudaStepAll/galore/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, limit, cuda::GemmSelection::Heuristic)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);
     benchmark::RegisterBenchmark(("BM_CudaStepAll/galore_measured/" + m->name).c_str(), BM_CudaStepAll, *m, true, true, limit, cuda::GemmSelection::Measured)->UseManualTime()->Unit(benchmark::kMillisecond)->MinTime(0.5);

@@ -28,6 +28,11 @@ using bfloat16 = Eigen::bfloat16;
 
 namespace quant {
 struct None;  // quant/none.hpp
+template <int Bits>
+struct MinMax;  // quant/minmax.hpp: group-wise min-max codes
+using Int4 = MinMax<4>;
+using Int8 = MinMax<8>;
+struct NF4;  // quant/nf4.hpp: QLoRA's 4-bit NormalFloat
 }
 
 namespace state {

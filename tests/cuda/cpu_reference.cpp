@@ -3,6 +3,7 @@
 #include <galore/galore.hpp>
 
 #include <sstream>
+#include <stdexcept>
 
 namespace galore_test {
 
@@ -16,13 +17,24 @@ State state_of(const RunSpec& s) {
   else return State{};
 }
 
-template <class State, class T, class Schedule>
+// Calls f(quant) with the spec's basis quantization policy.
+template <class F>
+auto with_quant(const RunSpec& s, F&& f) {
+  if (s.basis_nf4) return f(quant::NF4(s.basis_block));
+  if (s.basis_bits == 4) return f(quant::MinMax<4>(s.basis_group));
+  if (s.basis_bits == 8) return f(quant::MinMax<8>(s.basis_group));
+  if (s.basis_bits != 0) throw std::invalid_argument("cpu_reference: basis_bits must be 0, 4 or 8");
+  return f(quant::None{});
+}
+
+template <class State, class T, class Schedule, class Quant>
 std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& W0,
-                                    const std::vector<std::vector<float>>& grads, Schedule schedule, RunInfo* info) {
+                                    const std::vector<std::vector<float>>& grads, Schedule schedule, Quant quant,
+                                    RunInfo* info) {
   const AdamConfig c = adam_of(s);
-  GaLoreOptimizer<Projector<svd::Exact, quant::None, Schedule>, LowRankAdam<State>> opt(
+  GaLoreOptimizer<Projector<svd::Exact, Quant, Schedule>, LowRankAdam<State>> opt(
       ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, LowRankAdam<State>(c, state_of<State>(s)),
-      schedule);
+      schedule, svd::Exact{}, quant);
   const Shape shape{s.rows, s.cols};
   const LayerId id = s.dense ? opt.add_dense(shape) : opt.add_layer(shape);
   Matrix<T> W(s.rows, s.cols);
@@ -55,12 +67,24 @@ std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& 
 template <class State, class T>
 std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& W0,
                                     const std::vector<std::vector<float>>& grads, RunInfo* info) {
+  if (s.basis_bits != 0 || s.basis_nf4) {  // Q-GaLore's quantized bases: float layers, fixed or lazy schedule
+    if constexpr (std::is_same_v<T, float> && !std::is_same_v<State, state::BFloat16>) {
+      return with_quant(s, [&](auto quant) {
+        if (s.lazy_queue > 0)
+          return run<State, T>(s, W0, grads, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue},
+                               quant, info);
+        return run<State, T>(s, W0, grads, schedule::FixedGap{s.gap}, quant, info);
+      });
+    }
+    throw std::invalid_argument("cpu_reference: quantized bases with float weights and float32 or 8-bit moments");
+  }
   if (s.lazy_queue > 0)
-    return run<State, T>(s, W0, grads, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue}, info);
+    return run<State, T>(s, W0, grads, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue},
+                         quant::None{}, info);
   if (s.drift_check_every > 0)
     return run<State, T>(s, W0, grads, schedule::Drift{s.drift_check_every, s.drift_tolerance, s.drift_min_gap, s.gap},
-                         info);
-  return run<State, T>(s, W0, grads, schedule::FixedGap{s.gap}, info);
+                         quant::None{}, info);
+  return run<State, T>(s, W0, grads, schedule::FixedGap{s.gap}, quant::None{}, info);
 }
 
 }  // namespace
@@ -147,6 +171,13 @@ CpuCodes cpu_minmax_codes4(const std::vector<float>& x, long rows, long cols, lo
   return {q.codes, q.scales, q.zeros};
 }
 
+CpuCodes cpu_nf4_codes(const std::vector<float>& x, long rows, long cols, long block) {
+  const galore::MatrixF w = Eigen::Map<const galore::MatrixF>(x.data(), rows, cols);
+  galore::quant::NF4::Storage q;
+  galore::quant::NF4(block).store(w, q);
+  return {q.codes, q.absmax, {}};
+}
+
 CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint64_t seed, std::uint32_t layer,
                               std::uint32_t step) {
   const galore::StochasticRounder<8> rounder(seed);
@@ -166,14 +197,14 @@ CpuCodes cpu_int8_weight(long rows, long cols, long group, const std::vector<flo
   return {q.codes().codes, q.codes().scales, q.codes().zeros};
 }
 
-std::vector<CpuCodes> cpu_int8_run(const RunSpec& s, long group, std::uint64_t seed, long layer_index,
-                                   const std::vector<float>& W0, const std::vector<std::vector<float>>& grads,
-                                   bool bf16_grads) {
-  GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::FixedGap>, LowRankAdam<state::Float32>,
-                  StochasticRounder<8>>
-      opt(ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale},
-          LowRankAdam<state::Float32>(adam_of(s)), schedule::FixedGap{s.gap}, svd::Exact{}, quant::None{},
-          StochasticRounder<8>(seed));
+namespace {
+template <class State, class Schedule, class Quant>
+std::vector<CpuCodes> int8_run(const RunSpec& s, long group, std::uint64_t seed, long layer_index,
+                               const std::vector<float>& W0, const std::vector<std::vector<float>>& grads,
+                               bool bf16_grads, Schedule schedule, Quant quant, RunInfo* info) {
+  GaLoreOptimizer<Projector<svd::Exact, Quant, Schedule>, LowRankAdam<State>, StochasticRounder<8>> opt(
+      ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale},
+      LowRankAdam<State>(adam_of(s), state_of<State>(s)), schedule, svd::Exact{}, quant, StochasticRounder<8>(seed));
   for (long i = 0; i < layer_index; ++i) (void)opt.add_dense({1, 1});
   const LayerId id = opt.add_layer({s.rows, s.cols});
   QuantizedWeight<8> W(Eigen::Map<const MatrixF>(W0.data(), s.rows, s.cols), group);
@@ -188,7 +219,34 @@ std::vector<CpuCodes> cpu_int8_run(const RunSpec& s, long group, std::uint64_t s
     }
     out.push_back({W.codes().codes, W.codes().scales, W.codes().zeros});
   }
+  if (info) {
+    const LayerStats st = opt.stats(id);
+    info->svd_count = st.svd_count;
+    info->gap = st.update_gap;
+    info->skipped = st.skipped_steps;
+  }
   return out;
+}
+
+template <class State>
+std::vector<CpuCodes> int8_run(const RunSpec& s, long group, std::uint64_t seed, long layer_index,
+                               const std::vector<float>& W0, const std::vector<std::vector<float>>& grads,
+                               bool bf16_grads, RunInfo* info) {
+  return with_quant(s, [&](auto quant) {
+    if (s.lazy_queue > 0)
+      return int8_run<State>(s, group, seed, layer_index, W0, grads, bf16_grads,
+                             schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue}, quant, info);
+    return int8_run<State>(s, group, seed, layer_index, W0, grads, bf16_grads, schedule::FixedGap{s.gap}, quant,
+                           info);
+  });
+}
+}  // namespace
+
+std::vector<CpuCodes> cpu_int8_run(const RunSpec& s, long group, std::uint64_t seed, long layer_index,
+                                   const std::vector<float>& W0, const std::vector<std::vector<float>>& grads,
+                                   bool bf16_grads, RunInfo* info) {
+  return s.blockwise8bit ? int8_run<state::Blockwise8bit>(s, group, seed, layer_index, W0, grads, bf16_grads, info)
+                         : int8_run<state::Float32>(s, group, seed, layer_index, W0, grads, bf16_grads, info);
 }
 
 std::vector<Cpu8bitStep> cpu_adam_8bit_blockwise(const std::vector<std::vector<float>>& grads, long block_size,
@@ -224,14 +282,15 @@ std::vector<float> cpu_dynamic_map(bool is_signed) {
 
 namespace {
 
-template <class State, class Schedule>
-CpuCheckpointRun checkpoint_run(const CkptSpec& s, Schedule schedule, const std::string& checkpoint,
+template <class State, class Schedule, class Quant>
+CpuCheckpointRun checkpoint_run(const CkptSpec& s, Schedule schedule, Quant quant, const std::string& checkpoint,
                                 const std::vector<std::vector<float>>& W0,
                                 const std::vector<std::vector<std::vector<float>>>& grads, double lr_after,
                                 bool with_weights) {
   const AdamConfig c = adam_of(s);
-  GaLoreOptimizer<Projector<svd::Exact, quant::None, Schedule>, LowRankAdam<State>> opt(
-      ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, LowRankAdam<State>(c), schedule);
+  GaLoreOptimizer<Projector<svd::Exact, Quant, Schedule>, LowRankAdam<State>> opt(
+      ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, LowRankAdam<State>(c), schedule,
+      svd::Exact{}, quant);
   const std::size_t L = s.layers.size();
   std::vector<LayerId> ids;
   std::vector<MatrixF> Wf(L);
@@ -292,10 +351,10 @@ CpuCheckpointRun checkpoint_run(const CkptSpec& s, Schedule schedule, const std:
     if (opt.is_projected(ids[i]) && opt.projector(ids[i]).has_basis()) {
       const auto& p = opt.projector(ids[i]);
       st.has_basis = true;
-      const MatrixF& left = p.left_storage().matrix;
-      const MatrixF& right = p.right_storage().matrix;
-      st.left.assign(left.data(), left.data() + left.size());
-      st.right.assign(right.data(), right.data() + right.size());
+      BasisScratch scratch;
+      const BasisView b = p.basis(scratch);  // dequantized when quantized
+      if (b.left) st.left.assign(b.left->data(), b.left->data() + b.left->size());
+      if (b.right) st.right.assign(b.right->data(), b.right->data() + b.right->size());
     }
     run.layers.push_back(std::move(st));
   }
@@ -307,10 +366,16 @@ CpuCheckpointRun checkpoint_run(const CkptSpec& s, const std::string& checkpoint
                                 const std::vector<std::vector<float>>& W0,
                                 const std::vector<std::vector<std::vector<float>>>& grads, double lr_after,
                                 bool with_weights) {
-  if (s.lazy_queue > 0)
-    return checkpoint_run<State>(s, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue}, checkpoint,
-                                 W0, grads, lr_after, with_weights);
-  return checkpoint_run<State>(s, schedule::FixedGap{s.gap}, checkpoint, W0, grads, lr_after, with_weights);
+  auto with_schedule = [&](auto quant) {
+    if (s.lazy_queue > 0)
+      return checkpoint_run<State>(s, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue}, quant,
+                                   checkpoint, W0, grads, lr_after, with_weights);
+    return checkpoint_run<State>(s, schedule::FixedGap{s.gap}, quant, checkpoint, W0, grads, lr_after, with_weights);
+  };
+  if (s.basis_nf4) return with_schedule(quant::NF4(s.basis_block));
+  if (s.basis_bits == 4) return with_schedule(quant::MinMax<4>(s.basis_group));
+  if (s.basis_bits != 0) throw std::invalid_argument("cpu_reference: checkpoints with basis_bits 0 or 4");
+  return with_schedule(quant::None{});
 }
 
 }  // namespace

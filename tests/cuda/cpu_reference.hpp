@@ -28,6 +28,12 @@ struct RunSpec {
   long drift_check_every = 0;   // > 0: schedule::Drift{drift_check_every, drift_tolerance, drift_min_gap, gap}
   double drift_tolerance = 0.1;
   long drift_min_gap = 2;
+  // Q-GaLore's quantized bases: quant::MinMax<basis_bits>{basis_group} (0: quant::None),
+  // or with basis_nf4 quant::NF4{basis_block}.
+  int basis_bits = 0;
+  long basis_group = -1;
+  bool basis_nf4 = false;
+  long basis_block = 64;
 };
 
 // What the CPU's projector reports after a run.
@@ -79,6 +85,9 @@ CpuCodes cpu_minmax_codes(const std::vector<float>& x, long group);
 // The CPU's 4-bit min-max codes of a rows x cols matrix (quant::quantize_minmax<4>,
 // the INT4 basis' store; group -1: one per row), packed two per byte.
 CpuCodes cpu_minmax_codes4(const std::vector<float>& x, long rows, long cols, long group);
+// The CPU's NF4 codes of a rows x cols matrix (quant::NF4{block}.store): codes
+// two per byte, the absmax per block in `scales`, no zeros.
+CpuCodes cpu_nf4_codes(const std::vector<float>& x, long rows, long cols, long block);
 CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint64_t seed, std::uint32_t layer,
                               std::uint32_t step);
 // The CPU's QuantizedWeight<8>: W0 (rows x cols, row-major) quantized to
@@ -88,14 +97,15 @@ CpuCodes cpu_stochastic_codes(const std::vector<float>& x, long group, std::uint
 CpuCodes cpu_int8_weight(long rows, long cols, long group, const std::vector<float>& W0, long row0,
                          const std::vector<float>& values, std::uint64_t seed, std::uint32_t layer,
                          std::uint32_t step);
-// The CPU's GaLoreAdamW of `spec` (exact SVD, fixed gap, float32 moments) with
-// StochasticRounder<8>(seed), stepping the INT8 weight QuantizedWeight<8>(W0,
-// group) through grads (rounded to bf16 first with bf16_grads: a bf16 G); the
-// layer is registered after `layer_index` dense 1x1 layers. Per step, the
-// weight's codes, scales and zeros.
+// The CPU's GaLoreOptimizer of `spec` (exact SVD; fixed gap or lazy; float32
+// or 8-bit moments; unquantized or min-max bases: QGaLoreAdamW8bit with all
+// three) with StochasticRounder<8>(seed), stepping the INT8 weight
+// QuantizedWeight<8>(W0, group) through grads (rounded to bf16 first with
+// bf16_grads: a bf16 G); the layer is registered after `layer_index` dense 1x1
+// layers. Per step, the weight's codes, scales and zeros.
 std::vector<CpuCodes> cpu_int8_run(const RunSpec& spec, long group, std::uint64_t seed, long layer_index,
                                    const std::vector<float>& W0, const std::vector<std::vector<float>>& grads,
-                                   bool bf16_grads);
+                                   bool bf16_grads, RunInfo* info = nullptr);
 // Steps t = 1, 2, ... of state::Blockwise8bit's 8-bit path (blocks of
 // block_size, from the zero state) over grads[t - 1]: after each step the
 // codes and absmax of both moments, and the update d.
@@ -133,6 +143,10 @@ struct CkptSpec {
   double lazy_threshold = 0.5, lazy_gamma = 2.0;
   bool bf16_moments = false;
   bool blockwise8bit = false;  // state::Blockwise8bit{} (its moments are not reported in CpuLayerState)
+  int basis_bits = 0;          // 4: quant::MinMax<4>{basis_group} bases (QGaLoreAdamW8bit's); 0: quant::None
+  long basis_group = -1;
+  bool basis_nf4 = false;      // quant::NF4{basis_block} bases instead
+  long basis_block = 64;
 };
 
 // A layer's optimizer state, in float.
@@ -148,7 +162,7 @@ galore::AdamConfig adam_of(const Spec& s) {
 }
 
 struct CpuLayerState {
-  std::vector<float> m, v, left, right;  // basis factors: empty where the side has none
+  std::vector<float> m, v, left, right;  // basis factors (dequantized): empty where the side has none
   long steps = 0, skipped = 0, svd_count = 0;
   bool has_basis = false;
 };

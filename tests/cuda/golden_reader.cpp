@@ -15,6 +15,11 @@ std::vector<std::vector<float>> steps_of(const NpyArray& a, const std::string& w
     out.emplace_back(a.f32.begin() + static_cast<long>(per) * t, a.f32.begin() + static_cast<long>(per) * (t + 1));
   return out;
 }
+std::vector<float> series_of(const NpyArray& a, long steps, const std::string& what) {
+  if (a.dtype != "<f4" || static_cast<long>(a.f32.size()) != steps)
+    throw std::runtime_error(what + ": expected " + std::to_string(steps) + " float32 values");
+  return a.f32;
+}
 }  // namespace
 
 std::string golden_folder() { return golden_dir(); }
@@ -47,6 +52,37 @@ std::vector<GoldenAdamW> golden_adamw_cases() {
     g.ortho = steps_of(c.array("ortho.npy"), c.name + "/ortho.npy");
     if (c.has("ortho_right.npy")) g.ortho_right = steps_of(c.array("ortho_right.npy"), c.name + "/ortho_right.npy");
     if (static_cast<long>(g.G.size()) != g.steps || g.W.size() != g.G.size() || g.ortho.size() != g.G.size())
+      throw std::runtime_error(c.name + ": the arrays do not hold `steps` steps");
+    out.push_back(std::move(g));
+  }
+  return out;
+}
+
+std::vector<GoldenQGaLore> golden_qgalore_cases() {
+  std::vector<GoldenQGaLore> out;
+  for (const GoldenCase& c : golden_cases("qgalore_projector")) {
+    GoldenQGaLore g;
+    g.name = c.name;
+    g.m = c.integer("m");
+    g.n = c.integer("n");
+    g.rank = c.integer("rank");
+    g.gap = c.integer("update_proj_gap");
+    g.steps = c.integer("steps");
+    g.bits = c.integer("n_bit");
+    g.group_size = c.integer("group_size");
+    g.queue_size = c.integer("queue_size");
+    g.cos_threshold = c.num("cos_threshold");
+    g.gamma = c.num("gamma_proj");
+    g.scale = c.num("scale");
+    g.G = steps_of(c.array("G.npy"), c.name + "/G.npy");
+    g.ortho_float = steps_of(c.array("ortho_float.npy"), c.name + "/ortho_float.npy");
+    g.ortho_dequant = steps_of(c.array("ortho_dequant.npy"), c.name + "/ortho_dequant.npy");
+    g.low_rank = steps_of(c.array("low_rank_grad.npy"), c.name + "/low_rank_grad.npy");
+    g.gaps = series_of(c.array("update_proj_gap.npy"), g.steps, c.name + "/update_proj_gap.npy");
+    g.svd_counts = series_of(c.array("svd_count.npy"), g.steps, c.name + "/svd_count.npy");
+    g.cosines = series_of(c.array("cosine.npy"), g.steps, c.name + "/cosine.npy");
+    if (static_cast<long>(g.G.size()) != g.steps || g.ortho_float.size() != g.G.size() ||
+        g.ortho_dequant.size() != g.G.size() || g.low_rank.size() != g.G.size())
       throw std::runtime_error(c.name + ": the arrays do not hold `steps` steps");
     out.push_back(std::move(g));
   }

@@ -20,9 +20,23 @@ struct GoldenAdamW {
   std::vector<std::vector<float>> ortho_right; // per step, full cases only: r x n
 };
 
+// A qgalore_projector case (q_galore_torch's projector: quantized P, lazy refresh).
+struct GoldenQGaLore {
+  std::string name;
+  long m = 0, n = 0, rank = 0, gap = 0, steps = 0, bits = 0, group_size = 0, queue_size = 0;
+  double cos_threshold = 0, gamma = 0, scale = 0;
+  std::vector<std::vector<float>> G;              // per step, m x n
+  std::vector<std::vector<float>> ortho_float;    // per step: the unquantized P in use (right r x n, or left m x r)
+  std::vector<std::vector<float>> ortho_dequant;  // per step: the dequantized P in use
+  std::vector<std::vector<float>> low_rank;       // per step: the projected gradient
+  std::vector<float> gaps, svd_counts, cosines;   // per step, read after it (cosine NaN where none)
+};
+
 // The folder in use (GALORE_GOLDEN_DIR, else the compiled-in defaults).
 std::string golden_folder();
 // Every galore_adamw case of that folder, sorted by name.
 std::vector<GoldenAdamW> golden_adamw_cases();
+// Every qgalore_projector case of that folder, sorted by name.
+std::vector<GoldenQGaLore> golden_qgalore_cases();
 
 }  // namespace galore_test

@@ -89,13 +89,20 @@ inline void describe(const AdamConfig& c, Items& out, const std::string& p) {
 }
 
 // Policies by what a file says of them, for a facade that holds no object of the
-// CPU's type: the CUDA facade keeps what quant::None, state::Dense<T> and the
+// CPU's type: the CUDA facade keeps what quant::None, quant::MinMax, quant::NF4, state::Dense<T> and the
 // rounder describe, without their Eigen storage. serialize.hpp describes the CPU
 // types through these, so both write the same items.
 namespace described {
 struct QuantNone {};  // quant::None: the basis in float32
 struct DenseState {   // state::Dense<float> or state::Dense<bfloat16>
   bool bfloat16;
+};
+struct MinMax {  // quant::MinMax<bits>: the basis as group-wise min-max codes
+  int bits;
+  Index group_size;
+};
+struct NF4 {  // quant::NF4: the basis in NF4 codes
+  Index block_size;
 };
 struct Rounder {  // StochasticRounder<bits>
   int bits;
@@ -105,6 +112,14 @@ struct Rounder {  // StochasticRounder<bits>
 }  // namespace described
 
 inline void describe(const described::QuantNone&, Items& out, const std::string& p) { out.push_back({p, "none"}); }
+inline void describe(const described::MinMax& q, Items& out, const std::string& p) {
+  out.push_back({p, "minmax" + text(q.bits)});
+  out.push_back({p + ".group_size", text(q.group_size)});
+}
+inline void describe(const described::NF4& q, Items& out, const std::string& p) {
+  out.push_back({p, "nf4"});
+  out.push_back({p + ".block_size", text(q.block_size)});
+}
 inline void describe(const described::DenseState& s, Items& out, const std::string& p) {
   out.push_back({p, s.bfloat16 ? "bfloat16" : "float32"});
 }

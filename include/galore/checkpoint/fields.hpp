@@ -18,12 +18,15 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <string>
 #include <type_traits>
 #include <vector>
 
 #include "../core/shape.hpp"
 #include "../optim/blockwise8bit_state.hpp"
+#include "../quant/group_quantized.hpp"
+#include "../quant/nf4_codes.hpp"
 #include "../schedule/drift.hpp"
 #include "../schedule/fixed_gap.hpp"
 #include "../schedule/lazy.hpp"
@@ -161,7 +164,7 @@ void read_dense_moments(Reader& r, T* m, T* v, std::uint64_t n) {
   expect_finite_nonnegative(r, v, static_cast<std::size_t>(n), "second moment");
 }
 
-// ---- schedule states ----
+// ---- 8-bit Adam moments ----
 // bitsandbytes' 8-bit blockwise moments (state::Blockwise8bit).
 inline void save(Writer& w, const state::Blockwise8bit&, const state::Blockwise8bit::Moments& m) {
   save(w, m.shape());
@@ -205,6 +208,71 @@ inline void load(Reader& r, const state::Blockwise8bit& policy, state::Blockwise
   out = std::move(tmp);
 }
 
+// ---- group-wise min-max codes (quantized bases and INT8 weights) ----
+template <int B>
+void save_codes(Writer& w, const quant::GroupQuantized<B>& q) {
+  save(w, q.shape());
+  w.i64(q.group_size);
+  w.array(q.codes.data(), q.codes.size());
+  w.array(q.scales.data(), q.scales.size());
+  w.array(q.zeros.data(), q.zeros.size());
+}
+// Codes, scales and zeros of min-max quantization. A value dequantizes to
+// scale * (code - zero) with |code - zero| <= max_code, so a scale in
+// (0, FLT_MAX / max_code] keeps every dequantized value finite; the zero point is
+// a code, in [0, max_code]. Every code is valid.
+template <int B>
+void load_group_quantized(Reader& r, quant::GroupQuantized<B>& q, Shape want, Index want_group, const char* what) {
+  using Q = quant::GroupQuantized<B>;
+  const Shape s = load_shape(r);
+  expect_shape(r, s, want, what);
+  const std::int64_t g = r.i64();
+  if (g != want_group)
+    r.fail(std::string(what) + " has group size " + std::to_string(g) + ", expected " + std::to_string(want_group));
+  const auto n_codes = static_cast<std::uint64_t>((s.size() + Q::per_byte - 1) / Q::per_byte);
+  const auto n_groups = static_cast<std::uint64_t>(Q::groups_for(s.size(), g));
+  r.expect_left(3 * 8 + n_codes + n_groups * (sizeof(float) + 1), what);
+  Q tmp;
+  tmp.resize(s, g);
+  r.exactly(tmp.codes.data(), tmp.codes.size(), what);
+  r.exactly(tmp.scales.data(), tmp.scales.size(), what);
+  r.exactly(tmp.zeros.data(), tmp.zeros.size(), what);
+  for (std::uint8_t z : tmp.zeros)
+    if (z > Q::max_code) r.fail(std::string(what) + " has a zero point out of range");
+  const float max_scale = std::numeric_limits<float>::max() / Q::max_code;
+  for (float sc : tmp.scales)
+    if (!(sc > 0.0f && sc <= max_scale))
+      r.fail(std::string(what) + " has a scale outside (0, FLT_MAX / " +
+             std::to_string(static_cast<int>(Q::max_code)) + "]");
+  q = std::move(tmp);
+}
+
+// NF4 codes (quant::NF4's storage): two per byte, an absmax per block.
+inline void save_nf4(Writer& w, const quant::NF4Codes& s) {
+  save(w, s.shape());
+  w.i64(s.block_size);
+  w.array(s.codes.data(), s.codes.size());
+  w.array(s.absmax.data(), s.absmax.size());
+}
+// Every code is valid; values are an NF4 level in [-1, 1] times the absmax:
+// finite if it is.
+inline void load_nf4(Reader& r, quant::NF4Codes& out, Shape want, Index want_block) {
+  const Shape sh = load_shape(r);
+  expect_shape(r, sh, want, "NF4 basis");
+  const std::int64_t block = r.i64();
+  if (block != want_block) r.fail("NF4 basis has block size " + std::to_string(block));
+  const auto n_codes = static_cast<std::uint64_t>((sh.size() + 1) / 2);
+  const auto n_blocks = static_cast<std::uint64_t>((sh.size() + block - 1) / block);
+  r.expect_left(2 * 8 + n_codes + n_blocks * sizeof(float), "NF4 basis");
+  quant::NF4Codes tmp;
+  tmp.resize(sh, block);
+  r.exactly(tmp.codes.data(), tmp.codes.size(), "NF4 codes");
+  r.exactly(tmp.absmax.data(), tmp.absmax.size(), "NF4 absmax");
+  expect_finite_nonnegative(r, tmp.absmax.data(), tmp.absmax.size(), "NF4 absmax");
+  out = std::move(tmp);
+}
+
+// ---- schedule states ----
 inline void save(Writer&, const schedule::FixedGap&, const schedule::FixedGap::State&) {}
 inline void load(Reader&, const schedule::FixedGap&, schedule::FixedGap::State&, Index) {}
 inline void save(Writer& w, const schedule::Lazy&, const schedule::Lazy::State& s) {

@@ -42,12 +42,10 @@ inline void describe(const quant::None&, Items& out, const std::string& p) {
 inline void describe(const quant::BFloat16&, Items& out, const std::string& p) { out.push_back({p, "bfloat16"}); }
 template <int B>
 void describe(const quant::MinMax<B>& q, Items& out, const std::string& p) {
-  out.push_back({p, "minmax" + text(B)});
-  out.push_back({p + ".group_size", text(q.group_size)});
+  describe(described::MinMax{B, q.group_size}, out, p);
 }
 inline void describe(const quant::NF4& q, Items& out, const std::string& p) {
-  out.push_back({p, "nf4"});
-  out.push_back({p + ".block_size", text(q.block_size)});
+  describe(described::NF4{q.block_size}, out, p);
 }
 template <class T>
 void describe(const state::Dense<T>&, Items& out, const std::string& p) {
@@ -87,41 +85,6 @@ inline void load(Reader& r, const quant::BFloat16&, quant::BFloat16::Storage& s,
   s.matrix = std::move(m);
 }
 template <int B>
-void save_codes(Writer& w, const quant::GroupQuantized<B>& q) {
-  save(w, q.shape());
-  w.i64(q.group_size);
-  w.array(q.codes.data(), q.codes.size());
-  w.array(q.scales.data(), q.scales.size());
-  w.array(q.zeros.data(), q.zeros.size());
-}
-// Codes, scales and zeros of min-max quantization. A value dequantizes to
-// scale * (code - zero) with |code - zero| <= max_code, so a scale in
-// (0, FLT_MAX / max_code] keeps every dequantized value finite; the zero point is
-// a code, in [0, max_code]. Every code is valid.
-template <int B>
-void load_group_quantized(Reader& r, quant::GroupQuantized<B>& q, Shape want, Index want_group, const char* what) {
-  using Q = quant::GroupQuantized<B>;
-  const Shape s = load_shape(r);
-  expect_shape(r, s, want, what);
-  const std::int64_t g = r.i64();
-  if (g != want_group) r.fail(std::string(what) + " has group size " + std::to_string(g) + ", expected " + std::to_string(want_group));
-  const auto n_codes = static_cast<std::uint64_t>((s.size() + Q::per_byte - 1) / Q::per_byte);
-  const auto n_groups = static_cast<std::uint64_t>(Q::groups_for(s.size(), g));
-  r.expect_left(3 * 8 + n_codes + n_groups * (sizeof(float) + 1), what);
-  Q tmp;
-  tmp.resize(s, g);
-  r.exactly(tmp.codes.data(), tmp.codes.size(), what);
-  r.exactly(tmp.scales.data(), tmp.scales.size(), what);
-  r.exactly(tmp.zeros.data(), tmp.zeros.size(), what);
-  for (std::uint8_t z : tmp.zeros)
-    if (z > Q::max_code) r.fail(std::string(what) + " has a zero point out of range");
-  const float max_scale = std::numeric_limits<float>::max() / Q::max_code;
-  for (float sc : tmp.scales)
-    if (!(sc > 0.0f && sc <= max_scale))
-      r.fail(std::string(what) + " has a scale outside (0, FLT_MAX / " + text(Q::max_code) + "]");
-  q = std::move(tmp);
-}
-template <int B>
 void save(Writer& w, const quant::MinMax<B>&, const quant::GroupQuantized<B>& q) {
   save_codes(w, q);
 }
@@ -129,30 +92,9 @@ template <int B>
 void load(Reader& r, const quant::MinMax<B>& policy, quant::GroupQuantized<B>& q, Shape want) {
   load_group_quantized(r, q, want, quant::resolve_group_size(policy.group_size, want), "quantized basis");
 }
-inline void save(Writer& w, const quant::NF4&, const quant::NF4::Storage& s) {
-  save(w, s.shape());
-  w.i64(s.block_size);
-  w.array(s.codes.data(), s.codes.size());
-  w.array(s.absmax.data(), s.absmax.size());
-}
+inline void save(Writer& w, const quant::NF4&, const quant::NF4::Storage& s) { save_nf4(w, s); }
 inline void load(Reader& r, const quant::NF4& policy, quant::NF4::Storage& s, Shape want) {
-  const Shape sh = load_shape(r);
-  expect_shape(r, sh, want, "NF4 basis");
-  const std::int64_t block = r.i64();
-  if (block != policy.block_size) r.fail("NF4 basis has block size " + std::to_string(block));
-  const auto n_codes = static_cast<std::uint64_t>((sh.size() + 1) / 2);
-  const auto n_blocks = static_cast<std::uint64_t>((sh.size() + block - 1) / block);
-  r.expect_left(2 * 8 + n_codes + n_blocks * sizeof(float), "NF4 basis");
-  quant::NF4::Storage tmp;
-  tmp.shape_ = sh;
-  tmp.block_size = block;
-  tmp.codes.resize(static_cast<std::size_t>(n_codes));
-  tmp.absmax.resize(static_cast<std::size_t>(n_blocks));
-  r.exactly(tmp.codes.data(), tmp.codes.size(), "NF4 codes");
-  r.exactly(tmp.absmax.data(), tmp.absmax.size(), "NF4 absmax");
-  // Values are an NF4 level in [-1, 1] times the absmax: finite if it is.
-  expect_finite_nonnegative(r, tmp.absmax.data(), tmp.absmax.size(), "NF4 absmax");
-  s = std::move(tmp);
+  load_nf4(r, s, want, policy.block_size);
 }
 
 // ---- Adam moments ----

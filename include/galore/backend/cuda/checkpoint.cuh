@@ -26,6 +26,8 @@
 //  - each basis as quant::None stores it, in float32. A bf16 layer's basis widens
 //    exactly; loading into a bf16 layer rounds the float32 basis to nearest even
 //    bf16 (the GPU keeps P in the layer's element type, as galore_torch does);
+//    a quantized basis (quant::MinMax) as the CPU's GroupQuantized codes, scales
+//    and zeros, which both backends hold alike;
 //  - the moments as the state policy stores them (state::Dense<float or
 //    bfloat16>, or state::Blockwise8bit: codes and absmax, or the float32
 //    moments of a tensor under min_8bit_size);
@@ -105,13 +107,35 @@ struct CheckpointAccess {
     // The GPU facade's rounding settings are the CPU facade's
     // StochasticRounder<8>(seed, mode), so that files move between the two.
     const d::Rounder rounder{8, opt.rounding_.seed, opt.rounding_.mode};
-    if constexpr (Opt::blockwise8bit)
-      return checkpoint::config_items(opt.svd_, d::QuantNone{}, opt.schedule_, opt.state_, opt.adam_, rounder,
-                                      opt.projection_);
-    else
-      return checkpoint::config_items(opt.svd_, d::QuantNone{}, opt.schedule_,
-                                      d::DenseState{!std::is_same_v<typename Opt::moment_type, float>}, opt.adam_,
-                                      rounder, opt.projection_);
+    auto with_quant = [&](const auto& quant) {
+      if constexpr (Opt::blockwise8bit)
+        return checkpoint::config_items(opt.svd_, quant, opt.schedule_, opt.state_, opt.adam_, rounder,
+                                        opt.projection_);
+      else
+        return checkpoint::config_items(opt.svd_, quant, opt.schedule_,
+                                        d::DenseState{!std::is_same_v<typename Opt::moment_type, float>}, opt.adam_,
+                                        rounder, opt.projection_);
+    };
+    if constexpr (Opt::basis_format == BasisFormat::NF4) return with_quant(d::NF4{opt.quant_.block_size});
+    else if constexpr (Opt::basis_codes) return with_quant(d::MinMax{Opt::basis_bits, opt.quant_.group_size});
+    else return with_quant(d::QuantNone{});
+  }
+
+  // A quantized basis factor on the host, in the CPU's form.
+  template <class Opt>
+  using HostCodes = std::conditional_t<Opt::basis_format == BasisFormat::NF4, quant::NF4Codes,
+                                       quant::GroupQuantized<(Opt::basis_codes ? Opt::basis_bits : 8)>>;
+  // copy(device pointer, host pointer, element count) for each piece of a
+  // factor (Codes: HostCodes, const to upload).
+  template <class Codes, class Copy>
+  static void for_each_code_piece(const DeviceQuantizedFactor& f, Codes& host, Copy copy) {
+    copy(f.codes, host.codes.data(), host.codes.size());
+    if constexpr (std::is_same_v<std::remove_const_t<Codes>, quant::NF4Codes>) {
+      copy(reinterpret_cast<unsigned char*>(f.scales), host.absmax.data(), host.absmax.size());
+    } else {
+      copy(reinterpret_cast<unsigned char*>(f.scales), host.scales.data(), host.scales.size());
+      copy(f.zeros, host.zeros.data(), host.zeros.size());
+    }
   }
 
   template <class Opt>
@@ -263,8 +287,16 @@ struct CheckpointAccess {
         download(v_.data(), base + o.v, n, ctx_);
       }
       const bool basis = l.projected && l.has_basis;
-      if (basis && l.side != Side::Right) stage_factor(l, Side::Left, base + o.left, left_);
-      if (basis && l.side != Side::Left) stage_factor(l, Side::Right, base + o.right, right_);
+      if constexpr (Opt::basis_codes) {
+        if (basis) {
+          const DeviceQuantizedBasis q = opt_.stored_codes(l);
+          if (l.side != Side::Right) stage_codes(q.left, left_codes_);
+          if (l.side != Side::Left) stage_codes(q.right, right_codes_);
+        }
+      } else {
+        if (basis && l.side != Side::Right) stage_factor(l, Side::Left, base + o.left, left_);
+        if (basis && l.side != Side::Left) stage_factor(l, Side::Right, base + o.right, right_);
+      }
       ctx_.synchronize();
       if (basis && l.dtype == DType::BFloat16) {
         if (l.side != Side::Right) widen(left_);
@@ -279,8 +311,13 @@ struct CheckpointAccess {
     }
     void save_basis(std::size_t i, Side factor, checkpoint::Writer& w) const {
       const auto& l = opt_.layers_[i];
-      checkpoint::save_matrix(w, factor_shape(l.shape, l.options.rank, factor),
-                              (factor == Side::Left ? left_ : right_).f32.data());
+      if constexpr (Opt::basis_format == BasisFormat::NF4)
+        checkpoint::save_nf4(w, factor == Side::Left ? left_codes_ : right_codes_);
+      else if constexpr (Opt::basis_codes)
+        checkpoint::save_codes(w, factor == Side::Left ? left_codes_ : right_codes_);
+      else
+        checkpoint::save_matrix(w, factor_shape(l.shape, l.options.rank, factor),
+                                (factor == Side::Left ? left_ : right_).f32.data());
     }
     void save_moments(std::size_t i, checkpoint::Writer& w) const {
       if constexpr (Opt::blockwise8bit) checkpoint::save(w, opt_.state_, m8_);
@@ -298,6 +335,12 @@ struct CheckpointAccess {
         download(out.bf16.data(), device, n, ctx_);
       }
     }
+    void stage_codes(const DeviceQuantizedFactor& f, HostCodes<Opt>& out) {
+      out.resize(f.shape, f.group_size);
+      for_each_code_piece(f, out, [&](const unsigned char* device, auto* host, std::size_t count) {
+        download(host, device, count, ctx_);
+      });
+    }
     static void widen(HostFactor& f) {
       for (std::size_t k = 0; k < f.bf16.size(); ++k) f.f32[k] = checkpoint::element_value(f.bf16[k]);
     }
@@ -308,6 +351,7 @@ struct CheckpointAccess {
     std::vector<MH> m_, v_;
     Moments8bit m8_;
     HostFactor left_, right_;
+    HostCodes<Opt> left_codes_, right_codes_;
   };
 
   // Reads every layer into host memory; commit() then copies it to the device.
@@ -322,6 +366,7 @@ struct CheckpointAccess {
       std::int64_t svd_count = 0;
       State schedule{};
       HostFactor left, right;
+      HostCodes<Opt> left_codes, right_codes;
       std::vector<MH> m, v;
       Moments8bit m8;
     };
@@ -352,6 +397,13 @@ struct CheckpointAccess {
     // The float32 basis of the file, checked as the CPU checks it; a bf16 layer
     // keeps it rounded to nearest even bf16, which must be finite too.
     void load_basis(std::size_t i, Side factor, checkpoint::Reader& r, Shape want) {
+      if constexpr (Opt::basis_codes) {
+        const Index group = opt_.factor_codes(want).group_size;
+        auto& to = factor == Side::Left ? staged_[i].left_codes : staged_[i].right_codes;
+        if constexpr (Opt::basis_format == BasisFormat::NF4) checkpoint::load_nf4(r, to, want, group);
+        else checkpoint::load_group_quantized(r, to, want, group, "quantized basis");
+        return;
+      }
       const char* what = "float32 basis";
       const std::uint64_t n = checkpoint::expect_matrix<float>(r, want, what);
       HostFactor& out = factor == Side::Left ? staged_[i].left : staged_[i].right;
@@ -417,8 +469,19 @@ struct CheckpointAccess {
           upload(base + o.m, s.m.data(), s.m.size(), ctx);
           upload(base + o.v, s.v.data(), s.v.size(), ctx);
         }
-        if (s.has_basis && l.side != Side::Right) upload_factor(base + o.left, s.left, ctx);
-        if (s.has_basis && l.side != Side::Left) upload_factor(base + o.right, s.right, ctx);
+        if constexpr (Opt::basis_codes) {
+          const DeviceQuantizedBasis q = opt_.stored_codes(l);
+          auto up = [&](const DeviceQuantizedFactor& f, const HostCodes<Opt>& host) {
+            for_each_code_piece(f, host, [&](unsigned char* device, const auto* from, std::size_t count) {
+              upload(device, from, count, ctx);
+            });
+          };
+          if (s.has_basis && l.side != Side::Right) up(q.left, s.left_codes);
+          if (s.has_basis && l.side != Side::Left) up(q.right, s.right_codes);
+        } else {
+          if (s.has_basis && l.side != Side::Right) upload_factor(base + o.left, s.left, ctx);
+          if (s.has_basis && l.side != Side::Left) upload_factor(base + o.right, s.right, ctx);
+        }
         upload(base + o.counters, &s.counters, 1, ctx);
       }
       for (std::size_t k = 0; k < weights_staged_.size(); ++k) upload(weights_->entries_[k], weights_staged_[k], ctx);

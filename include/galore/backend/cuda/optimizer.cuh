@@ -40,6 +40,8 @@
 #include "../../optim/adam_config.hpp"
 #include "../../optim/blockwise8bit_state.hpp"
 #include "../../policies.hpp"
+#include "../../quant/group_quantized.hpp"
+#include "../../quant/nf4_codes.hpp"
 #include "../../optim/step_result.hpp"
 #include "../../projection_type.hpp"
 #include "../../projector_options.hpp"
@@ -56,6 +58,7 @@
 #include "device_buffer.cuh"
 #include "drift.cuh"
 #include "gemm.cuh"
+#include "nf4.cuh"
 #include "quantized_weight.cuh"
 #include "refresh.cuh"
 #include "staging.cuh"
@@ -112,12 +115,69 @@ struct DeviceMoments8bit {
   Index blocks() const { return (shape.size() + block_size - 1) / block_size; }
 };
 
+// How the GPU keeps the basis of a projector's quantization policy: in the
+// layer's element type (quant::None); as Q-GaLore's group-wise min-max codes
+// (quant::MinMax<4>, two a byte, or quant::MinMax<8>) with a float32 scale and
+// a one-byte zero point per group, as the CPU's GroupQuantized; or as NF4 codes
+// (quant::NF4, two a byte) with a float32 absmax per block, as the CPU's NF4Codes.
+enum class BasisFormat { Float, MinMax, NF4 };
+template <class QuantPolicy>
+struct DeviceBasisCodes {
+  static_assert(detail::dependent_false<QuantPolicy>,
+                "galore: the CUDA backend keeps the basis unquantized (quant::None), as min-max codes "
+                "(quant::MinMax<4> or quant::MinMax<8>) or as NF4 codes (quant::NF4)");
+};
+template <>
+struct DeviceBasisCodes<quant::None> {
+  static constexpr BasisFormat format = BasisFormat::Float;
+  static constexpr int bits = 0;
+  struct Settings {};
+};
+template <int Bits>
+struct DeviceBasisCodes<quant::MinMax<Bits>> {
+  static_assert(Bits == 4 || Bits == 8, "galore: min-max bases on the GPU hold 4-bit or 8-bit codes");
+  static constexpr BasisFormat format = BasisFormat::MinMax;
+  static constexpr int bits = Bits;
+  using Settings = quant::MinMaxSettings;
+};
+template <>
+struct DeviceBasisCodes<quant::NF4> {
+  static constexpr BasisFormat format = BasisFormat::NF4;
+  static constexpr int bits = 4;
+  using Settings = quant::NF4Settings;
+};
+
+// One factor of a quantized basis in device memory: its codes (two a byte with
+// 4 bits, element 2j in the low half of byte j), and per group of `group_size`
+// consecutive elements of the row-major factor a float32 scale and a one-byte
+// zero point (min-max), or a float32 absmax in `scales` and no zeros (NF4).
+struct DeviceQuantizedFactor {
+  Shape shape;
+  Index group_size = 0;
+  int bits = 0;
+  bool nf4 = false;
+  std::uint8_t* codes = nullptr;
+  float* scales = nullptr;
+  std::uint8_t* zeros = nullptr;
+  Index groups() const { return (shape.size() + group_size - 1) / group_size; }
+  std::size_t code_bytes() const { return (static_cast<std::size_t>(shape.size()) * bits + 7) / 8; }
+  std::size_t scale_bytes() const { return sizeof(float) * static_cast<std::size_t>(groups()); }
+  std::size_t zero_bytes() const { return nf4 ? 0 : static_cast<std::size_t>(groups()); }
+};
+// A layer's quantized basis (GaLoreOptimizer::quantized_basis): left m x r,
+// right r x n; a side without a factor has null pointers.
+struct DeviceQuantizedBasis {
+  Side side = Side::Right;
+  DeviceQuantizedFactor left, right;
+};
+
 // The GPU facade takes the policy names the CPU facade takes (policies.hpp):
 //   cuda::GaLoreOptimizer<Projector<SVDPolicy, quant::None, SchedulePolicy>, LowRankAdam<StatePolicy>>
 // and builds their state in device memory: the moments of StatePolicy in
 // DeviceMoments<StatePolicy>::type, the basis unquantized (quant::None) in the
 // layer's element type (bf16 for bf16 layers, as galore_torch keeps P in the
-// gradient's dtype), the schedule's state on the host as on the CPU. With
+// gradient's dtype) or as min-max codes (quant::MinMax<4 or 8>, Q-GaLore's INT4
+// bases: DeviceBasisCodes), the schedule's state on the host as on the CPU. With
 // state::Blockwise8bit (GaLoreAdamW8bit) the moments are bitsandbytes' 8-bit
 // blockwise codes, stepped as the CPU steps them, bit for bit (adam8bit.cuh);
 // its blocks must hold at most 4096 elements on the GPU.
@@ -139,9 +199,13 @@ class GaLoreOptimizer {
   // dense policies have none, and their definitions need Eigen).
   struct NoStateSettings {};
   using StateSettings = std::conditional_t<blockwise8bit, state::Blockwise8bit, NoStateSettings>;
-  static_assert(std::is_same_v<QuantPolicy, quant::None>,
-                "galore: on the GPU the basis is kept unquantized (quant::None); quantized bases do not run on the "
-                "GPU yet");
+  // A quantized basis is kept as codes and dequantized into the workspace at
+  // every step, in the layer's element type, as the CPU dequantizes it into
+  // float32 before projecting.
+  static constexpr BasisFormat basis_format = DeviceBasisCodes<QuantPolicy>::format;
+  static constexpr int basis_bits = DeviceBasisCodes<QuantPolicy>::bits;
+  static constexpr bool basis_codes = basis_format != BasisFormat::Float;
+  using QuantSettings = typename DeviceBasisCodes<QuantPolicy>::Settings;
   static_assert(detail::is_schedule_policy<SchedulePolicy>::value,
                 "galore: SchedulePolicy needs a nested State, init() and due(state, step) (schedule/*.hpp)");
   static constexpr bool watches_drift = detail::watches_drift<SchedulePolicy>::value;
@@ -153,16 +217,28 @@ class GaLoreOptimizer {
   using schedule_policy = SchedulePolicy;
   using state_policy = StatePolicy;
   using moment_type = MomentT;  // float, bf16 (__nv_bfloat16), or uint8_t (8-bit codes)
+  using quant_policy = QuantPolicy;
 
   // rounding: how INT8 weights (cuda::QuantizedWeight<8>) are re-quantized
   // after their update, StochasticRounder<8>(rounding.seed, rounding.mode) on
   // the CPU; unused for float and bf16 weights. state: the state policy's
   // settings (state::Blockwise8bit{block_size, min_8bit_size}; the CPU facade
-  // takes them inside its LowRankAdam).
+  // takes them inside its LowRankAdam). quant: a quantized basis's settings
+  // (quant::MinMaxSettings{group_size}, which quant::MinMax<Bits> holds; -1, the
+  // default, is one group per row of each stored factor; or
+  // quant::NF4Settings{block_size}, which quant::NF4 holds).
   explicit GaLoreOptimizer(ProjectorOptions projection = {}, AdamConfig adam = {}, SchedulePolicy schedule = {},
-                           SVDPolicy svd = {}, WeightRounding rounding = {}, StateSettings state = {})
-      : projection_(projection), adam_(adam), state_(state), schedule_(schedule), svd_(svd), rounding_(rounding) {
+                           SVDPolicy svd = {}, WeightRounding rounding = {}, StateSettings state = {},
+                           QuantSettings quant = {})
+      : projection_(projection),
+        adam_(adam),
+        state_(state),
+        quant_(quant),
+        schedule_(schedule),
+        svd_(svd),
+        rounding_(rounding) {
     adam_.validate();
+    if constexpr (basis_codes) quant_.validate();
     if constexpr (blockwise8bit) {
       state_.validate();
       detail::require(state_.block_size <= Blockwise8bitMoments::kMaxBlock, "8-bit block size on the GPU must be at "
@@ -274,17 +350,23 @@ class GaLoreOptimizer {
   // workspace, sized by workspace_bytes(ctx).
   // The batched step keeps float32 or bf16 moments: with state::Blockwise8bit
   // plan_step_all throws galore::invalid_argument (step the layers with step()).
+  // So does a quantized basis (quant::MinMax, quant::NF4): the batched step
+  // keeps the basis unquantized.
   StepPlan plan_step_all(Span<const StepParam> params, Context& ctx, const StepPlanOptions& options = {}) {
     if constexpr (blockwise8bit) {
       (void)params, (void)ctx, (void)options;
       throw invalid_argument("galore: plan_step_all: the batched step keeps float32 or bf16 moments; 8-bit moments "
                              "(state::Blockwise8bit) are stepped layer by layer with step()");
+    } else if constexpr (basis_codes) {
+      (void)params, (void)ctx, (void)options;
+      throw invalid_argument("galore: plan_step_all: the batched step keeps the basis unquantized; a quantized basis "
+                             "(quant::MinMax, quant::NF4) is stepped layer by layer with step()");
     } else {
       return BatchedStepAccess::plan(*this, params, ctx, options);
     }
   }
   StepAllResult step_all(StepPlan& plan, Context& ctx) {
-    if constexpr (blockwise8bit) {
+    if constexpr (blockwise8bit || basis_codes) {
       (void)plan, (void)ctx;
       throw invalid_argument("galore: step_all needs a plan, which 8-bit moments do not have (use step())");
     } else {
@@ -337,11 +419,22 @@ class GaLoreOptimizer {
   // layer's element type; null where the side has none). Valid once a step applied.
   template <class T>
   DeviceBasis<T> basis(LayerId id) const {
+    static_assert(!basis_codes, "galore: a quantized basis is read through quantized_basis()");
     const Layer& l = layer(id);
     detail::require(l.projected && l.dtype == dtype_of<T>(), "layer ", describe(l),
                     " has no basis of that element type");
     return basis_of<T>(l, const_cast<unsigned char*>(l.storage.data()));
   }
+  // A quantized basis's codes, scales and zeros (or NF4 absmax) in device
+  // memory (quant::MinMax, quant::NF4). Valid once a step applied.
+  DeviceQuantizedBasis quantized_basis(LayerId id) const {
+    static_assert(basis_codes, "galore: quantized_basis() needs a quantized basis (quant::MinMax or quant::NF4)");
+    const Layer& l = layer(id);
+    detail::require(l.projected, "layer ", describe(l), " is dense and has no basis");
+    return stored_codes(l);
+  }
+  const QuantSettings& quant_settings() const { return quant_; }
+
   // The dense moments (low-rank shape, MomentT), for inspection and checkpoints.
   const MomentT* first_moment(LayerId id) const {
     static_assert(!blockwise8bit, "galore: 8-bit moments are read through moments_8bit()");
@@ -417,6 +510,15 @@ class GaLoreOptimizer {
   struct Layout {
     std::size_t m = 0, v = 0, m_absmax = 0, v_absmax = 0, left = 0, right = 0, counters = 0, total = 0;
     bool codes = false;  // 8-bit codes at m and v, their absmax after them
+    // A quantized basis: each factor's codes at left / right, then its scales and zeros.
+    std::size_t left_scales = 0, left_zeros = 0, right_scales = 0, right_zeros = 0;
+  };
+
+  // Codes, scales and zeros of a refresh's candidate, in the workspace until
+  // the step is known to apply; `bad` flags a candidate holding NaN or Inf.
+  struct PendingCodes {
+    DeviceQuantizedFactor left, right;
+    unsigned* bad = nullptr;
   };
 
   struct Layer {
@@ -459,19 +561,58 @@ class GaLoreOptimizer {
       o.v = A::align(sizeof(MomentT) * n);
       at = 2 * o.v;
     }
-    if (projected && side != Side::Right) {
-      o.left = at;
-      at += A::align(size_of(dtype) * static_cast<std::size_t>(shape.rows * rank));
-    }
-    if (projected && side != Side::Left) {
-      o.right = at;
-      at += A::align(size_of(dtype) * static_cast<std::size_t>(rank * shape.cols));
-    }
+    // A factor: in the layer's element type, or codes, scales and zeros.
+    auto factor = [&](Shape f, std::size_t& codes, std::size_t& scales, std::size_t& zeros) {
+      codes = at;
+      if constexpr (basis_codes) {
+        const DeviceQuantizedFactor q = factor_codes(f);
+        at += A::align(q.code_bytes());
+        scales = at;
+        at += A::align(q.scale_bytes());
+        zeros = at;
+        at += A::align(q.zero_bytes());
+      } else {
+        (void)scales, (void)zeros;
+        at += A::align(size_of(dtype) * static_cast<std::size_t>(f.size()));
+      }
+    };
+    if (projected && side != Side::Right) factor(Shape{shape.rows, rank}, o.left, o.left_scales, o.left_zeros);
+    if (projected && side != Side::Left) factor(Shape{rank, shape.cols}, o.right, o.right_scales, o.right_zeros);
     o.counters = at;
     o.total = at + A::align(sizeof(StepCounters));
     return o;
   }
   static const Layout& layout(const Layer& l) { return l.at; }
+
+  // A factor's quantization (no pointers yet): the min-max group size (-1
+  // resolved to one group per row of the factor), or NF4's block size.
+  DeviceQuantizedFactor factor_codes(Shape f) const {
+    DeviceQuantizedFactor q;
+    q.shape = f;
+    q.bits = basis_bits;
+    q.nf4 = basis_format == BasisFormat::NF4;
+    if constexpr (basis_format == BasisFormat::MinMax) q.group_size = quant::resolve_group_size(quant_.group_size, f);
+    if constexpr (basis_format == BasisFormat::NF4) q.group_size = quant_.block_size;
+    return q;
+  }
+  // The layer's stored codes, scales and zeros.
+  DeviceQuantizedBasis stored_codes(const Layer& l) const {
+    const Layout& o = layout(l);
+    unsigned char* base = const_cast<unsigned char*>(l.storage.data());
+    DeviceQuantizedBasis b;
+    b.side = l.side;
+    auto at = [&](Shape f, std::size_t codes, std::size_t scales, std::size_t zeros) {
+      DeviceQuantizedFactor q = factor_codes(f);
+      q.codes = base + codes;
+      q.scales = reinterpret_cast<float*>(base + scales);
+      q.zeros = q.nf4 ? nullptr : base + zeros;
+      return q;
+    };
+    const Index r = l.options.rank;
+    if (l.side != Side::Right) b.left = at(Shape{l.shape.rows, r}, o.left, o.left_scales, o.left_zeros);
+    if (l.side != Side::Left) b.right = at(Shape{r, l.shape.cols}, o.right, o.right_scales, o.right_zeros);
+    return b;
+  }
 
   static void validate_options(const ProjectorOptions& o) {
     detail::require(o.rank >= 1, "rank must be at least 1 (got ", o.rank, ")");
@@ -598,8 +739,13 @@ class GaLoreOptimizer {
     const std::size_t mr = static_cast<std::size_t>(l.shape.rows * l.options.rank);
     const std::size_t rn = static_cast<std::size_t>(l.options.rank * l.shape.cols);
     if (l.side == Side::Both) b += 2 * A::align(sizeof(float) * mr) + A::align(t * mr);
-    if (l.side != Side::Right) b += A::align(t * mr);
-    if (l.side != Side::Left) b += A::align(t * rn);
+    // A refresh's candidate; with a quantized basis also the dequantized basis,
+    // the candidate's codes, and with a drift-watching schedule a second
+    // candidate (a refresh step that measures and refreshes again).
+    const std::size_t candidate =
+        (l.side != Side::Right ? A::align(t * mr) : 0) + (l.side != Side::Left ? A::align(t * rn) : 0);
+    b += candidate;
+    if constexpr (basis_codes) b += candidate + pending_bytes(l) + (watches_drift ? candidate : 0);
     return b + refresh_bytes(l, ctx, 1);
   }
   // The SVD policy's workspace for refreshing `count` layers of l's shape together.
@@ -677,10 +823,21 @@ class GaLoreOptimizer {
     float* X = both ? ws.take<float>(static_cast<std::size_t>(l.shape.rows * r)) : nullptr;
     float* Pf = both ? ws.take<float>(static_cast<std::size_t>(l.shape.rows * r)) : nullptr;
     T* PN = both ? ws.take<T>(static_cast<std::size_t>(l.shape.rows * r)) : nullptr;
+    // The basis in force: the layer's own, or a quantized one dequantized into
+    // the workspace. `use` is what this step projects with; `fresh` is a
+    // refresh's basis before quantization (the schedule reads its first vector).
     DeviceBasis<T> stored = basis_of<T>(l, l.storage.data());
-    DeviceBasis<T> use = stored;
+    PendingCodes pending;
+    if constexpr (basis_codes) {
+      stored = take_basis<T>(l, ws);
+      if (refresh_may_be_due(l) || watches_drift) pending = take_pending(l, ws);
+    }
+    DeviceBasis<T> use = stored, fresh = stored;
     const SideStreamJoin join(ctx);
     before(update);
+    if constexpr (basis_codes) {
+      if (l.has_basis) dequantize_basis(ctx, stored_codes(l), stored);
+    }
 
     bool refresh = false;
     if (refresh_may_be_due(l)) {
@@ -693,7 +850,8 @@ class GaLoreOptimizer {
       if (l.side != Side::Left) candidate.right = ws.take<T>(static_cast<std::size_t>(r * l.shape.cols));
       WorkspaceArena scratch = ws;  // the policy's scratch is dead once it returns
       compute_basis(ctx, scratch, svd_, G, r, candidate, l.has_basis ? &stored : nullptr);
-      use = candidate;
+      fresh = candidate;
+      use = settle(ctx, candidate, pending, stored);
     }
 
     if (stage_this) {
@@ -723,13 +881,16 @@ class GaLoreOptimizer {
           measured = true;
           if (schedule_.on_measurement(measured_state, step, e.captured, refresh)) {
             DeviceBasis<T> candidate = use;
-            if (!refresh) {
+            // A quantized basis keeps its candidate apart from the dequantized
+            // one it projects with (settle() writes the latter).
+            if (!refresh || basis_codes) {
               if (l.side != Side::Right) candidate.left = ws.take<T>(static_cast<std::size_t>(l.shape.rows * r));
               if (l.side != Side::Left) candidate.right = ws.take<T>(static_cast<std::size_t>(r * l.shape.cols));
             }
             WorkspaceArena scratch = ws;
             compute_basis(ctx, scratch, svd_, G, r, candidate, &use);  // `use` may alias `candidate`
-            use = candidate;
+            fresh = candidate;
+            use = settle(ctx, candidate, pending, stored);
             refresh = true;
             if (stage_this)
               project(ctx, use, DeviceView<const T>(DeviceView<T>(G_copy, l.shape.rows, ld)), R, X, Pf,
@@ -773,13 +934,13 @@ class GaLoreOptimizer {
         return result;
       }
       if (measured) l.state = std::move(measured_state);
-      adopt_basis(l, stored, use, c, ctx);
+      adopt_basis(l, use, fresh, pending, c, ctx);
       result.refreshed = true;
     } else {
       ++l.pending;
     }
 
-    apply(update, stored, static_cast<const T*>(D), PN, Shape{lr.rows, ld}, static_cast<const StepCounters*>(counters));
+    apply(update, use, static_cast<const T*>(D), PN, Shape{lr.rows, ld}, static_cast<const StepCounters*>(counters));
     return result;
   }
 
@@ -858,30 +1019,138 @@ class GaLoreOptimizer {
   }
 
   // A refresh step applied (c: the layer's counters read after it): the
-  // candidate basis becomes the layer's, and the schedule learns of it.
+  // candidate basis becomes the layer's (`use`, or the codes it was dequantized
+  // from), and the schedule learns of it (from `fresh`, the unquantized one).
   template <class T>
-  void adopt_basis(Layer& l, const DeviceBasis<T>& stored, const DeviceBasis<T>& candidate, const StepCounters& c,
-                   Context& ctx) {
-    const std::size_t t = sizeof(T);
-    const Index r = l.options.rank;
-    if (l.side != Side::Right && candidate.left != stored.left)
-      check(cudaMemcpyAsync(stored.left, candidate.left, t * l.shape.rows * r, cudaMemcpyDeviceToDevice, ctx.stream()),
-            "cudaMemcpyAsync");
-    if (l.side != Side::Left && candidate.right != stored.right)
-      check(cudaMemcpyAsync(stored.right, candidate.right, t * r * l.shape.cols, cudaMemcpyDeviceToDevice,
-                            ctx.stream()),
-            "cudaMemcpyAsync");
-    record_refresh(l, stored, c, ctx);
+  void adopt_basis(Layer& l, const DeviceBasis<T>& use, const DeviceBasis<T>& fresh, const PendingCodes& pending,
+                   const StepCounters& c, Context& ctx) {
+    auto copy = [&](void* to, const void* from, std::size_t bytes) {
+      if (to != from)
+        check(cudaMemcpyAsync(to, from, bytes, cudaMemcpyDeviceToDevice, ctx.stream()), "cudaMemcpyAsync");
+    };
+    if constexpr (basis_codes) {
+      const DeviceQuantizedBasis to = stored_codes(l);
+      auto codes = [&](const DeviceQuantizedFactor& t, const DeviceQuantizedFactor& f) {
+        copy(t.codes, f.codes, t.code_bytes());
+        copy(t.scales, f.scales, t.scale_bytes());
+        if (!t.nf4) copy(t.zeros, f.zeros, t.zero_bytes());
+      };
+      if (l.side != Side::Right) codes(to.left, pending.left);
+      if (l.side != Side::Left) codes(to.right, pending.right);
+    } else {
+      const DeviceBasis<T> stored = basis_of<T>(l, l.storage.data());
+      const std::size_t t = sizeof(T);
+      const Index r = l.options.rank;
+      if (l.side != Side::Right) copy(stored.left, use.left, t * l.shape.rows * r);
+      if (l.side != Side::Left) copy(stored.right, use.right, t * r * l.shape.cols);
+    }
+    record_refresh(l, fresh, c, ctx);
   }
-  // The host's side of an applied refresh step, once `stored` holds the new basis.
+
+  // ---- a quantized basis (quant::MinMax) ----
+
+  PendingCodes take_pending(const Layer& l, WorkspaceArena& ws) const {
+    PendingCodes p;
+    auto take = [&](Shape f) {
+      DeviceQuantizedFactor q = factor_codes(f);
+      q.codes = ws.take<std::uint8_t>(q.code_bytes());
+      q.scales = ws.take<float>(static_cast<std::size_t>(q.groups()));
+      if (!q.nf4) q.zeros = ws.take<std::uint8_t>(q.zero_bytes());
+      return q;
+    };
+    const Index r = l.options.rank;
+    if (l.side != Side::Right) p.left = take(Shape{l.shape.rows, r});
+    if (l.side != Side::Left) p.right = take(Shape{r, l.shape.cols});
+    p.bad = ws.take<unsigned>(1);
+    return p;
+  }
+  std::size_t pending_bytes(const Layer& l) const {
+    std::size_t b = A::align(sizeof(unsigned));
+    auto add = [&](Shape f) {
+      const DeviceQuantizedFactor q = factor_codes(f);
+      b += A::align(q.code_bytes()) + A::align(q.scale_bytes()) + A::align(q.zero_bytes());
+    };
+    if (l.side != Side::Right) add(Shape{l.shape.rows, l.options.rank});
+    if (l.side != Side::Left) add(Shape{l.options.rank, l.shape.cols});
+    return b;
+  }
+  // Room for the layer's basis in its element type, in the workspace.
   template <class T>
-  void record_refresh(Layer& l, const DeviceBasis<T>& stored, const StepCounters& c, Context& ctx) {
+  static DeviceBasis<T> take_basis(const Layer& l, WorkspaceArena& ws) {
+    DeviceBasis<T> b;
+    b.side = l.side;
+    b.rows = l.shape.rows;
+    b.cols = l.shape.cols;
+    b.rank = l.options.rank;
+    const Index r = l.options.rank;
+    if (l.side != Side::Right) b.left = ws.take<T>(static_cast<std::size_t>(l.shape.rows * r));
+    if (l.side != Side::Left) b.right = ws.take<T>(static_cast<std::size_t>(r * l.shape.cols));
+    return b;
+  }
+  template <class T>
+  static void dequantize_basis(Context& ctx, const DeviceQuantizedBasis& codes, const DeviceBasis<T>& out) {
+    auto run = [&](const DeviceQuantizedFactor& q, T* to) {
+      const std::int64_t n = q.shape.size();
+      if constexpr (basis_format == BasisFormat::NF4)
+        impl::launch_dequantize_nf4<T>(q.codes, q.scales, n, q.group_size, to, ctx.stream());
+      else
+        impl::launch_dequantize<basis_bits, T>(q.codes, q.scales, q.zeros, q.group_size, 0, n, to, q.shape.cols,
+                                               q.shape.cols, ctx.stream());
+    };
+    if (codes.side != Side::Right) run(codes.left, out.left);
+    if (codes.side != Side::Left) run(codes.right, out.right);
+  }
+  // The basis a refresh step projects with: the candidate itself, or (quantized)
+  // the candidate quantized into `pending` and dequantized into `out`, as the
+  // CPU's projector stores a fresh basis and projects with what it stored. A
+  // candidate holding NaN or Inf gives a basis with a NaN, so that the step is
+  // skipped as it would be unquantized.
+  template <class T>
+  DeviceBasis<T> settle(Context& ctx, const DeviceBasis<T>& candidate, const PendingCodes& pending,
+                        const DeviceBasis<T>& out) const {
+    if constexpr (!basis_codes) {
+      (void)ctx, (void)pending, (void)out;
+      return candidate;
+    } else {
+      check(cudaMemsetAsync(pending.bad, 0, sizeof(unsigned), ctx.stream()), "cudaMemsetAsync");
+      auto run = [&](const DeviceQuantizedFactor& q, const T* from) {
+        const std::int64_t n = q.shape.size(), cols = q.shape.cols;
+        impl::find_non_finite<T><<<impl::blocks_for(n), impl::kThreads, 0, ctx.stream()>>>(from, cols, cols, n,
+                                                                                           pending.bad);
+        check_launch("galore::cuda::find_non_finite");
+        if constexpr (basis_format == BasisFormat::NF4)
+          impl::launch_quantize_nf4<T>(from, n, q.group_size, q.codes, q.scales, ctx.stream());
+        else
+          impl::launch_quantize_nearest<basis_bits, T>(from, cols, n, q.group_size, q.codes, q.scales, q.zeros,
+                                                       ctx.stream());
+      };
+      if (candidate.side != Side::Right) run(pending.left, candidate.left);
+      if (candidate.side != Side::Left) run(pending.right, candidate.right);
+      DeviceQuantizedBasis codes;
+      codes.side = candidate.side;
+      codes.left = pending.left;
+      codes.right = pending.right;
+      dequantize_basis(ctx, codes, out);
+      T* const factors[2] = {out.left, out.right};
+      for (T* f : factors) {
+        if (f == nullptr) continue;
+        impl::poison_if_flagged<T><<<1, 1, 0, ctx.stream()>>>(pending.bad, f);
+        check_launch("galore::cuda::poison_if_flagged");
+      }
+      return out;
+    }
+  }
+
+  // The host's side of an applied refresh step; `fresh` is the new basis before
+  // any quantization.
+  template <class T>
+  void record_refresh(Layer& l, const DeviceBasis<T>& fresh, const StepCounters& c, Context& ctx) {
     // The first singular vector for schedules that may compare it (the lazy
     // one; a custom one): Drift ignores it.
     if constexpr (std::is_same_v<SchedulePolicy, schedule::Drift>)
       schedule_.on_refresh(l.state, c.applied - 1, Span<const float>{});
     else if constexpr (!std::is_same_v<SchedulePolicy, schedule::FixedGap>)
-      schedule_.on_refresh(l.state, c.applied - 1, first_singular_vector(l, stored, ctx));
+      schedule_.on_refresh(l.state, c.applied - 1, first_singular_vector(l, fresh, ctx));
     l.has_basis = true;
     ++l.svd_count;
     l.known_applied = c.applied;
@@ -987,6 +1256,7 @@ class GaLoreOptimizer {
   ProjectorOptions projection_;
   AdamConfig adam_;
   StateSettings state_;
+  QuantSettings quant_;
   SchedulePolicy schedule_;
   SVDPolicy svd_;
   WeightRounding rounding_;
@@ -1003,5 +1273,11 @@ using GaLoreAdamW = GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule:
 // blockwise moments (per-layer steps; the whole-model step keeps dense moments).
 using GaLoreAdamW8bit =
     GaLoreOptimizer<Projector<svd::Exact, quant::None, schedule::FixedGap>, LowRankAdam<state::Blockwise8bit>>;
+// q_galore_torch's QGaLoreAdamW8bit on the GPU: INT4 bases (one group per row
+// unless the quant settings say otherwise), the lazy layer-adaptive refresh,
+// 8-bit moments, and INT8 weights (QuantizedWeight<8>) re-quantized by
+// stochastic rounding (the default WeightRounding). Per-layer steps.
+using QGaLoreAdamW8bit =
+    GaLoreOptimizer<Projector<svd::Exact, quant::Int4, schedule::Lazy>, LowRankAdam<state::Blockwise8bit>>;
 
 }  // namespace galore::cuda

@@ -72,6 +72,14 @@ __global__ void find_non_finite(const T* __restrict__ x, std::int64_t ld, std::i
   if (__syncthreads_or(any) && threadIdx.x == 0) atomicOr(bad, 1u);
 }
 
+// x[0] = NaN when *flag is set. A quantized basis made from a candidate that
+// held NaN or Inf (whose codes are defined but meaningless) then makes the
+// projection non-finite, and the step is skipped, as with an unquantized basis.
+template <class T>
+__global__ void poison_if_flagged(const unsigned* __restrict__ flag, T* __restrict__ x) {
+  if (*flag != 0u) x[0] = from_float<T>(__int_as_float(0x7FC00000));
+}
+
 // With `after` (the counters of the step that produced the values): false if
 // that step was skipped (nothing is to be written); else, for stochastic
 // rounding, step becomes its count of applied steps.
@@ -494,6 +502,43 @@ void launch_quantize_packed4(const T* x, std::int64_t ld, std::int64_t cols, std
   check_launch("galore::cuda::encode_packed4");
 }
 
+// Nearest Bits-bit codes (8, or 4 packed two a byte) of a contiguous matrix
+// of n elements in rows `cols` wide, in groups of `group`, with their scales
+// and zeros: QuantizedWeight<Bits>::quantize() without its finiteness check,
+// and the GPU optimizer's quantized bases.
+template <int Bits, class T>
+void launch_quantize_nearest(const T* x, std::int64_t cols, std::int64_t n, std::int64_t group, std::uint8_t* codes,
+                             float* scales, std::uint8_t* zeros, cudaStream_t stream) {
+  static_assert(Bits == 8 || Bits == 4, "galore: 8-bit or packed 4-bit codes");
+  if constexpr (Bits == 4)
+    launch_quantize_packed4(x, cols, cols, n, group, codes, scales, zeros, stream);
+  else
+    launch_quantize_groups<T, false>(x, cols, cols, 0, n, group, codes, scales, zeros, 0, 0, 0, nullptr, stream);
+}
+
+// out (rows `cols` wide, leading dimension ld) = elements [first, first + n)
+// of Bits-bit codes in groups of `group`, dequantized.
+template <int Bits, class T>
+void launch_dequantize(const std::uint8_t* codes, const float* scales, const std::uint8_t* zeros, std::int64_t group,
+                       std::int64_t first, std::int64_t n, T* out, std::int64_t ld, std::int64_t cols,
+                       cudaStream_t stream) {
+  static_assert(Bits == 8 || Bits == 4, "galore: 8-bit or packed 4-bit codes");
+  if (n == 0) return;
+  if constexpr (Bits == 4) {
+    dequantize_packed4<T><<<blocks_for(n), kThreads, 0, stream>>>(codes, scales, zeros, group, first, n, out, ld, cols);
+    check_launch("galore::cuda::dequantize_packed4");
+    return;
+  }
+  const bool vector = (ld == cols || n <= cols) && n % 4 == 0 && first % 4 == 0 && group % 4 == 0 &&
+                      reinterpret_cast<std::uintptr_t>(out) % (4 * sizeof(T)) == 0;
+  if (vector)
+    dequantize_elements4<T><<<blocks_for(n / 4), kThreads, 0, stream>>>(codes, scales, zeros, group, first, n, out);
+  else
+    dequantize_elements<T><<<blocks_for(n), kThreads, 0, stream>>>(codes, scales, zeros, group, first, n, out, ld,
+                                                                   cols);
+  check_launch("galore::cuda::dequantize_elements");
+}
+
 }  // namespace impl
 
 // Bits 8: Q-GaLore's INT8 weights (nearest and stochastic rounding, the
@@ -590,23 +635,8 @@ class QuantizedWeight {
   void dequantize_rows(Index row0, DeviceView<T> out, Context& ctx) const {
     static_assert(!std::is_const_v<T>, "galore: dequantize writes its output");
     check_rows(row0, out.rows, out.cols);
-    const std::int64_t n = out.rows * cols(), first = row0 * cols();
-    if (n == 0) return;
-    if constexpr (Bits == 4) {
-      impl::dequantize_packed4<T><<<impl::blocks_for(n), impl::kThreads, 0, ctx.stream()>>>(
-          codes_.data(), scales_.data(), zeros_.data(), group_, first, n, out.data, out.ld, cols());
-      check_launch("galore::cuda::dequantize_packed4");
-      return;
-    }
-    const bool vector = out.contiguous() && n % 4 == 0 && first % 4 == 0 && group_ % 4 == 0 &&
-                        reinterpret_cast<std::uintptr_t>(out.data) % (4 * sizeof(T)) == 0;
-    if (vector)
-      impl::dequantize_elements4<T><<<impl::blocks_for(n / 4), impl::kThreads, 0, ctx.stream()>>>(
-          codes_.data(), scales_.data(), zeros_.data(), group_, first, n, out.data);
-    else
-      impl::dequantize_elements<T><<<impl::blocks_for(n), impl::kThreads, 0, ctx.stream()>>>(
-          codes_.data(), scales_.data(), zeros_.data(), group_, first, n, out.data, out.ld, cols());
-    check_launch("galore::cuda::dequantize_elements");
+    impl::launch_dequantize<Bits, T>(codes_.data(), scales_.data(), zeros_.data(), group_, row0 * cols(),
+                                     out.rows * cols(), out.data, out.ld, cols(), ctx.stream());
   }
 
   // What the GPU optimizer's step on this weight calls: rows [row0, row0 +
