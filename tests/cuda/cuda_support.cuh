@@ -5,9 +5,14 @@
 #include <galore/cuda.hpp>
 
 #include <cmath>
+#include <cstdint>
 #include <random>
+#include <sstream>
+#include <string>
 #include <type_traits>
 #include <vector>
+
+#include "cpu_reference.hpp"
 
 namespace galore_test {
 
@@ -92,5 +97,78 @@ inline double max_abs_diff(const std::vector<float>& a, const std::vector<float>
   for (std::size_t i = 0; i < a.size(); ++i) e = std::max(e, std::abs(double(a[i]) - b[i]));
   return e;
 }
+
+// Two INT8 weights compared: the GPU's GEMMs sum in another order than
+// Eigen's (and a bf16 layer's GPU keeps P and D in bf16, the CPU in float), so
+// a value near a code boundary may round the other way, and a group whose
+// extreme moved by a code gets a slightly other scale. Differences of the
+// dequantized values in units of the CPU group's scale (one code), and the
+// fraction of codes that agree. Wrong rounding bits or a wrong update would
+// change most codes.
+struct CodeAgreement {
+  double same = 0.0;               // fraction of equal codes
+  double mean = 0.0, worst = 0.0;  // |W_gpu - W_cpu| / scale
+};
+inline CodeAgreement code_agreement(const std::vector<std::uint8_t>& codes, const std::vector<float>& scales,
+                                    const std::vector<std::uint8_t>& zeros, const CpuCodes& cpu, long group) {
+  CodeAgreement a;
+  const std::size_t n = codes.size();
+  std::size_t same = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::size_t g = i / static_cast<std::size_t>(group);
+    same += codes[i] == cpu.codes[i];
+    const double wg = scales[g] * (double(codes[i]) - zeros[g]);
+    const double wc = cpu.scales[g] * (double(cpu.codes[i]) - cpu.zeros[g]);
+    const double d = std::fabs(wg - wc) / cpu.scales[g];
+    a.mean += d / static_cast<double>(n);
+    a.worst = std::max(a.worst, d);
+  }
+  a.same = static_cast<double>(same) / static_cast<double>(n);
+  return a;
+}
+
+// A GPU optimizer over a checkpoint spec's layers (float weights; dense ones
+// where the spec says), Opt built by make(spec): steps them, saves, loads.
+template <class Opt>
+struct GpuRun {
+  galore::cuda::Context ctx;
+  Opt opt;
+  std::vector<galore::LayerId> ids;
+  std::vector<Device<float>> W, G;
+  template <class Make>
+  GpuRun(const CkptSpec& s, const std::vector<std::vector<float>>& W0, Make make) : opt(make(s)) {
+    for (std::size_t i = 0; i < s.layers.size(); ++i) {
+      const auto& l = s.layers[i];
+      ids.push_back(l.dense ? opt.add_dense({l.rows, l.cols}, galore::cuda::DType::Float32, l.name)
+                            : opt.add_layer({l.rows, l.cols}, galore::cuda::DType::Float32, l.name));
+      W.emplace_back(W0[i]);
+      G.emplace_back(W0[i]);
+    }
+    ctx.reserve_workspace(opt.workspace_bytes(ctx));
+  }
+  // W of every layer after each step (steps[t][layer]: the gradients).
+  std::vector<std::vector<std::vector<float>>> run(const std::vector<std::vector<std::vector<float>>>& steps) {
+    std::vector<std::vector<std::vector<float>>> out;
+    for (const auto& step : steps) {
+      std::vector<std::vector<float>> w;
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        G[i].upload(step[i]);
+        opt.step(ids[i], W[i].data(), static_cast<const float*>(G[i].data()), ctx);
+        w.push_back(W[i].download());
+      }
+      out.push_back(std::move(w));
+    }
+    return out;
+  }
+  std::string save() {
+    std::ostringstream os(std::ios::binary);
+    galore::cuda::save_checkpoint(opt, os, ctx);
+    return os.str();
+  }
+  void load(const std::string& file) {
+    std::istringstream is(file, std::ios::binary);
+    galore::cuda::load_checkpoint(opt, is, ctx);
+  }
+};
 
 }  // namespace galore_test

@@ -362,45 +362,14 @@ TEST_CASE("GaLoreAdamW8bit checkpoints move between the GPU and the CPU, bit for
   const auto first = std::vector<std::vector<std::vector<float>>>(grads.begin(), grads.begin() + before);
   const auto rest = std::vector<std::vector<std::vector<float>>>(grads.begin() + before, grads.end());
 
-  // The GPU optimizer of the spec, stepping `steps` from W, optionally loading a checkpoint first.
-  struct Gpu {
-    cuda::Context ctx;
-    Opt8 opt;
-    std::vector<LayerId> ids;
-    std::vector<Device<float>> W, G;
-    Gpu(const galore_test::CkptSpec& s, const std::vector<std::vector<float>>& W0)
-        : opt(ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, adam_of(s),
-              schedule::FixedGap{s.gap}) {
-      for (std::size_t i = 0; i < s.layers.size(); ++i) {
-        const auto& l = s.layers[i];
-        ids.push_back(l.dense ? opt.add_dense({l.rows, l.cols}, cuda::DType::Float32, l.name)
-                              : opt.add_layer({l.rows, l.cols}, cuda::DType::Float32, l.name));
-        W.emplace_back(W0[i]);
-        G.emplace_back(W0[i]);
-      }
-      ctx.reserve_workspace(opt.workspace_bytes(ctx));
-    }
-    std::vector<std::vector<std::vector<float>>> run(const std::vector<std::vector<std::vector<float>>>& steps) {
-      std::vector<std::vector<std::vector<float>>> out;
-      for (const auto& step : steps) {
-        std::vector<std::vector<float>> w;
-        for (std::size_t i = 0; i < ids.size(); ++i) {
-          G[i].upload(step[i]);
-          opt.step(ids[i], W[i].data(), static_cast<const float*>(G[i].data()), ctx);
-          w.push_back(W[i].download());
-        }
-        out.push_back(std::move(w));
-      }
-      return out;
-    }
-    std::string save() {
-      std::ostringstream os(std::ios::binary);
-      cuda::save_checkpoint(opt, os, ctx);
-      return os.str();
-    }
+  // The GPU optimizer of the spec.
+  using Gpu = galore_test::GpuRun<Opt8>;
+  const auto make = [](const galore_test::CkptSpec& s) {
+    return Opt8(ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, adam_of(s),
+                schedule::FixedGap{s.gap});
   };
 
-  Gpu gpu(spec, W0);
+  Gpu gpu(spec, W0, make);
   gpu.run(first);
   const std::string from_gpu = gpu.save();
   const auto cpu_first = galore_test::cpu_checkpoint_run(spec, "", W0, first);
@@ -420,7 +389,7 @@ TEST_CASE("GaLoreAdamW8bit checkpoints move between the GPU and the CPU, bit for
     CHECK(galore_test::relative_change_error(gpu_rest[t][2], cpu_rest.W[t][2], W_saved[2]) < 1e-2);
 
   // CPU -> GPU: a fresh GPU optimizer loads the CPU's file and continues as the CPU does.
-  Gpu resumed(spec, cpu_first.W.back());
+  Gpu resumed(spec, cpu_first.W.back(), make);
   std::istringstream is(cpu_first.checkpoint, std::ios::binary);
   cuda::load_checkpoint(resumed.opt, is, resumed.ctx);
   const auto resumed_rest = resumed.run(rest);
@@ -428,7 +397,7 @@ TEST_CASE("GaLoreAdamW8bit checkpoints move between the GPU and the CPU, bit for
   for (std::size_t t = 0; t < rest.size(); ++t)
     for (std::size_t i = 0; i < 2; ++i) CHECK(mismatches(resumed_rest[t][i], cpu_cont.W[t][i]) == 0);
   // Saved again right away, the GPU writes back what it loaded, byte for byte.
-  Gpu again(spec, cpu_first.W.back());
+  Gpu again(spec, cpu_first.W.back(), make);
   std::istringstream is2(cpu_first.checkpoint, std::ios::binary);
   cuda::load_checkpoint(again.opt, is2, again.ctx);
   CHECK(again.save() == cpu_first.checkpoint);

@@ -292,33 +292,6 @@ TEST_CASE("quantized bases on the GPU follow the CPU: INT4, INT8, NF4, every sid
   }
 }
 
-namespace {
-// Two INT8 weights' codes compared in units of the CPU group's scale (a code),
-// as test_cuda_quantized_weight.cu compares them.
-struct Agreement {
-  double same = 0.0, mean = 0.0, worst = 0.0;
-};
-Agreement compare(const cuda::QuantizedWeight<8>& W, const galore_test::CpuCodes& cpu, long group, cuda::Context& ctx) {
-  std::vector<std::uint8_t> codes, zeros;
-  std::vector<float> scales;
-  W.download(codes, scales, zeros, ctx);
-  Agreement a;
-  const std::size_t n = codes.size();
-  std::size_t same = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::size_t g = i / static_cast<std::size_t>(group);
-    same += codes[i] == cpu.codes[i];
-    const double wg = scales[g] * (double(codes[i]) - zeros[g]);
-    const double wc = cpu.scales[g] * (double(cpu.codes[i]) - cpu.zeros[g]);
-    const double d = std::fabs(wg - wc) / cpu.scales[g];
-    a.mean += d / static_cast<double>(n);
-    a.worst = std::max(a.worst, d);
-  }
-  a.same = static_cast<double>(same) / static_cast<double>(n);
-  return a;
-}
-}  // namespace
-
 TEST_CASE("cuda::QGaLoreAdamW8bit on an INT8 weight is the CPU's QGaLoreAdamW8bit, with a skipped refresh step") {
   galore_test::RunSpec s;
   s.rows = 512;
@@ -363,7 +336,11 @@ TEST_CASE("cuda::QGaLoreAdamW8bit on an INT8 weight is the CPU's QGaLoreAdamW8bi
     } else {
       CHECK(opt.status(id, ctx) == StepStatus::Applied);
     }
-    const Agreement a = compare(W, cpu[static_cast<std::size_t>(t)], 256, ctx);
+    std::vector<std::uint8_t> codes, zeros;
+    std::vector<float> scales;
+    W.download(codes, scales, zeros, ctx);
+    const galore_test::CodeAgreement a =
+        galore_test::code_agreement(codes, scales, zeros, cpu[static_cast<std::size_t>(t)], 256);
     CHECK(a.same >= 0.99);
     CHECK(a.mean <= 0.02);
     CHECK(a.worst <= 3.0);
@@ -563,48 +540,10 @@ TEST_CASE("a candidate basis holding NaN does not become the layer's quantized b
 
 namespace {
 
-// A GPU optimizer of a checkpoint spec's layers (float weights), stepping and
-// saving; Opt built by make(spec).
 template <class Opt>
-struct GpuRun {
-  cuda::Context ctx;
-  Opt opt;
-  std::vector<LayerId> ids;
-  std::vector<Device<float>> W, G;
-  template <class Make>
-  GpuRun(const galore_test::CkptSpec& s, const std::vector<std::vector<float>>& W0, Make make) : opt(make(s)) {
-    for (std::size_t i = 0; i < s.layers.size(); ++i) {
-      const auto& l = s.layers[i];
-      ids.push_back(opt.add_layer({l.rows, l.cols}, cuda::DType::Float32, l.name));
-      W.emplace_back(W0[i]);
-      G.emplace_back(W0[i]);
-    }
-    ctx.reserve_workspace(opt.workspace_bytes(ctx));
-  }
-  std::vector<std::vector<std::vector<float>>> run(const std::vector<std::vector<std::vector<float>>>& steps) {
-    std::vector<std::vector<std::vector<float>>> out;
-    for (const auto& step : steps) {
-      std::vector<std::vector<float>> w;
-      for (std::size_t i = 0; i < ids.size(); ++i) {
-        G[i].upload(step[i]);
-        opt.step(ids[i], W[i].data(), static_cast<const float*>(G[i].data()), ctx);
-        w.push_back(W[i].download());
-      }
-      out.push_back(std::move(w));
-    }
-    return out;
-  }
-  std::string save() {
-    std::ostringstream os(std::ios::binary);
-    cuda::save_checkpoint(opt, os, ctx);
-    return os.str();
-  }
-  void load(const std::string& file) {
-    std::istringstream is(file, std::ios::binary);
-    cuda::load_checkpoint(opt, is, ctx);
-  }
-  HostCodes codes(std::size_t i) { return download(one_factor(opt.quantized_basis(ids[i]))); }
-};
+HostCodes codes_of(galore_test::GpuRun<Opt>& g, std::size_t i) {
+  return download(one_factor(g.opt.quantized_basis(g.ids[i])));
+}
 
 // Saves on the GPU after 3 steps and checks: the CPU's file has the same size;
 // the CPU's basis after loading the GPU's file is the GPU's codes dequantized,
@@ -627,7 +566,7 @@ void check_checkpoints(const galore_test::CkptSpec& spec, Make make) {
   const auto rest = std::vector<std::vector<std::vector<float>>>(grads.begin() + before, grads.end());
   const auto cpu_basis = [](const galore_test::CpuLayerState& st) { return st.left.empty() ? st.right : st.left; };
 
-  GpuRun<Opt> gpu(spec, W0, make);
+  galore_test::GpuRun<Opt> gpu(spec, W0, make);
   gpu.run(first);
   const std::string from_gpu = gpu.save();
   const auto cpu_first = galore_test::cpu_checkpoint_run(spec, "", W0, first);
@@ -639,14 +578,14 @@ void check_checkpoints(const galore_test::CkptSpec& spec, Make make) {
   for (std::size_t i = 0; i < spec.layers.size(); ++i) {
     INFO("GPU -> CPU, layer ", spec.layers[i].name);
     REQUIRE(cpu_loaded.layers[i].has_basis);
-    CHECK(mismatches(gpu.codes(i).dequantized(), cpu_basis(cpu_loaded.layers[i])) == 0);
+    CHECK(mismatches(codes_of(gpu, i).dequantized(), cpu_basis(cpu_loaded.layers[i])) == 0);
     CHECK(cpu_loaded.layers[i].svd_count == gpu.opt.svd_count(gpu.ids[i]));
     CHECK(cpu_loaded.layers[i].steps == before);
   }
 
-  GpuRun<Opt> resumed(spec, W_saved, make);
+  galore_test::GpuRun<Opt> resumed(spec, W_saved, make);
   resumed.load(from_gpu);
-  for (std::size_t i = 0; i < spec.layers.size(); ++i) CHECK(resumed.codes(i) == gpu.codes(i));
+  for (std::size_t i = 0; i < spec.layers.size(); ++i) CHECK(codes_of(resumed, i) == codes_of(gpu, i));
   const auto gpu_rest = gpu.run(rest);
   const auto resumed_rest = resumed.run(rest);
   for (std::size_t t = 0; t < rest.size(); ++t)
@@ -655,18 +594,19 @@ void check_checkpoints(const galore_test::CkptSpec& spec, Make make) {
       CHECK(mismatches(resumed_rest[t][i], gpu_rest[t][i]) == 0);
     }
 
-  GpuRun<Opt> from_cpu(spec, W0, make);
+  galore_test::GpuRun<Opt> from_cpu(spec, W0, make);
   from_cpu.load(cpu_first.checkpoint);
   for (std::size_t i = 0; i < spec.layers.size(); ++i) {
     INFO("CPU -> GPU, layer ", spec.layers[i].name);
-    CHECK(mismatches(from_cpu.codes(i).dequantized(), cpu_basis(cpu_first.layers[i])) == 0);
+    CHECK(mismatches(codes_of(from_cpu, i).dequantized(), cpu_basis(cpu_first.layers[i])) == 0);
   }
+  CHECK(from_cpu.save() == cpu_first.checkpoint);  // saved right away: the CPU's bytes
 
   galore_test::CkptSpec plain = spec;
   plain.basis_bits = 0;
   plain.basis_nf4 = false;
   const auto cpu_plain = galore_test::cpu_checkpoint_run(plain, "", W0, first);
-  GpuRun<Opt> other(spec, W0, make);
+  galore_test::GpuRun<Opt> other(spec, W0, make);
   std::istringstream is(cpu_plain.checkpoint, std::ios::binary);
   CHECK_THROWS_AS(cuda::load_checkpoint(other.opt, is, other.ctx), checkpoint_error);
 }

@@ -357,38 +357,6 @@ TEST_CASE("QuantizedWeight refuses bad shapes, bad groups, panels off group boun
   CHECK_THROWS_AS(q.upload(short_codes, before.scales, before.zeros, ctx), invalid_argument);
 }
 
-namespace {
-
-// Two runs' weights, compared: the GPU's GEMMs sum in another order than
-// Eigen's (and a bf16 layer's GPU keeps P and D in bf16, the CPU in float), so
-// a value near a code boundary may round the other way, and a group whose
-// extreme moved by a code gets a slightly other scale. Differences of the
-// dequantized values in units of the CPU group's scale (one code), and the
-// fraction of codes that agree. Wrong rounding bits or a wrong update would
-// change most codes.
-struct Agreement {
-  double same = 0.0;            // fraction of equal codes
-  double mean = 0.0, worst = 0.0;  // |W_gpu - W_cpu| / scale
-};
-Agreement compare(const Downloaded& gpu, const galore_test::CpuCodes& cpu, long group) {
-  Agreement a;
-  const std::size_t n = gpu.codes.size();
-  std::size_t same = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::size_t g = i / static_cast<std::size_t>(group);
-    same += gpu.codes[i] == cpu.codes[i];
-    const double wg = gpu.scales[g] * (double(gpu.codes[i]) - gpu.zeros[g]);
-    const double wc = cpu.scales[g] * (double(cpu.codes[i]) - cpu.zeros[g]);
-    const double d = std::fabs(wg - wc) / cpu.scales[g];
-    a.mean += d / static_cast<double>(n);
-    a.worst = std::max(a.worst, d);
-  }
-  a.same = static_cast<double>(same) / static_cast<double>(n);
-  return a;
-}
-
-}  // namespace
-
 TEST_CASE("a GaLore step on an INT8 weight is the CPU's Q-GaLore weight update: left, right, staged, two-sided, "
           "float and bf16 gradients, a skipped step") {
   struct StepCase {
@@ -452,7 +420,8 @@ TEST_CASE("a GaLore step on an INT8 weight is the CPU's Q-GaLore weight update: 
         CHECK(opt.status(id, ctx) == StepStatus::Applied);
         CHECK(now.codes != before.codes);
       }
-      const Agreement a = compare(now, cpu[static_cast<std::size_t>(s)], 256);
+      const galore_test::CodeAgreement a =
+          galore_test::code_agreement(now.codes, now.scales, now.zeros, cpu[static_cast<std::size_t>(s)], 256);
       CHECK(a.same >= (c.bf16 ? 0.9 : 0.995));
       CHECK(a.mean <= (c.bf16 ? 0.1 : 0.01));
       CHECK(a.worst <= 3.0);
