@@ -295,6 +295,7 @@ CpuCheckpointRun checkpoint_run(const CkptSpec& s, Schedule schedule, Quant quan
   std::vector<LayerId> ids;
   std::vector<MatrixF> Wf(L);
   std::vector<Matrix<bfloat16>> Wh(L);
+  std::vector<QuantizedWeight<8>> Wq(L);
   WeightSet weights;
   for (std::size_t i = 0; i < L; ++i) {
     const CkptLayer& l = s.layers[i];
@@ -304,7 +305,10 @@ CpuCheckpointRun checkpoint_run(const CkptSpec& s, Schedule schedule, Quant quan
       ids.push_back(opt.add_layer(shape, ProjectorOptions{l.rank, static_cast<ProjectionType>(l.type), s.scale}, l.name));
     else ids.push_back(opt.add_layer(shape, l.name));
     Wf[i] = Eigen::Map<const MatrixF>(W0[i].data(), l.rows, l.cols);
-    if (l.bf16) {
+    if (l.int8) {
+      Wq[i] = QuantizedWeight<8>(Wf[i], 256);
+      weights.add(ids[i], Wq[i]);
+    } else if (l.bf16) {
       Wh[i] = Wf[i].cast<bfloat16>();
       weights.add(ids[i], Wh[i]);
     } else {
@@ -322,13 +326,19 @@ CpuCheckpointRun checkpoint_run(const CkptSpec& s, Schedule schedule, Quant quan
       const CkptLayer& l = s.layers[i];
       if (!step[i].empty()) {
         const Eigen::Map<const MatrixF> g(step[i].data(), l.rows, l.cols);
-        if (l.bf16) opt.step(ids[i], Wh[i], Matrix<bfloat16>(g.cast<bfloat16>()));
+        if (l.int8) opt.step(ids[i], Wq[i], ConstMatrixRef<float>(g));
+        else if (l.bf16) opt.step(ids[i], Wh[i], Matrix<bfloat16>(g.cast<bfloat16>()));
         else opt.step(ids[i], Wf[i], g);
       }
-      const MatrixF now = l.bf16 ? MatrixF(Wh[i].cast<float>()) : Wf[i];
+      const MatrixF now = l.int8 ? Wq[i].dequantize() : l.bf16 ? MatrixF(Wh[i].cast<float>()) : Wf[i];
       w[i].assign(now.data(), now.data() + now.size());
     }
     run.W.push_back(std::move(w));
+  }
+  for (std::size_t i = 0; i < L; ++i) {
+    const CkptLayer& l = s.layers[i];
+    const MatrixF now = l.int8 ? Wq[i].dequantize() : l.bf16 ? MatrixF(Wh[i].cast<float>()) : Wf[i];
+    run.W_end.emplace_back(now.data(), now.data() + now.size());
   }
   if (lr_after > 0.0) opt.set_lr(lr_after);
   std::ostringstream os(std::ios::binary);

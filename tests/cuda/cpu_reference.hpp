@@ -125,6 +125,7 @@ struct CkptLayer {
   long rows = 0, cols = 0;
   bool dense = false;  // plain AdamW instead of GaLore
   bool bf16 = false;   // weights and gradients held as bfloat16
+  bool int8 = false;   // the weight an INT8 QuantizedWeight<8> (groups of 256) of W0, float gradients
   long rank = 0;       // > 0: projection options of its own (rank, type)
   int type = 0;        // galore::ProjectionType
 };
@@ -169,7 +170,8 @@ struct CpuLayerState {
 
 struct CpuCheckpointRun {
   std::string checkpoint;                          // saved after the steps
-  std::vector<std::vector<std::vector<float>>> W;  // W[t][layer] after step t
+  std::vector<std::vector<std::vector<float>>> W;  // W[t][layer] after step t (INT8: dequantized)
+  std::vector<std::vector<float>> W_end;           // W[layer] at the end (after loading, with no step)
   std::vector<CpuLayerState> layers;               // after the last step
   double lr = 0;
 };

@@ -639,3 +639,115 @@ TEST_CASE("NF4 bases' checkpoints move between the GPU and the CPU, codes bit fo
                schedule::FixedGap{s.gap}, svd::Exact{}, WeightRounding{}, {}, quant::NF4Settings{s.basis_block});
   });
 }
+
+namespace {
+// An INT8 weight's values (the CPU's dequantization of its codes).
+std::vector<float> dequantized(const cuda::QuantizedWeight<8>& W, cuda::Context& ctx) {
+  std::vector<std::uint8_t> codes, zeros;
+  std::vector<float> scales;
+  W.download(codes, scales, zeros, ctx);
+  std::vector<float> out(codes.size());
+  for (std::size_t i = 0; i < codes.size(); ++i) {
+    const std::size_t g = i / static_cast<std::size_t>(W.group_size());
+    out[i] = math::minmax_value(codes[i], scales[g], static_cast<float>(zeros[g]));
+  }
+  return out;
+}
+}  // namespace
+
+TEST_CASE("INT8 weights travel in QGaLoreAdamW8bit checkpoints between the GPU and the CPU") {
+  galore_test::CkptSpec spec;
+  spec.blockwise8bit = true;
+  spec.basis_bits = 4;
+  spec.lazy_queue = 2;
+  spec.gap = 2;
+  spec.layers = {{"int8", 64, 48, false, false, true}, {"float", 48, 32}};
+  const int steps = 3;
+  std::vector<std::vector<std::vector<float>>> grads(steps);
+  std::vector<std::vector<float>> W0;
+  for (std::size_t i = 0; i < 2; ++i) {
+    const auto& l = spec.layers[i];
+    W0.push_back(galore_test::gaussian(static_cast<std::size_t>(l.rows * l.cols), 80u + static_cast<unsigned>(i)));
+    const auto seq = galore_test::separated_gradients(l.rows, l.cols, 3, steps, 90u + static_cast<unsigned>(i), 0.5f);
+    for (int t = 0; t < steps; ++t) grads[static_cast<std::size_t>(t)].push_back(seq[static_cast<std::size_t>(t)]);
+  }
+  struct Gpu {
+    cuda::Context ctx;
+    cuda::QGaLoreAdamW8bit opt;
+    LayerId q, f;
+    cuda::QuantizedWeight<8> Wq;
+    Device<float> Wf, G0, G1;
+    cuda::DeviceWeightSet weights;
+    Gpu(const galore_test::CkptSpec& s, const std::vector<std::vector<float>>& W0)
+        : opt(ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, galore_test::adam_of(s),
+              schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue}),
+          Wq({64, 48}),
+          Wf(W0[1]),
+          G0(W0[0]),
+          G1(W0[1]) {
+      q = opt.add_layer({64, 48}, cuda::DType::Float32, "int8");
+      f = opt.add_layer({48, 32}, cuda::DType::Float32, "float");
+      ctx.reserve_workspace(opt.workspace_bytes(ctx));
+      Device<float> w(W0[0]);
+      Wq.quantize(DeviceView<const float>(w.data(), 64, 48), ctx);
+      weights.add(q, Wq).add(f, DeviceView<float>(Wf.data(), 48, 32));
+    }
+    void step(const std::vector<std::vector<float>>& g) {
+      G0.upload(g[0]);
+      G1.upload(g[1]);
+      opt.step(q, Wq, DeviceView<const float>(G0.data(), 64, 48), ctx);
+      opt.step(f, Wf.data(), static_cast<const float*>(G1.data()), ctx);
+    }
+    std::string save() {
+      std::ostringstream os(std::ios::binary);
+      cuda::save_checkpoint(opt, os, ctx, &weights);
+      return os.str();
+    }
+    void load(const std::string& file) {
+      std::istringstream is(file, std::ios::binary);
+      cuda::load_checkpoint(opt, is, ctx, &weights);
+    }
+  };
+
+  Gpu gpu(spec, W0);
+  for (const auto& g : grads) gpu.step(g);
+  const std::string from_gpu = gpu.save();
+  const auto cpu_first = galore_test::cpu_checkpoint_run(spec, "", W0, grads, 0.0, true);
+  CHECK(from_gpu.size() == cpu_first.checkpoint.size());
+
+  // GPU -> CPU: the CPU's weights after loading are the GPU's, bit for bit.
+  const auto cpu_loaded = galore_test::cpu_checkpoint_run(spec, from_gpu, W0, {}, 0.0, true);
+  CHECK(mismatches(cpu_loaded.W_end[0], dequantized(gpu.Wq, gpu.ctx)) == 0);
+  CHECK(mismatches(cpu_loaded.W_end[1], gpu.Wf.download()) == 0);
+
+  // CPU -> GPU: the GPU's weights after loading are the CPU's, and saved right
+  // away the GPU writes the CPU's bytes.
+  Gpu from_cpu(spec, std::vector<std::vector<float>>{std::vector<float>(64 * 48, 0.0f), std::vector<float>(48 * 32, 0.0f)});
+  from_cpu.load(cpu_first.checkpoint);
+  CHECK(mismatches(dequantized(from_cpu.Wq, from_cpu.ctx), cpu_first.W_end[0]) == 0);
+  CHECK(mismatches(from_cpu.Wf.download(), cpu_first.W_end[1]) == 0);
+  CHECK(from_cpu.save() == cpu_first.checkpoint);
+
+  // GPU -> GPU: a fresh optimizer and weights resume as the saved ones go on.
+  Gpu resumed(spec, W0);
+  resumed.load(from_gpu);
+  gpu.step(grads[0]);
+  resumed.step(grads[0]);
+  CHECK(mismatches(dequantized(resumed.Wq, resumed.ctx), dequantized(gpu.Wq, gpu.ctx)) == 0);
+  CHECK(mismatches(resumed.Wf.download(), gpu.Wf.download()) == 0);
+
+  // An INT8 weight of another group size does not load; nor does one on a dense layer save.
+  cuda::QuantizedWeight<8> other_group({64, 48}, 128);
+  cuda::DeviceWeightSet wrong;
+  wrong.add(resumed.q, other_group).add(resumed.f, DeviceView<float>(resumed.Wf.data(), 48, 32));
+  std::istringstream is(from_gpu, std::ios::binary);
+  CHECK_THROWS_AS(cuda::load_checkpoint(resumed.opt, is, resumed.ctx, &wrong), checkpoint_error);
+  cuda::QGaLoreAdamW8bit dense_opt(ProjectorOptions{4});
+  const LayerId d = dense_opt.add_dense({64, 48}, cuda::DType::Float32);
+  cuda::DeviceWeightSet on_dense;
+  on_dense.add(d, other_group);
+  std::ostringstream os(std::ios::binary);
+  CHECK_THROWS_AS(cuda::save_checkpoint(dense_opt, os, resumed.ctx, &on_dense), invalid_argument);
+  cuda::QuantizedWeight<8> unbuilt;
+  CHECK_THROWS_AS(cuda::DeviceWeightSet{}.add(resumed.q, unbuilt), invalid_argument);
+}

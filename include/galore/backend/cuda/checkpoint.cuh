@@ -32,7 +32,8 @@
 //    bfloat16>, or state::Blockwise8bit: codes and absmax, or the float32
 //    moments of a tensor under min_8bit_size);
 //  - the trainer's weights if a DeviceWeightSet is passed, as the CPU's
-//    WeightSet saves them (float32 or bf16 matrices): a file with weights loads
+//    WeightSet saves them (float32 or bf16 matrices, or an INT8
+//    QuantizedWeight<8>'s codes, scales and zeros): a file with weights loads
 //    only with a set of the same layers and kinds, on either backend.
 #pragma once
 
@@ -64,13 +65,22 @@ namespace galore::cuda {
 
 // The trainer's device weights, saved and restored with the optimizer: the
 // GPU's WeightSet. Each is a device view of the layer's registered shape, float
-// or bf16, row-major with any leading dimension >= cols. The file holds them as
-// the CPU's WeightSet does (float32 or bf16 matrices), so weights move between
-// the backends with the rest of the state.
+// or bf16, row-major with any leading dimension >= cols, or an INT8 weight
+// (QuantizedWeight<8>, Q-GaLore's) of that shape. The file holds them as the
+// CPU's WeightSet does (float32 or bf16 matrices, INT8 codes with scales and
+// zeros), so weights move between the backends with the rest of the state. An
+// INT8 weight loads only into one of the group size it was saved with.
 class DeviceWeightSet {
  public:
   DeviceWeightSet& add(LayerId id, DeviceView<float> w) { return push(id, checkpoint::WeightKind::Float32, w); }
   DeviceWeightSet& add(LayerId id, DeviceView<bf16> w) { return push(id, checkpoint::WeightKind::BFloat16, w); }
+  DeviceWeightSet& add(LayerId id, QuantizedWeight<8>& w) {
+    check_new(id);
+    detail::require(w.group_size() > 0, "DeviceWeightSet: the INT8 weight of layer ", id.index,
+                    " must be constructed first (it gives the shape and group size)");
+    entries_.push_back({id.index, checkpoint::WeightKind::Int8, nullptr, w.rows(), w.cols(), w.cols(), &w});
+    return *this;
+  }
   std::size_t size() const { return entries_.size(); }
 
  private:
@@ -78,13 +88,17 @@ class DeviceWeightSet {
   struct Entry {
     std::size_t layer;
     checkpoint::WeightKind kind;
-    unsigned char* data;
+    unsigned char* data;   // float32 or bf16 elements
     Index rows, cols, ld;  // in elements
+    QuantizedWeight<8>* int8 = nullptr;
   };
-  template <class T>
-  DeviceWeightSet& push(LayerId id, checkpoint::WeightKind kind, DeviceView<T> w) {
+  void check_new(LayerId id) const {
     for (const Entry& e : entries_)
       detail::require(e.layer != id.index, "DeviceWeightSet: layer ", id.index, " was added twice");
+  }
+  template <class T>
+  DeviceWeightSet& push(LayerId id, checkpoint::WeightKind kind, DeviceView<T> w) {
+    check_new(id);
     detail::require(w.data != nullptr, "DeviceWeightSet: the weight of layer ", id.index, " is a null pointer");
     detail::require(w.rows > 0 && w.cols > 0 && w.ld >= w.cols, "DeviceWeightSet: the weight of layer ", id.index,
                     " is ", w.rows, "x", w.cols, " with leading dimension ", w.ld);
@@ -207,6 +221,12 @@ struct CheckpointAccess {
         return "DeviceWeightSet: the weight of layer " + std::to_string(e.layer) + " ('" + l.name + "') is " +
                std::to_string(e.rows) + "x" + std::to_string(e.cols) + " but the layer was registered as " +
                std::to_string(l.shape.rows) + "x" + std::to_string(l.shape.cols);
+      if (e.kind == checkpoint::WeightKind::Int8) {  // any gradient type; projected layers only
+        if (!l.projected)
+          return "DeviceWeightSet: the INT8 weight of layer " + std::to_string(e.layer) + " ('" + l.name +
+                 "') belongs to a dense layer; INT8 weights step on projected layers only";
+        continue;
+      }
       const DType dtype = e.kind == checkpoint::WeightKind::Float32 ? DType::Float32 : DType::BFloat16;
       if (dtype != l.dtype)
         return "DeviceWeightSet: the weight of layer " + std::to_string(e.layer) + " ('" + l.name + "') holds " +
@@ -254,10 +274,17 @@ struct CheckpointAccess {
     void save_weights(checkpoint::Writer& w) {
       std::vector<unsigned char> host;
       for (const WeightEntry& e : weights_->entries_) {
-        download(host, e, ctx_);
-        ctx_.synchronize();
         checkpoint::save_weight_entry(w, e.layer, e.kind);
         const Shape shape{e.rows, e.cols};
+        if (e.kind == checkpoint::WeightKind::Int8) {
+          quant::GroupQuantized<8> q;
+          q.resize(shape, e.int8->group_size());
+          e.int8->download(q.codes, q.scales, q.zeros, ctx_);
+          checkpoint::save_codes(w, q);
+          continue;
+        }
+        download(host, e, ctx_);
+        ctx_.synchronize();
         if (e.kind == checkpoint::WeightKind::Float32)
           checkpoint::save_matrix(w, shape, reinterpret_cast<const float*>(host.data()));
         else checkpoint::save_matrix(w, shape, reinterpret_cast<const std::uint16_t*>(host.data()));
@@ -448,8 +475,15 @@ struct CheckpointAccess {
         const WeightEntry& e = weights_->entries_[static_cast<std::size_t>(k)];
         checkpoint::expect_weight_entry(r, k, e.layer, e.kind);
         std::vector<unsigned char>& host = weights_staged_[static_cast<std::size_t>(k)];
-        if (e.kind == checkpoint::WeightKind::Float32) read_weight<float>(r, e, "float32 weight", host);
-        else read_weight<std::uint16_t>(r, e, "bf16 weight", host);
+        if (e.kind == checkpoint::WeightKind::Int8) {
+          int8_staged_.emplace_back();
+          checkpoint::load_group_quantized(r, int8_staged_.back(), Shape{e.rows, e.cols}, e.int8->group_size(),
+                                           "quantized weight");
+        } else if (e.kind == checkpoint::WeightKind::Float32) {
+          read_weight<float>(r, e, "float32 weight", host);
+        } else {
+          read_weight<std::uint16_t>(r, e, "bf16 weight", host);
+        }
       }
     }
 
@@ -484,7 +518,16 @@ struct CheckpointAccess {
         }
         upload(base + o.counters, &s.counters, 1, ctx);
       }
-      for (std::size_t k = 0; k < weights_staged_.size(); ++k) upload(weights_->entries_[k], weights_staged_[k], ctx);
+      std::size_t next_int8 = 0;
+      for (std::size_t k = 0; k < weights_staged_.size(); ++k) {
+        const WeightEntry& e = weights_->entries_[k];
+        if (e.kind != checkpoint::WeightKind::Int8) {
+          upload(e, weights_staged_[k], ctx);
+          continue;
+        }
+        const quant::GroupQuantized<8>& q = int8_staged_[next_int8++];
+        e.int8->upload(q.codes, q.scales, q.zeros, ctx);
+      }
       ctx.synchronize();
       for (std::size_t i = 0; i < staged_.size(); ++i) {
         auto& l = opt_.layers_[i];
@@ -516,6 +559,7 @@ struct CheckpointAccess {
     AdamConfig adam_;
     std::vector<Staged> staged_;
     std::vector<std::vector<unsigned char>> weights_staged_;
+    std::vector<quant::GroupQuantized<8>> int8_staged_;  // the INT8 weights', in file order
   };
 };
 
