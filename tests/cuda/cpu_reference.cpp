@@ -67,16 +67,25 @@ std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& 
 template <class State, class T>
 std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& W0,
                                     const std::vector<std::vector<float>>& grads, RunInfo* info) {
-  if (s.basis_bits != 0 || s.basis_nf4) {  // Q-GaLore's quantized bases: float layers, fixed or lazy schedule
+  if (s.basis_bits != 0 || s.basis_nf4) {
+    // Q-GaLore's quantized bases: float32 or 8-bit moments; float layers with
+    // every schedule, bf16 layers with float32 moments and a fixed gap.
     if constexpr (std::is_same_v<T, float> && !std::is_same_v<State, state::BFloat16>) {
       return with_quant(s, [&](auto quant) {
         if (s.lazy_queue > 0)
           return run<State, T>(s, W0, grads, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue},
                                quant, info);
+        if (s.drift_check_every > 0)
+          return run<State, T>(s, W0, grads,
+                               schedule::Drift{s.drift_check_every, s.drift_tolerance, s.drift_min_gap, s.gap}, quant,
+                               info);
         return run<State, T>(s, W0, grads, schedule::FixedGap{s.gap}, quant, info);
       });
+    } else if constexpr (std::is_same_v<State, state::Float32>) {
+      if (s.lazy_queue == 0 && s.drift_check_every == 0)
+        return with_quant(s, [&](auto quant) { return run<State, T>(s, W0, grads, schedule::FixedGap{s.gap}, quant, info); });
     }
-    throw std::invalid_argument("cpu_reference: quantized bases with float weights and float32 or 8-bit moments");
+    throw std::invalid_argument("cpu_reference: no such combination with a quantized basis");
   }
   if (s.lazy_queue > 0)
     return run<State, T>(s, W0, grads, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue},
@@ -384,7 +393,8 @@ CpuCheckpointRun checkpoint_run(const CkptSpec& s, const std::string& checkpoint
   };
   if (s.basis_nf4) return with_schedule(quant::NF4(s.basis_block));
   if (s.basis_bits == 4) return with_schedule(quant::MinMax<4>(s.basis_group));
-  if (s.basis_bits != 0) throw std::invalid_argument("cpu_reference: checkpoints with basis_bits 0 or 4");
+  if (s.basis_bits == 8) return with_schedule(quant::MinMax<8>(s.basis_group));
+  if (s.basis_bits != 0) throw std::invalid_argument("cpu_reference: checkpoints with basis_bits 0, 4 or 8");
   return with_schedule(quant::None{});
 }
 

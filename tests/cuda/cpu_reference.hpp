@@ -125,9 +125,9 @@ struct CkptLayer {
   long rows = 0, cols = 0;
   bool dense = false;  // plain AdamW instead of GaLore
   bool bf16 = false;   // weights and gradients held as bfloat16
-  bool int8 = false;   // the weight an INT8 QuantizedWeight<8> (groups of 256) of W0, float gradients
   long rank = 0;       // > 0: projection options of its own (rank, type)
   int type = 0;        // galore::ProjectionType
+  bool int8 = false;   // the weight an INT8 QuantizedWeight<8> (groups of 256) of W0, float gradients
 };
 
 // The optimizer of a checkpoint test: GaLoreOptimizer<Projector<svd::Exact,
@@ -144,7 +144,7 @@ struct CkptSpec {
   double lazy_threshold = 0.5, lazy_gamma = 2.0;
   bool bf16_moments = false;
   bool blockwise8bit = false;  // state::Blockwise8bit{} (its moments are not reported in CpuLayerState)
-  int basis_bits = 0;          // 4: quant::MinMax<4>{basis_group} bases (QGaLoreAdamW8bit's); 0: quant::None
+  int basis_bits = 0;          // 4 or 8: quant::MinMax<basis_bits>{basis_group} bases; 0: quant::None
   long basis_group = -1;
   bool basis_nf4 = false;      // quant::NF4{basis_block} bases instead
   long basis_block = 64;

@@ -139,8 +139,14 @@ struct GpuRun {
   GpuRun(const CkptSpec& s, const std::vector<std::vector<float>>& W0, Make make) : opt(make(s)) {
     for (std::size_t i = 0; i < s.layers.size(); ++i) {
       const auto& l = s.layers[i];
-      ids.push_back(l.dense ? opt.add_dense({l.rows, l.cols}, galore::cuda::DType::Float32, l.name)
-                            : opt.add_layer({l.rows, l.cols}, galore::cuda::DType::Float32, l.name));
+      const galore::Shape shape{l.rows, l.cols};
+      const auto dtype = galore::cuda::DType::Float32;
+      if (l.dense) ids.push_back(opt.add_dense(shape, dtype, l.name));
+      else if (l.rank > 0)  // projection options of its own, as the CPU's checkpoint run gives it
+        ids.push_back(opt.add_layer(
+            shape, dtype, galore::ProjectorOptions{l.rank, static_cast<galore::ProjectionType>(l.type), s.scale},
+            l.name));
+      else ids.push_back(opt.add_layer(shape, dtype, l.name));
       W.emplace_back(W0[i]);
       G.emplace_back(W0[i]);
     }

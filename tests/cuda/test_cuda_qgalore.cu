@@ -179,8 +179,9 @@ TEST_CASE("golden qgalore_projector on the GPU: codes, dequantized bases, projec
 
 namespace {
 
-// The GPU run of a RunSpec with a quantized basis (float weights): W after every step.
-template <class Quant, class State, class Schedule>
+// The GPU run of a RunSpec with a quantized basis (T: the weights' and
+// gradients' element type): W after every step, in float.
+template <class Quant, class State, class T, class Schedule>
 std::vector<std::vector<float>> gpu_run(const galore_test::RunSpec& s, const Schedule& schedule,
                                         const std::vector<float>& W0, const std::vector<std::vector<float>>& grads,
                                         galore_test::RunInfo& info) {
@@ -195,13 +196,14 @@ std::vector<std::vector<float>> gpu_run(const galore_test::RunSpec& s, const Sch
     else
       return Opt(po, galore_test::adam_of(s), schedule, svd::Exact{}, WeightRounding{}, {}, q);
   }();
-  const LayerId id = opt.add_layer({s.rows, s.cols}, cuda::DType::Float32);
+  const LayerId id =
+      opt.add_layer({s.rows, s.cols}, std::is_same_v<T, float> ? cuda::DType::Float32 : cuda::DType::BFloat16);
   ctx.reserve_workspace(opt.workspace_bytes(ctx));
-  Device<float> W(W0), G(grads[0]);
+  Device<T> W(W0), G(grads[0]);
   std::vector<std::vector<float>> out;
   for (const auto& g : grads) {
     G.upload(g);
-    opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
+    opt.step(id, W.data(), static_cast<const T*>(G.data()), ctx);
     out.push_back(W.download());
   }
   const LayerStats stats = opt.stats(id, ctx);
@@ -211,13 +213,21 @@ std::vector<std::vector<float>> gpu_run(const galore_test::RunSpec& s, const Sch
   return out;
 }
 
-template <class Quant, class State>
+template <class Quant, class State, class T = float>
 std::vector<std::vector<float>> gpu_run(const galore_test::RunSpec& s, const std::vector<float>& W0,
                                         const std::vector<std::vector<float>>& grads, galore_test::RunInfo& info) {
   if (s.lazy_queue > 0)
-    return gpu_run<Quant, State>(s, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue}, W0, grads,
-                                 info);
-  return gpu_run<Quant, State>(s, schedule::FixedGap{s.gap}, W0, grads, info);
+    return gpu_run<Quant, State, T>(s, schedule::Lazy{s.gap, s.lazy_threshold, s.lazy_gamma, s.lazy_queue}, W0,
+                                    grads, info);
+  if (s.drift_check_every > 0)
+    return gpu_run<Quant, State, T>(
+        s, schedule::Drift{s.drift_check_every, s.drift_tolerance, s.drift_min_gap, s.gap}, W0, grads, info);
+  return gpu_run<Quant, State, T>(s, schedule::FixedGap{s.gap}, W0, grads, info);
+}
+
+std::vector<std::vector<float>> round_all(std::vector<std::vector<float>> x) {
+  for (auto& v : x) v = galore_test::round_to_bf16(v);
+  return x;
 }
 
 template <class T>
@@ -236,22 +246,28 @@ void with_quant(const galore_test::RunSpec& s, F&& f) {
 
 }  // namespace
 
-TEST_CASE("quantized bases on the GPU follow the CPU: INT4, INT8, NF4, every side, float32 and 8-bit moments, lazy") {
+TEST_CASE("quantized bases on the GPU follow the CPU: INT4, INT8, NF4, every side, 8-bit moments, every schedule, bf16") {
+  enum Schedule { Fixed, Lazy, Drift };
   struct Case {
     long m, n;
     ProjectionType type;
     int bits;     // 0: NF4
     long group;   // min-max group, or NF4 block
-    bool blockwise8bit, lazy;
+    bool blockwise8bit;
+    Schedule schedule;
+    bool bf16 = false;
   };
-  const Case cases[] = {{48, 32, ProjectionType::Std, 4, -1, false, false},   // right, a group per row
-                        {32, 96, ProjectionType::Std, 4, 32, false, false},   // left, groups of 32
-                        {37, 29, ProjectionType::Left, 4, 7, false, false},   // left, staged, odd groups
-                        {40, 40, ProjectionType::Full, 4, -1, false, false},  // both sides
-                        {48, 32, ProjectionType::Std, 8, -1, false, true},    // INT8 basis, lazy
-                        {64, 48, ProjectionType::Std, 4, -1, true, true},     // QGaLoreAdamW8bit's policies
-                        {48, 32, ProjectionType::Std, 0, 64, false, false},   // NF4, blocks of 64
-                        {32, 96, ProjectionType::Std, 0, 7, true, true}};     // NF4, odd blocks, 8-bit, lazy
+  const Case cases[] = {{48, 32, ProjectionType::Std, 4, -1, false, Fixed},   // right, a group per row
+                        {32, 96, ProjectionType::Std, 4, 32, false, Fixed},   // left, groups of 32
+                        {37, 29, ProjectionType::Left, 4, 7, false, Fixed},   // left, staged, odd groups
+                        {40, 40, ProjectionType::Full, 4, -1, false, Fixed},  // both sides
+                        {48, 32, ProjectionType::Std, 8, -1, false, Lazy},    // INT8 basis, lazy
+                        {64, 48, ProjectionType::Std, 4, -1, true, Lazy},     // QGaLoreAdamW8bit's policies
+                        {48, 32, ProjectionType::Std, 0, 64, false, Fixed},   // NF4, blocks of 64
+                        {32, 96, ProjectionType::Std, 0, 7, true, Lazy},      // NF4, odd blocks, 8-bit, lazy
+                        {48, 32, ProjectionType::Std, 4, -1, false, Drift},   // the drift schedule
+                        {40, 40, ProjectionType::Full, 0, 16, false, Drift},  // NF4, both sides, drift
+                        {48, 32, ProjectionType::Std, 4, -1, false, Fixed, true}};  // a bf16 layer
   for (const Case& c : cases) {
     galore_test::RunSpec s;
     s.rows = c.m;
@@ -269,23 +285,29 @@ TEST_CASE("quantized bases on the GPU follow the CPU: INT4, INT8, NF4, every sid
     s.blockwise8bit = c.blockwise8bit;
     s.block_size = 64;
     s.min_8bit_size = 64;
-    if (c.lazy) s.lazy_queue = 2, s.lazy_threshold = 0.5;
+    if (c.schedule == Lazy) s.lazy_queue = 2, s.lazy_threshold = 0.5;
+    if (c.schedule == Drift) s.drift_check_every = 1, s.drift_tolerance = 0.02, s.drift_min_gap = 1, s.gap = 6;
     INFO(c.m, "x", c.n, " ", to_string(c.type), c.bits == 0 ? " NF4" : " INT", c.bits, " group ", c.group,
-         c.blockwise8bit ? " 8-bit" : "", c.lazy ? " lazy" : "");
-    const auto grads = galore_test::separated_gradients(c.m, c.n, 10, 8, 31u + static_cast<unsigned>(c.m));
-    const auto W0 = galore_test::gaussian(static_cast<std::size_t>(c.m * c.n), 5u);
+         c.blockwise8bit ? " 8-bit" : "", c.schedule == Lazy ? " lazy" : c.schedule == Drift ? " drift" : "",
+         c.bf16 ? " bf16" : "");
+    const auto grads_f = galore_test::separated_gradients(c.m, c.n, 10, 8, 31u + static_cast<unsigned>(c.m));
+    const auto W0_f = galore_test::gaussian(static_cast<std::size_t>(c.m * c.n), 5u);
     galore_test::RunInfo gi, ci;
     std::vector<std::vector<float>> gpu;
+    // A bf16 layer's inputs are bf16 on both backends; its GPU basis is bf16 too.
+    const auto grads = c.bf16 ? round_all(grads_f) : grads_f;
+    const auto W0 = c.bf16 ? galore_test::round_to_bf16(W0_f) : W0_f;
     with_quant(s, [&](auto tag) {
       using Quant = typename decltype(tag)::type;
-      gpu = c.blockwise8bit ? gpu_run<Quant, state::Blockwise8bit>(s, W0, grads, gi)
-                            : gpu_run<Quant, state::Float32>(s, W0, grads, gi);
+      gpu = c.bf16            ? gpu_run<Quant, state::Float32, cuda::bf16>(s, W0, grads, gi)
+            : c.blockwise8bit ? gpu_run<Quant, state::Blockwise8bit>(s, W0, grads, gi)
+                              : gpu_run<Quant, state::Float32>(s, W0, grads, gi);
     });
-    const auto cpu = galore_test::cpu_run(s, W0, grads, false, &ci);
+    const auto cpu = galore_test::cpu_run(s, W0, grads, c.bf16, &ci);
     REQUIRE(gpu.size() == cpu.size());
     for (std::size_t t = 0; t < gpu.size(); ++t) {
       INFO("step ", t);
-      CHECK(galore_test::relative_change_error(gpu[t], cpu[t], W0) < (c.blockwise8bit ? 1e-2 : 1e-3));
+      CHECK(galore_test::relative_change_error(gpu[t], cpu[t], W0) < (c.bf16 ? 0.1 : c.blockwise8bit ? 1e-2 : 1e-3));
     }
     CHECK(gi.svd_count == ci.svd_count);
     CHECK(gi.gap == ci.gap);
@@ -490,8 +512,9 @@ TEST_CASE("a quantized basis's device memory is the formula; bad settings and th
 }
 
 namespace galore_test {
-// An SVD policy that hands out rows of the identity at its first call and NaN
-// at every later one (what an SVD of a finite but ill-conditioned G might give).
+// An SVD policy that hands out the identity's first rows (right factor) or
+// columns (left factor) at its first call and NaN at every later one (what an
+// SVD of a finite but ill-conditioned G might give).
 struct NaNAfterFirst {
   int* calls = nullptr;
 };
@@ -503,46 +526,78 @@ template <class T>
 void compute_basis(cuda::Context& ctx, cuda::WorkspaceArena&, const NaNAfterFirst& p, DeviceView<const T>, Index r,
                    const cuda::DeviceBasis<T>& out, const cuda::DeviceBasis<T>*) {
   static_assert(std::is_same_v<T, float>, "float layers");
-  const std::size_t n = static_cast<std::size_t>(r * out.cols);  // right side: r x n
-  std::vector<float> P(n, (*p.calls)++ == 0 ? 0.0f : std::numeric_limits<float>::quiet_NaN());
-  for (Index i = 0; i < r && *p.calls == 1; ++i) P[static_cast<std::size_t>(i * out.cols + i)] = 1.0f;
-  cuda::check(cudaMemcpyAsync(out.right, P.data(), sizeof(float) * n, cudaMemcpyHostToDevice, ctx.stream()),
-              "cudaMemcpyAsync");
-  ctx.synchronize();
+  const bool first = (*p.calls)++ == 0;
+  auto fill = [&](float* to, Index rows, Index cols, bool right) {
+    std::vector<float> P(static_cast<std::size_t>(rows * cols),
+                         first ? 0.0f : std::numeric_limits<float>::quiet_NaN());
+    for (Index i = 0; i < r && first; ++i) P[static_cast<std::size_t>(right ? i * cols + i : i * cols + i)] = 1.0f;
+    cuda::check(cudaMemcpyAsync(to, P.data(), sizeof(float) * P.size(), cudaMemcpyHostToDevice, ctx.stream()),
+                "cudaMemcpyAsync");
+    ctx.synchronize();
+  };
+  if (out.left) fill(out.left, out.rows, r, false);
+  if (out.right) fill(out.right, r, out.cols, true);
 }
 }  // namespace galore_test
 
-TEST_CASE("a candidate basis holding NaN does not become the layer's quantized basis: the step is skipped") {
-  // Quantized, NaN has defined but meaningless codes; without a check the step
-  // would project with them and apply. Unquantized, R would be NaN and the step
-  // skipped: the quantized basis must behave the same.
+namespace {
+template <class Quant, class Settings>
+void check_nan_candidate(ProjectionType type, Settings settings) {
   int calls = 0;
   cuda::Context ctx;
-  QOpt<4, state::Float32, schedule::FixedGap, galore_test::NaNAfterFirst> opt(
-      ProjectorOptions{4, ProjectionType::Std, 0.25f}, AdamConfig{}, schedule::FixedGap{2},
-      galore_test::NaNAfterFirst{&calls});
-  const LayerId id = opt.add_layer({32, 16}, cuda::DType::Float32);  // right side: P is 4 x 16
+  QOptOf<Quant, state::Float32, schedule::FixedGap, galore_test::NaNAfterFirst> opt(
+      ProjectorOptions{4, type, 0.25f}, AdamConfig{}, schedule::FixedGap{2}, galore_test::NaNAfterFirst{&calls},
+      WeightRounding{}, {}, settings);
+  const LayerId id = opt.add_layer({32, 16}, cuda::DType::Float32);
   ctx.reserve_workspace(opt.workspace_bytes(ctx));
   Device<float> W(galore_test::gaussian(32 * 16, 1u)), G(galore_test::gaussian(32 * 16, 2u));
   for (int t = 0; t < 2; ++t) {
     opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);
     REQUIRE(opt.status(id, ctx) == StepStatus::Applied);
   }
-  const HostCodes before = download(opt.quantized_basis(id).right);
+  const cuda::DeviceQuantizedBasis b = opt.quantized_basis(id);
+  const HostCodes left = b.left.codes ? download(b.left) : HostCodes{};
+  const HostCodes right = b.right.codes ? download(b.right) : HostCodes{};
   const auto w_before = W.download();
   opt.step(id, W.data(), static_cast<const float*>(G.data()), ctx);  // step 2 refreshes: NaN
   CHECK(calls == 2);
   CHECK(opt.status(id, ctx) == StepStatus::SkippedNonFinite);
-  CHECK(download(opt.quantized_basis(id).right) == before);
+  if (b.left.codes) CHECK(download(b.left) == left);
+  if (b.right.codes) CHECK(download(b.right) == right);
   CHECK(mismatches(W.download(), w_before) == 0);
   CHECK(opt.svd_count(id) == 1);
+}
+}  // namespace
+
+TEST_CASE("a candidate basis holding NaN does not become the layer's quantized basis: the step is skipped") {
+  // Quantized, NaN has defined but meaningless codes; without a check the step
+  // would project with them and apply. Unquantized, R would be NaN and the step
+  // skipped: a quantized basis must behave the same, on every side.
+  const ProjectionType types[] = {ProjectionType::Right, ProjectionType::Left, ProjectionType::Full};
+  for (ProjectionType type : types) {
+    INFO(to_string(type));
+    check_nan_candidate<quant::MinMax<4>>(type, quant::MinMaxSettings{-1});
+    check_nan_candidate<quant::MinMax<8>>(type, quant::MinMaxSettings{7});
+    check_nan_candidate<quant::NF4>(type, quant::NF4Settings{16});
+  }
 }
 
 namespace {
 
+// A layer's quantized basis: its factors' codes, and their values (left then right).
+struct BasisCodes {
+  HostCodes left, right;
+  bool operator==(const BasisCodes& o) const { return left == o.left && right == o.right; }
+  std::vector<float> dequantized() const {
+    std::vector<float> out = left.dequantized(), r = right.dequantized();
+    out.insert(out.end(), r.begin(), r.end());
+    return out;
+  }
+};
 template <class Opt>
-HostCodes codes_of(galore_test::GpuRun<Opt>& g, std::size_t i) {
-  return download(one_factor(g.opt.quantized_basis(g.ids[i])));
+BasisCodes codes_of(galore_test::GpuRun<Opt>& g, std::size_t i) {
+  const cuda::DeviceQuantizedBasis b = g.opt.quantized_basis(g.ids[i]);
+  return {b.left.codes ? download(b.left) : HostCodes{}, b.right.codes ? download(b.right) : HostCodes{}};
 }
 
 // Saves on the GPU after 3 steps and checks: the CPU's file has the same size;
@@ -564,7 +619,11 @@ void check_checkpoints(const galore_test::CkptSpec& spec, Make make) {
   }
   const auto first = std::vector<std::vector<std::vector<float>>>(grads.begin(), grads.begin() + before);
   const auto rest = std::vector<std::vector<std::vector<float>>>(grads.begin() + before, grads.end());
-  const auto cpu_basis = [](const galore_test::CpuLayerState& st) { return st.left.empty() ? st.right : st.left; };
+  const auto cpu_basis = [](const galore_test::CpuLayerState& st) {
+    std::vector<float> out = st.left;
+    out.insert(out.end(), st.right.begin(), st.right.end());
+    return out;
+  };
 
   galore_test::GpuRun<Opt> gpu(spec, W0, make);
   gpu.run(first);
@@ -640,6 +699,20 @@ TEST_CASE("NF4 bases' checkpoints move between the GPU and the CPU, codes bit fo
   });
 }
 
+TEST_CASE("INT8 bases' checkpoints of two-sided and staged layers move between the GPU and the CPU") {
+  galore_test::CkptSpec spec;
+  spec.basis_bits = 8;
+  spec.basis_group = 7;
+  spec.gap = 2;
+  spec.layers = {{"both", 40, 40, false, false, 6, static_cast<int>(ProjectionType::Full)},
+                 {"staged", 37, 29, false, false, 6, static_cast<int>(ProjectionType::Left)}};
+  using Opt = QOpt<8>;
+  check_checkpoints<Opt>(spec, [](const galore_test::CkptSpec& s) {
+    return Opt(ProjectorOptions{s.rank, static_cast<ProjectionType>(s.type), s.scale}, galore_test::adam_of(s),
+               schedule::FixedGap{s.gap}, svd::Exact{}, WeightRounding{}, {}, quant::MinMaxSettings{s.basis_group});
+  });
+}
+
 namespace {
 // An INT8 weight's values (the CPU's dequantization of its codes).
 std::vector<float> dequantized(const cuda::QuantizedWeight<8>& W, cuda::Context& ctx) {
@@ -661,7 +734,7 @@ TEST_CASE("INT8 weights travel in QGaLoreAdamW8bit checkpoints between the GPU a
   spec.basis_bits = 4;
   spec.lazy_queue = 2;
   spec.gap = 2;
-  spec.layers = {{"int8", 64, 48, false, false, true}, {"float", 48, 32}};
+  spec.layers = {{"int8", 64, 48, false, false, 0, 0, true}, {"float", 48, 32}};
   const int steps = 3;
   std::vector<std::vector<std::vector<float>>> grads(steps);
   std::vector<std::vector<float>> W0;

@@ -26,8 +26,8 @@
 //  - each basis as quant::None stores it, in float32. A bf16 layer's basis widens
 //    exactly; loading into a bf16 layer rounds the float32 basis to nearest even
 //    bf16 (the GPU keeps P in the layer's element type, as galore_torch does);
-//    a quantized basis (quant::MinMax) as the CPU's GroupQuantized codes, scales
-//    and zeros, which both backends hold alike;
+//    a quantized basis as the CPU holds it (quant::MinMax: GroupQuantized codes,
+//    scales and zeros; quant::NF4: NF4Codes, codes and absmax);
 //  - the moments as the state policy stores them (state::Dense<float or
 //    bfloat16>, or state::Blockwise8bit: codes and absmax, or the float32
 //    moments of a tensor under min_8bit_size);

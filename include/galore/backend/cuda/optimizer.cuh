@@ -159,7 +159,7 @@ struct DeviceQuantizedFactor {
   std::uint8_t* codes = nullptr;
   float* scales = nullptr;
   std::uint8_t* zeros = nullptr;
-  Index groups() const { return (shape.size() + group_size - 1) / group_size; }
+  Index groups() const { return group_size > 0 ? (shape.size() + group_size - 1) / group_size : 0; }
   std::size_t code_bytes() const { return (static_cast<std::size_t>(shape.size()) * bits + 7) / 8; }
   std::size_t scale_bytes() const { return sizeof(float) * static_cast<std::size_t>(groups()); }
   std::size_t zero_bytes() const { return nf4 ? 0 : static_cast<std::size_t>(groups()); }
@@ -368,7 +368,9 @@ class GaLoreOptimizer {
   StepAllResult step_all(StepPlan& plan, Context& ctx) {
     if constexpr (blockwise8bit || basis_codes) {
       (void)plan, (void)ctx;
-      throw invalid_argument("galore: step_all needs a plan, which 8-bit moments do not have (use step())");
+      throw invalid_argument(blockwise8bit ? "galore: step_all needs a plan, which 8-bit moments do not have (use step())"
+                                           : "galore: step_all needs a plan, which a quantized basis does not have (use "
+                                             "step())");
     } else {
       return BatchedStepAccess::step(*this, plan, ctx);
     }
@@ -1047,7 +1049,7 @@ class GaLoreOptimizer {
     record_refresh(l, fresh, c, ctx);
   }
 
-  // ---- a quantized basis (quant::MinMax) ----
+  // ---- a quantized basis (quant::MinMax, quant::NF4) ----
 
   PendingCodes take_pending(const Layer& l, WorkspaceArena& ws) const {
     PendingCodes p;
