@@ -2,6 +2,7 @@
 // (error bound, memory formula), then packing, partial groups and NF4 details.
 #include <doctest/doctest.h>
 
+#include <cmath>
 #include <galore/galore.hpp>
 #include <limits>
 
@@ -121,6 +122,19 @@ TEST_CASE("NF4 keeps each block's absmax exactly and uses QLoRA's 16 values") {
   CHECK(quant::kNF4Values[7] == 0.0f);
   CHECK(quant::kNF4Values.back() == 1.0f);
   for (int k = 0; k < 16; ++k) CHECK(quant::nf4_code(quant::kNF4Values[k]) == k);
+  // The host-device table both backends encode and decode with is the same.
+  for (int k = 0; k < 16; ++k) CHECK(quant::nf4_value(k) == quant::kNF4Values[static_cast<std::size_t>(k)]);
+  // Midpoints go to the lower value; beyond [-1, 1] and NaN to the ends and 0.
+  for (int k = 1; k < 16; ++k) {
+    const float mid = 0.5f * (quant::kNF4Values[k - 1] + quant::kNF4Values[k]);
+    CHECK(quant::nf4_code(mid) == k - 1);
+    CHECK(quant::nf4_code(std::nextafter(mid, 2.0f)) == k);
+  }
+  CHECK(quant::nf4_code(-3.0f) == 0);
+  CHECK(quant::nf4_code(3.0f) == 15);
+  CHECK(quant::nf4_code(std::numeric_limits<float>::quiet_NaN()) == 0);
+  CHECK(quant::nf4_inverse(0.0f) == 0.0f);  // an all-zero block encodes to the level 0, code 7
+  CHECK(quant::nf4_code(0.0f * quant::nf4_inverse(0.0f)) == 7);
   const MatrixF P = gaussian(4, 50, 9);
   quant::NF4 q{16};
   quant::NF4::Storage st;
@@ -163,6 +177,20 @@ TEST_CASE("quantization policies reject invalid hyperparameters when constructed
   CHECK_NOTHROW(quant::Int8{});
   CHECK(quant::Int4{}.group_size == -1);
   CHECK(quant::NF4{}.block_size == 64);
+  // The settings the CUDA facade takes are the policies' own.
+  CHECK_THROWS_WITH_AS(quant::MinMaxSettings{0}.validate(), doctest::Contains("group size"), galore::invalid_argument);
+  CHECK_THROWS_WITH_AS(quant::NF4Settings{0}.validate(), doctest::Contains("block size"), galore::invalid_argument);
+  CHECK_NOTHROW(quant::MinMaxSettings{}.validate());
+  CHECK_NOTHROW(quant::NF4Settings{}.validate());
+  const quant::MinMaxSettings& base = quant::Int4{128};
+  CHECK(base.group_size == 128);
+  quant::Int8 changed;
+  changed.group_size = 0;  // a public member, changed after construction: refused when the optimizer is built
+  using Int8Opt = GaLoreOptimizer<Projector<svd::Exact, quant::Int8>>;
+  const auto build = [&] {
+    return Int8Opt(ProjectorOptions{4}, LowRankAdam<>(), schedule::FixedGap{}, svd::Exact{}, changed);
+  };
+  CHECK_THROWS_AS(build(), galore::invalid_argument);
   using NF4Projector = Projector<svd::Exact, quant::NF4>;
   CHECK_THROWS_AS(NF4Projector({8, 8}, {2, ProjectionType::Std, 0.25f}, schedule::FixedGap{10}, svd::Exact{},
                                quant::NF4{0}),

@@ -83,7 +83,9 @@ std::vector<std::vector<float>> run(const RunSpec& s, const std::vector<float>& 
       });
     } else if constexpr (std::is_same_v<State, state::Float32>) {
       if (s.lazy_queue == 0 && s.drift_check_every == 0)
-        return with_quant(s, [&](auto quant) { return run<State, T>(s, W0, grads, schedule::FixedGap{s.gap}, quant, info); });
+        return with_quant(s, [&](auto quant) {
+          return run<State, T>(s, W0, grads, schedule::FixedGap{s.gap}, quant, info);
+        });
     }
     throw std::invalid_argument("cpu_reference: no such combination with a quantized basis");
   }

@@ -368,9 +368,9 @@ class GaLoreOptimizer {
   StepAllResult step_all(StepPlan& plan, Context& ctx) {
     if constexpr (blockwise8bit || basis_codes) {
       (void)plan, (void)ctx;
-      throw invalid_argument(blockwise8bit ? "galore: step_all needs a plan, which 8-bit moments do not have (use step())"
-                                           : "galore: step_all needs a plan, which a quantized basis does not have (use "
-                                             "step())");
+      throw invalid_argument(blockwise8bit
+                                 ? "galore: step_all needs a plan, which 8-bit moments do not have (use step())"
+                                 : "galore: step_all needs a plan, which a quantized basis does not have (use step())");
     } else {
       return BatchedStepAccess::step(*this, plan, ctx);
     }
