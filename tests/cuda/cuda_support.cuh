@@ -98,6 +98,23 @@ inline double max_abs_diff(const std::vector<float>& a, const std::vector<float>
   return e;
 }
 
+// Steps the registered layer `id` of opt from W0 through grads (T: its element
+// type; ctx's workspace reserved); W after every step, in float.
+template <class T, class Opt>
+std::vector<std::vector<float>> step_through(Opt& opt, galore::LayerId id, galore::cuda::Context& ctx,
+                                             const std::vector<float>& W0,
+                                             const std::vector<std::vector<float>>& grads) {
+  Device<T> W(W0), G(grads.front());
+  std::vector<std::vector<float>> out;
+  for (const auto& g : grads) {
+    G.upload(g);
+    opt.step(id, W.data(), static_cast<const T*>(G.data()), ctx);
+    ctx.synchronize();
+    out.push_back(W.download());
+  }
+  return out;
+}
+
 // Two INT8 weights compared: the GPU's GEMMs sum in another order than
 // Eigen's (and a bf16 layer's GPU keeps P and D in bf16, the CPU in float), so
 // a value near a code boundary may round the other way, and a group whose

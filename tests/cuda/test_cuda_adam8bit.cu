@@ -161,15 +161,7 @@ std::vector<std::vector<float>> gpu_run_8bit(const galore_test::RunSpec& s, cons
   const Shape shape{s.rows, s.cols};
   const LayerId id = s.dense ? opt.add_dense(shape, cuda::dtype_of<T>()) : opt.add_layer(shape, cuda::dtype_of<T>());
   ctx.reserve_workspace(opt.workspace_bytes(ctx));
-  Device<T> W(W0), G(grads[0]);
-  std::vector<std::vector<float>> out;
-  for (const auto& g : grads) {
-    G.upload(g);
-    opt.step(id, W.data(), static_cast<const T*>(G.data()), ctx);
-    ctx.synchronize();
-    out.push_back(W.download());
-  }
-  return out;
+  return galore_test::step_through<T>(opt, id, ctx, W0, grads);
 }
 
 // The layer's 8-bit moments as bytes on the host (codes and absmax, or the float32 moments).

@@ -23,23 +23,25 @@ using galore_test::Device;
 
 namespace galore_test {
 
-// An SVD policy that hands out the golden case's unquantized bases
-// (ortho_float of the step in progress), as test_cuda_golden.cu's does.
-struct ReplayQSVD {
-  const GoldenQGaLore* c = nullptr;
+// An SVD policy that hands out given one-sided bases: factors[*step] (the
+// golden case's unquantized ortho_float of the step in progress, as
+// test_cuda_golden.cu replays its cases, or one matrix with the quantizers need
+// no orthonormality).
+struct HandOut {
+  const std::vector<std::vector<float>>* factors = nullptr;
   const long* step = nullptr;
 };
 
 template <class T>
-std::size_t compute_basis_bytes(cuda::Context&, const ReplayQSVD&, Index, Index, Index, Side) {
+std::size_t compute_basis_bytes(cuda::Context&, const HandOut&, Index, Index, Index, Side) {
   return 0;
 }
 
 template <class T>
-void compute_basis(cuda::Context& ctx, cuda::WorkspaceArena&, const ReplayQSVD& p, DeviceView<const T>, Index,
+void compute_basis(cuda::Context& ctx, cuda::WorkspaceArena&, const HandOut& p, DeviceView<const T>, Index,
                    const cuda::DeviceBasis<T>& out, const cuda::DeviceBasis<T>*) {
-  static_assert(std::is_same_v<T, float>, "the golden cases are float32");
-  const std::vector<float>& P = p.c->ortho_float[static_cast<std::size_t>(*p.step)];
+  static_assert(std::is_same_v<T, float>, "float layers");
+  const std::vector<float>& P = (*p.factors)[static_cast<std::size_t>(*p.step)];
   cuda::check(cudaMemcpyAsync(out.left ? out.left : out.right, P.data(), sizeof(float) * P.size(),
                               cudaMemcpyHostToDevice, ctx.stream()),
               "cudaMemcpyAsync");
@@ -139,13 +141,13 @@ TEST_CASE("golden qgalore_projector on the GPU: codes, dequantized bases, projec
     with_bits(c.bits, [&](auto bits) {
       constexpr int B = decltype(bits)::value;
       long step = 0;
-      using Opt = QOpt<B, state::Float32, schedule::Lazy, galore_test::ReplayQSVD>;
+      using Opt = QOpt<B, state::Float32, schedule::Lazy, galore_test::HandOut>;
       AdamConfig adam;
       adam.beta1 = 0.0;  // the first moment is then the projected gradient R itself
       cuda::Context ctx;
       Opt opt(ProjectorOptions{c.rank, ProjectionType::Std, static_cast<float>(c.scale)}, adam,
               schedule::Lazy{c.gap, c.cos_threshold, c.gamma, static_cast<int>(c.queue_size)},
-              galore_test::ReplayQSVD{&c, &step}, WeightRounding{}, {}, quant::MinMaxSettings{c.group_size});
+              galore_test::HandOut{&c.ortho_float, &step}, WeightRounding{}, {}, quant::MinMaxSettings{c.group_size});
       const LayerId id = opt.add_layer({c.m, c.n}, cuda::DType::Float32);
       ctx.reserve_workspace(opt.workspace_bytes(ctx));
       const Side side = opt.side(id);
@@ -196,16 +198,9 @@ std::vector<std::vector<float>> gpu_run(const galore_test::RunSpec& s, const Sch
     else
       return Opt(po, galore_test::adam_of(s), schedule, svd::Exact{}, WeightRounding{}, {}, q);
   }();
-  const LayerId id =
-      opt.add_layer({s.rows, s.cols}, std::is_same_v<T, float> ? cuda::DType::Float32 : cuda::DType::BFloat16);
+  const LayerId id = opt.add_layer({s.rows, s.cols}, cuda::dtype_of<T>());
   ctx.reserve_workspace(opt.workspace_bytes(ctx));
-  Device<T> W(W0), G(grads[0]);
-  std::vector<std::vector<float>> out;
-  for (const auto& g : grads) {
-    G.upload(g);
-    opt.step(id, W.data(), static_cast<const T*>(G.data()), ctx);
-    out.push_back(W.download());
-  }
+  const auto out = galore_test::step_through<T>(opt, id, ctx, W0, grads);
   const LayerStats stats = opt.stats(id, ctx);
   info.svd_count = stats.svd_count;
   info.gap = stats.update_gap;
@@ -374,26 +369,6 @@ TEST_CASE("cuda::QGaLoreAdamW8bit on an INT8 weight is the CPU's QGaLoreAdamW8bi
   CHECK(st.update_gap == ci.gap);
 }
 
-namespace galore_test {
-// An SVD policy that hands out a given matrix as the basis factor (any values:
-// the quantizers need no orthonormality).
-struct HandOut {
-  const std::vector<float>* factor = nullptr;
-};
-template <class T>
-std::size_t compute_basis_bytes(cuda::Context&, const HandOut&, Index, Index, Index, Side) {
-  return 0;
-}
-template <class T>
-void compute_basis(cuda::Context& ctx, cuda::WorkspaceArena&, const HandOut& p, DeviceView<const T>, Index,
-                   const cuda::DeviceBasis<T>& out, const cuda::DeviceBasis<T>*) {
-  static_assert(std::is_same_v<T, float>, "float layers");
-  cuda::check(cudaMemcpyAsync(out.left ? out.left : out.right, p.factor->data(), sizeof(float) * p.factor->size(),
-                              cudaMemcpyHostToDevice, ctx.stream()),
-              "cudaMemcpyAsync");
-  ctx.synchronize();
-}
-}  // namespace galore_test
 
 namespace {
 // The codes the GPU optimizer stores for the basis factor P it is handed at
@@ -401,9 +376,11 @@ namespace {
 template <class Quant, class Settings>
 HostCodes gpu_codes_of(const std::vector<float>& P, long m, long n, long r, bool left, Settings settings) {
   using Opt = QOptOf<Quant, state::Float32, schedule::FixedGap, galore_test::HandOut>;
+  const std::vector<std::vector<float>> factors{P};
+  const long first = 0;
   cuda::Context ctx;
   Opt opt(ProjectorOptions{r, ProjectionType::Std, 0.25f}, AdamConfig{}, schedule::FixedGap{100},
-          galore_test::HandOut{&P}, WeightRounding{}, {}, settings);
+          galore_test::HandOut{&factors, &first}, WeightRounding{}, {}, settings);
   const LayerId id = opt.add_layer({m, n}, cuda::DType::Float32);
   REQUIRE(opt.side(id) == (left ? Side::Left : Side::Right));
   ctx.reserve_workspace(opt.workspace_bytes(ctx));

@@ -19,9 +19,12 @@
 
 namespace galore::quant {
 
-inline constexpr std::array<float, 16> kNF4Values = {
-    -1.0f,     -0.6962f, -0.5251f, -0.3949f, -0.2844f, -0.1848f, -0.0911f, 0.0f,
-    0.0796f,   0.1609f,  0.2461f,  0.3379f,  0.4407f,  0.5626f,  0.7230f,  1.0f};
+// The 16 levels as an array (nf4_codes.hpp's nf4_value, which both backends use).
+inline constexpr std::array<float, 16> kNF4Values = [] {
+  std::array<float, 16> v{};
+  for (int k = 0; k < 16; ++k) v[static_cast<std::size_t>(k)] = nf4_value(k);
+  return v;
+}();
 
 // Its settings (block_size) are NF4Settings and its storage NF4Codes
 // (nf4_codes.hpp), which the CUDA facade shares.

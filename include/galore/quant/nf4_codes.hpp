@@ -19,7 +19,7 @@
 namespace galore::quant {
 
 // NF4 value k (k in [0, 15]), the 16 levels in [-1, 1].
-GALORE_HOST_DEVICE float nf4_value(int k) {
+GALORE_HOST_DEVICE constexpr float nf4_value(int k) {
   switch (k) {
     case 0: return -1.0f;
     case 1: return -0.6962f;

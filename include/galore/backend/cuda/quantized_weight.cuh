@@ -41,6 +41,7 @@
 #include "../../core/matrix_view.hpp"
 #include "../../core/shape.hpp"
 #include "../../math/quant_codes.hpp"
+#include "../../quant/group_quantized.hpp"
 #include "../../rounding/rounding_mode.hpp"
 #include "adam.cuh"
 #include "context.cuh"
@@ -560,9 +561,7 @@ class QuantizedWeight {
   explicit QuantizedWeight(Shape shape, Index group_size = 256) : shape_(shape) {
     detail::require(shape.rows > 0 && shape.cols > 0, "cuda::QuantizedWeight needs a positive shape (got ",
                     shape.rows, "x", shape.cols, ")");
-    detail::require(group_size > 0 || group_size == -1,
-                    "group size must be positive or -1 for one group per row (got ", group_size, ")");
-    group_ = group_size == -1 ? shape.cols : group_size;
+    group_ = quant::resolve_group_size(group_size, shape);
     codes_ = DeviceBuffer<std::uint8_t>::zeroed(code_bytes(shape.size()));
     scales_ = DeviceBuffer<float>::zeroed(static_cast<std::size_t>(num_groups()));
     zeros_ = DeviceBuffer<std::uint8_t>::zeroed(static_cast<std::size_t>(num_groups()));
@@ -588,8 +587,7 @@ class QuantizedWeight {
   // GroupQuantized<Bits>::bytes_for).
   std::size_t bytes() const { return codes_.bytes() + scales_.bytes() + zeros_.bytes(); }
   static std::size_t bytes_for(Shape s, Index group_size = 256) {
-    const Index g = group_size == -1 ? s.cols : group_size;
-    detail::require(g > 0, "group size must be positive or -1 for one group per row (got ", group_size, ")");
+    const Index g = quant::resolve_group_size(group_size, s);
     return code_bytes(s.size()) + static_cast<std::size_t>((s.size() + g - 1) / g) * (sizeof(float) + 1);
   }
 
